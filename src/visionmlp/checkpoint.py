@@ -1,0 +1,206 @@
+"""Reading and writing checkpoints: safe by default, atomic on write.
+
+Checkpoints from the five official repositories come in several wrappings (a bare state dict, one
+nested under ``model`` or ``state_dict``, DDP's ``module.`` prefix) and often carry pickled
+configuration objects (yacs ``CfgNode``, ``argparse.Namespace``). Reading never imports or calls
+arbitrary pickled code unless the caller passes ``allow_unsafe_pickle=True``: globals outside
+torch's weights-only allow-list are replaced by inert stand-ins, so the tensors still come out.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import types
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+StateDict = dict[str, torch.Tensor]
+
+# Nesting keys used by the official training scripts (and ours), in order of preference.
+_NESTING_KEYS = ("model", "state_dict", "model_state_dict", "module")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class OpaqueObject(dict):
+    """Inert stand-in for a pickled object whose class was not imported (see module docstring)."""
+
+    qualified_name = "unknown"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> OpaqueObject:
+        return dict.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        dict.__init__(self)
+        self.__dict__["args"] = args
+
+    def __call__(self, *args: Any, **kwargs: Any) -> OpaqueObject:
+        return type(self)(*args)  # a stand-in used as a function (e.g. a pickled ``getattr``) stays inert
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["state"] = state
+
+    def __repr__(self) -> str:
+        return f"<opaque {self.qualified_name}>"
+
+
+_stand_ins: dict[str, type] = {}
+
+
+def _stand_in(qualified_name: str) -> type:
+    if qualified_name not in _stand_ins:
+        short = qualified_name.rsplit(".", 1)[-1] or "Opaque"
+        _stand_ins[qualified_name] = type(short, (OpaqueObject,), {"qualified_name": qualified_name})
+    return _stand_ins[qualified_name]
+
+
+def _allowed_globals() -> dict[str, Any]:
+    from torch import _weights_only_unpickler
+
+    return dict(_weights_only_unpickler._get_allowed_globals())
+
+
+class _TensorOnlyUnpickler(pickle.Unpickler):
+    """Resolves only torch's weights-only allow-list; every other global becomes an inert stand-in."""
+
+    _allowed: dict[str, Any] | None = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        if _TensorOnlyUnpickler._allowed is None:
+            _TensorOnlyUnpickler._allowed = _allowed_globals()
+        qualified = f"{module}.{name}"
+        if qualified in _TensorOnlyUnpickler._allowed:
+            return _TensorOnlyUnpickler._allowed[qualified]
+        return _stand_in(qualified)
+
+
+_tensor_only_pickle = types.SimpleNamespace(
+    Unpickler=_TensorOnlyUnpickler, load=pickle.load, __name__="visionmlp_tensor_only_pickle"
+)
+
+
+def read_checkpoint(path: str | os.PathLike, *, allow_unsafe_pickle: bool = False) -> Any:
+    """Read a ``.pt``/``.pth``/``.pth.tar``/``.safetensors`` file without executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist; pass the path of a saved checkpoint")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if allow_unsafe_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # the restricted reader below gives the error that matters
+        pass  # holds pickled objects beyond tensors (configs, namespaces): read the tensors only
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tensor_only_pickle)
+    except Exception as exc:
+        raise ValueError(
+            f"could not read {str(path)!r} as a torch checkpoint ({exc}). If the file is a trusted legacy "
+            "checkpoint, pass allow_unsafe_pickle=True (CLI: --allow-unsafe-pickle)"
+        ) from exc
+
+
+def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def unwrap_state_dict(checkpoint: Any) -> StateDict:
+    """Return the tensors of a checkpoint: bare, or nested under ``model``/``state_dict``, minus DDP prefixes."""
+    current = checkpoint
+    for _ in range(3):
+        if isinstance(current, nn.Module):
+            current = current.state_dict()
+        if not isinstance(current, Mapping):
+            break
+        if current and all(isinstance(v, torch.Tensor) for v in current.values()):
+            return _strip_prefixes(current)
+        nested = next((current[k] for k in _NESTING_KEYS if isinstance(current.get(k), (Mapping, nn.Module))), None)
+        if nested is None:
+            break
+        current = nested
+    found = sorted(checkpoint.keys()) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+    raise ValueError(
+        f"no state dict found in checkpoint (top level holds {found}); expected a mapping of tensors, "
+        f"possibly nested under one of {list(_NESTING_KEYS)}"
+    )
+
+
+def check_state_dict_fits(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise a ValueError naming missing, unexpected and mis-shaped keys if ``state_dict`` does not fit ``model``."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state_dict)
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    )
+    if not (missing or unexpected or mismatched):
+        return
+
+    def listing(items: list[str]) -> str:
+        shown = ", ".join(items[:12])
+        return f"{shown}, ... ({len(items)} in all)" if len(items) > 12 else shown
+
+    parts = [f"missing keys: [{listing(missing)}]" if missing else "",
+             f"unexpected keys: [{listing(unexpected)}]" if unexpected else "",
+             f"shape mismatches: [{listing(mismatched)}]" if mismatched else ""]
+    raise ValueError(
+        f"checkpoint does not fit {what}; " + "; ".join(p for p in parts if p)
+        + ". Check that the model name (and img_size / deploy) matches the checkpoint."
+    )
+
+
+def load_pretrained_file(
+    model: nn.Module,
+    path: str | os.PathLike,
+    filter_fn: Callable[[StateDict, nn.Module], StateDict],
+    *,
+    allow_unsafe_pickle: bool = False,
+) -> None:
+    """Load an official or visionmlp checkpoint into ``model``; a classifier of another size is left as built."""
+    state_dict = filter_fn(unwrap_state_dict(read_checkpoint(path, allow_unsafe_pickle=allow_unsafe_pickle)), model)
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if classifier:
+        own = model.state_dict()
+        for suffix in (".weight", ".bias"):
+            key = classifier + suffix
+            if key in state_dict and key not in own:
+                del state_dict[key]  # model built without a classifier
+            elif key in state_dict and state_dict[key].shape != own[key].shape:
+                state_dict[key] = own[key]  # new number of classes: keep the fresh head
+    check_state_dict_fits(model, state_dict, type(model).__name__)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """Write with ``torch.save`` (or safetensors for ``.safetensors``) to a temporary file, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous().cpu() for k, v in obj.items()}, tmp_name)
+        else:
+            torch.save(obj, tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise

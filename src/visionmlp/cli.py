@@ -1,0 +1,38 @@
+"""The ``visionmlp`` command line: one sub-command per task, each defined beside the code that does it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``; imported only when used
+COMMANDS = {
+    "models": ("visionmlp.engine.model_table", "list the variants with resolution, parameters and GMACs"),
+    "train": ("visionmlp.engine.train", "train a model (default: a small model on the built-in digits data)"),
+    "eval": ("visionmlp.engine.evaluate", "evaluate a checkpoint: top-1, top-5 and loss"),
+    "benchmark": ("visionmlp.engine.benchmark", "measure throughput, latency and memory"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``command`` given, only that sub-command's module is imported."""
+    parser = argparse.ArgumentParser(prog="visionmlp", description="Vision-MLP backbones: train, evaluate, benchmark.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if command in (None, name):
+            importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``visionmlp`` console script and of ``python -m visionmlp``."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)

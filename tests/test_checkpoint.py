@@ -1,0 +1,125 @@
+"""Reading official checkpoint wrappings safely, converting them, and writing atomically."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import visionmlp
+from visionmlp.checkpoint import OpaqueObject, atomic_save, read_checkpoint, unwrap_state_dict
+
+MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / "visionmlp-unpickle-marker"
+
+
+class ConfigWithSideEffect:
+    """Stands for a pickled training configuration whose unpickling would run code."""
+
+    def __reduce__(self):
+        return (MARKER.touch, ())
+
+
+def tiny_state_dict() -> dict[str, torch.Tensor]:
+    return {"stem.weight": torch.randn(4, 3, 2, 2), "head.weight": torch.randn(2, 4), "head.bias": torch.zeros(2)}
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: sd,
+        lambda sd: {"model": sd, "epoch": 3},
+        lambda sd: {"state_dict": sd, "arch": "x"},
+        lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}, "max_accuracy": 81.0},
+        lambda sd: {f"module.{k}": v for k, v in sd.items()},
+    ],
+    ids=["bare", "model", "state_dict", "model+ddp", "ddp"],
+)
+def test_unwrap_handles_official_wrappings(wrap):
+    sd = tiny_state_dict()
+    unwrapped = unwrap_state_dict(wrap(sd))
+    assert unwrapped.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(unwrapped[k], sd[k])
+
+
+def test_unwrap_without_tensors_names_what_it_found():
+    with pytest.raises(ValueError, match="no state dict found.*epoch"):
+        unwrap_state_dict({"epoch": 3, "optimizer": {}})
+
+
+def test_reading_never_runs_pickled_code_but_yields_tensors(tmp_path):
+    MARKER.unlink(missing_ok=True)
+    path = tmp_path / "train_ckpt.pth"
+    sd = tiny_state_dict()
+    torch.save({"model": sd, "config": ConfigWithSideEffect(), "args": argparse.Namespace(lr=0.1)}, path)
+    checkpoint = read_checkpoint(path)
+    assert not MARKER.exists(), "unpickling executed code from the checkpoint"
+    assert isinstance(checkpoint["config"], OpaqueObject)
+    assert isinstance(checkpoint["args"], OpaqueObject)
+    assert torch.equal(unwrap_state_dict(checkpoint)["head.weight"], sd["head.weight"])
+
+    read_checkpoint(path, allow_unsafe_pickle=True)  # explicit opt-in runs it
+    assert MARKER.exists()
+    MARKER.unlink()
+
+
+def test_reading_a_missing_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        read_checkpoint(tmp_path / "nope.pth")
+
+
+def test_reading_garbage_says_what_to_do(tmp_path):
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match="allow_unsafe_pickle"):
+        read_checkpoint(path)
+
+
+def test_atomic_save_round_trips_and_leaves_no_temporary(tmp_path):
+    sd = tiny_state_dict()
+    for name in ("a.pt", "b.safetensors"):
+        atomic_save(sd, tmp_path / name)
+        back = read_checkpoint(tmp_path / name)
+        assert all(torch.equal(back[k], sd[k]) for k in sd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.safetensors"]
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_save({"step": torch.tensor(1)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"step": torch.tensor(2), "bad": Unpicklable()}, path)
+    assert int(read_checkpoint(path)["step"]) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_converter_round_trips_our_own_state_dict(tmp_path):
+    model = visionmlp.create_model("raft_mlp_s", img_size=64)
+    path = tmp_path / "ours.pth"
+    torch.save({"model": model.state_dict()}, path)
+    converted = visionmlp.convert_official_state_dict("raft_mlp_s", path, img_size=64)
+    fresh = visionmlp.create_model("raft_mlp_s", img_size=64)
+    fresh.load_state_dict(converted, strict=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
+
+
+def test_converter_rejects_a_checkpoint_of_another_model():
+    with torch.device("meta"):
+        other = visionmlp.create_model("ms_mlp_tiny")
+    wrong = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="does not fit 'raft_mlp_s'.*missing keys.*unexpected keys"):
+        visionmlp.convert_official_state_dict("raft_mlp_s", wrong)
+
+
+def test_unknown_model_name_lists_choices():
+    with pytest.raises(ValueError, match="unknown model 'vip_xxl'.*vip_s7"):
+        visionmlp.create_model("vip_xxl")

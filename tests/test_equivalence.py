@@ -1,0 +1,38 @@
+"""Our models against logits the official implementations produced for the same (synthetic) weights.
+
+Each reference file was made by building the official model, filling its state dict with
+:func:`synthetic_weights.synthetic_state_dict` (non-trivial BatchNorm statistics and layer scales
+included) and running it in float64 on :func:`synthetic_weights.reference_input`. Here the same
+official-layout weights go through ``convert_official_state_dict`` into our model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from synthetic_weights import REFERENCE_DIR, load_reference, reference_input, relative_l2, synthetic_state_dict
+from visionmlp import MODEL_NAMES, convert_official_state_dict, create_model, reparameterize
+
+CASES = sorted(p.name.removesuffix(".safetensors") for p in REFERENCE_DIR.glob("*.safetensors"))
+
+
+def test_every_variant_has_a_reference():
+    assert set(MODEL_NAMES) <= set(CASES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_official_implementation(case):
+    layout, expected, meta = load_reference(case)
+    name, kwargs = meta["model"], meta.get("model_kwargs", {})
+    state_dict = convert_official_state_dict(name, {"model": synthetic_state_dict(layout)}, **kwargs)
+    model = create_model(name, **kwargs)
+    model.load_state_dict(state_dict, strict=True)
+    model = model.double().eval()
+    if meta.get("reparameterize"):
+        reparameterize(model)
+    with torch.no_grad():
+        logits = model(reference_input(meta["img_size"], batch=expected.shape[0]))
+    assert relative_l2(logits, expected) <= 1e-5
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1))

@@ -1,0 +1,185 @@
+"""Properties every variant must have: registration, exact size, timm's model interface, features."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import visionmlp
+from visionmlp import MODEL_NAMES, create_model
+
+REFERENCE_TABLE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "models.md"
+
+# Exact parameter counts of the official implementations at the default resolution (training form).
+OFFICIAL_PARAMS = {
+    "ms_mlp_tiny": 28_656_232, "ms_mlp_small": 50_303_752, "ms_mlp_base": 88_696_792,
+    "vip_s7": 25_114_984, "vip_m7": 55_272_488, "vip_l7": 87_784_936,
+    "strip_mlp_tiny_light": 18_243_920, "strip_mlp_tiny": 24_903_920,
+    "strip_mlp_small": 42_568_600, "strip_mlp_base": 57_216_480,
+    "raft_mlp_s": 9_868_768, "raft_mlp_m": 21_413_632, "raft_mlp_l": 36_184_672,
+    "repmlpnet_t224": 38_293_608, "repmlpnet_b224": 68_242_712, "repmlpnet_t256": 58_687_848,
+    "repmlpnet_b256": 96_447_512, "repmlpnet_d256": 86_887_648, "repmlpnet_l256": 117_641_560,
+}
+
+# The smallest convenient resolution for tests whose property does not depend on size.
+SMALL_IMG = {name: 64 for name in MODEL_NAMES}
+SMALL_IMG.update({n: 112 for n in MODEL_NAMES if n.startswith("vip")})  # ViP's 7x7 patches need 16-pixel steps
+SMALL_IMG.update({n: 64 for n in MODEL_NAMES if n.startswith("repmlpnet")})
+
+
+def small_model(name: str, **kwargs) -> torch.nn.Module:
+    """Variant ``name`` built for its small test resolution."""
+    if visionmlp.models.family_module(name).__name__.endswith("ms_mlp"):
+        return create_model(name, **kwargs)
+    return create_model(name, img_size=SMALL_IMG[name], **kwargs)
+
+
+def test_every_name_is_listed_and_registered_with_timm():
+    assert visionmlp.list_models() == list(MODEL_NAMES)
+    registered = set(timm.list_models())
+    assert set(MODEL_NAMES) <= registered
+
+
+def test_reference_table_names_match(tmp_path):
+    if not REFERENCE_TABLE.exists():
+        pytest.skip("shared/reference/models.md is not beside this checkout")
+    names = re.findall(r"^\| (\w+)(?: \(T\*\))? \|", REFERENCE_TABLE.read_text(), flags=re.M)
+    assert [n for n in names if n in OFFICIAL_PARAMS] == list(MODEL_NAMES)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_parameter_count_equals_official(name):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_pretrained_cfg_is_complete(name):
+    cfg = timm.get_pretrained_cfg(name).to_dict()
+    for key in ("input_size", "crop_pct", "interpolation", "mean", "std", "first_conv", "classifier"):
+        assert cfg.get(key) is not None, key
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    state_dict = model.state_dict()
+    assert cfg["classifier"] + ".weight" in state_dict
+    assert cfg["first_conv"] + ".weight" in state_dict
+    assert model.pretrained_cfg["input_size"] == cfg["input_size"]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_forward_backward_and_head_interface(name):
+    torch.manual_seed(0)
+    model = small_model(name, num_classes=7, drop_path_rate=0.1)
+    img = SMALL_IMG[name]
+    x = torch.randn(2, 3, img, img)
+
+    model.train()
+    out = model(x)
+    assert out.shape == (2, 7)
+    out.mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing[:5]}"
+
+    model.eval()
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert torch.isfinite(features).all()
+        pre_logits = model.forward_head(features, pre_logits=True)
+        assert pre_logits.shape == (2, model.num_features)
+        logits = model.forward_head(features)
+        torch.testing.assert_close(logits, model(x))
+
+        assert model.get_classifier().out_features == 7
+        model.reset_classifier(3)
+        assert model(x).shape == (2, 3)
+        model.reset_classifier(0)
+        assert model(x).shape == (2, model.num_features)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_gradient_checkpointing_gives_same_gradients(name):
+    torch.manual_seed(0)
+    model = small_model(name, num_classes=5).train()
+    img = SMALL_IMG[name]
+    x = torch.randn(1, 3, img, img)
+    model(x).square().sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).square().sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_features_only_gives_four_maps_at_their_strides(name):
+    img = SMALL_IMG[name]
+    kwargs = {} if name.startswith("ms_mlp") else {"img_size": img}
+    model = timm.create_model(name, features_only=True, **kwargs).eval()
+    reductions = model.feature_info.reduction()
+    channels = model.feature_info.channels()
+    assert len(reductions) == 4 and reductions == sorted(reductions)
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, img, img))
+    assert len(maps) == 4
+    for fmap, reduction, chans in zip(maps, reductions, channels):
+        assert fmap.shape == (1, chans, img // reduction, img // reduction)
+
+    picked = timm.create_model(name, features_only=True, out_indices=(1, 3), **kwargs).eval()
+    with torch.no_grad():
+        maps = picked(torch.randn(1, 3, img, img))
+    assert [m.shape[1] for m in maps] == [channels[1], channels[3]]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_forward_intermediates_match_forward_features(name):
+    model = small_model(name).eval()
+    img = SMALL_IMG[name]
+    x = torch.randn(1, 3, img, img)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert len(intermediates) == len(model.feature_info) == 4
+        for fmap, info in zip(intermediates, model.feature_info):
+            assert fmap.shape == (1, info["num_chs"], img // info["reduction"], img // info["reduction"])
+        only_last = model.forward_intermediates(x, indices=1, intermediates_only=True)
+        torch.testing.assert_close(only_last[0], intermediates[-1])
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_group_matcher_covers_every_parameter(name):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    from timm.models import group_parameters
+
+    groups = group_parameters(model, model.group_matcher())
+    grouped = {p for names in groups.values() for p in names}
+    assert grouped == {n for n, _ in model.named_parameters()}
+    assert isinstance(model.no_weight_decay(), set)
+
+
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if not n.startswith("ms_mlp")])
+def test_grid_bound_families_reject_impossible_sizes(name):
+    with pytest.raises(ValueError, match="img_size"):
+        create_model(name, img_size=SMALL_IMG[name] + 3)
+
+
+@pytest.mark.parametrize("name", ["ms_mlp_tiny", "vip_s7", "strip_mlp_tiny_light", "raft_mlp_s", "repmlpnet_t224"])
+def test_timm_pretrained_cfg_overlay_file_loads_through_converter(name, tmp_path):
+    source = small_model(name, num_classes=4).eval()
+    path = tmp_path / "weights.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}, "epoch": 3}, path)
+    kwargs = {} if name.startswith("ms_mlp") else {"img_size": SMALL_IMG[name]}
+    loaded = timm.create_model(
+        name, pretrained=True, num_classes=4, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
+    ).eval()
+    via_ours = create_model(name, num_classes=4, checkpoint_path=path, **kwargs).eval()
+    x = torch.randn(1, 3, SMALL_IMG[name], SMALL_IMG[name])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), source(x))
+        torch.testing.assert_close(via_ours(x), source(x))
