@@ -1,0 +1,154 @@
+"""MS-MLP specifics: the mixing-and-shifting maths, input sizes, checkpoints, no per-call state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import visionmlp
+from visionmlp.models.ms_mlp import MixShiftBlock, MsMlp, checkpoint_filter_fn
+
+from synthetic_weights import load_reference, synthetic_state_dict
+
+OFFICIAL_MIX_SIZES = [(1, 1, 3, 5, 7), (1, 3, 3, 5, 7), (1, 5, 5, 5, 7), (1, 7, 7, 7, 7)]
+
+
+def _small_model(**kwargs) -> MsMlp:
+    """A narrow, shallow MS-MLP with the official mix sizes, for fast checks."""
+    torch.manual_seed(0)
+    return MsMlp(**{"embed_dim": 20, "depths": (1, 1, 2, 1), "num_classes": 5, **kwargs}).double().eval()
+
+
+def _randomize(module: nn.Module) -> nn.Module:
+    """Replace every parameter by noise so that biases and layer scales matter in comparisons."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return module
+
+
+def _naive_block(block: MixShiftBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block as the paper states it: per group, torch.roll then its own zero-padded depth-wise conv."""
+    groups = x.split(list(block.group_sizes), dim=1)
+    branches = []
+    for convs, dim in ((block.dwconv_lr, 3), (block.dwconv_td, 2)):
+        branches.append(torch.cat([
+            conv(torch.roll(g, shift, dim)) for g, conv, shift in zip(groups, convs, block.shift_dists)], dim=1))
+    mixed = (branches[0] + branches[1]).permute(0, 2, 3, 1)
+    hidden = F.gelu(F.linear(F.layer_norm(mixed, mixed.shape[-1:], block.norm.weight, block.norm.bias, 1e-6),
+                             block.mlp.fc1.weight, block.mlp.fc1.bias))
+    out = F.linear(hidden, block.mlp.fc2.weight, block.mlp.fc2.bias) * block.gamma
+    return x + out.permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("mix_sizes", OFFICIAL_MIX_SIZES + [(3, 1, 5, 1, 3)])
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 4), (7, 7)])
+def test_block_matches_per_group_roll_and_conv(mix_sizes, size):
+    # 23 channels split 5-5-5-5-3 (torch.chunk); maps smaller than the shift distance wrap around
+    block = _randomize(MixShiftBlock(23, mix_sizes=mix_sizes)).double().eval()
+    x = torch.randn(2, 23, *size, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), _naive_block(block, x), rtol=1e-12, atol=1e-12)
+
+
+def test_token_slices_on_cpu_give_the_same_block_output():
+    block = _randomize(MixShiftBlock(10, mix_sizes=(1, 3, 3, 5, 7))).double().eval()
+    x = torch.randn(1, 10, 40, 36, dtype=torch.float64)  # 1440 tokens: more than one slice of the channel MLP
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), _naive_block(block, x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(block(x.contiguous(memory_format=torch.channels_last)), block(x))
+
+
+def test_channel_split_follows_torch_chunk_and_rejects_impossible_widths():
+    assert MixShiftBlock(96).group_sizes == (20, 20, 20, 20, 16)
+    assert MixShiftBlock(192).group_sizes == tuple(c.shape[0] for c in torch.zeros(192).chunk(5))
+    with pytest.raises(ValueError, match="torch.chunk"):
+        MixShiftBlock(6)  # torch.chunk(6 channels, 5) gives only 3 chunks
+    with pytest.raises(ValueError, match="odd"):
+        MixShiftBlock(20, mix_sizes=(1, 2, 3, 5, 7))
+    with pytest.raises(ValueError, match="one mix size per shift"):
+        MixShiftBlock(20, mix_sizes=(1, 3, 5))
+
+
+def test_any_multiple_of_32_works_and_other_sizes_raise():
+    model = _small_model()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 96, dtype=torch.float64)).shape == (1, 5)
+        final, maps = model.forward_intermediates(torch.randn(1, 3, 64, 32, dtype=torch.float64))
+    assert [m.shape[-2:] for m in maps] == [(16, 8), (8, 4), (4, 2), (2, 1)]
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.randn(1, 3, 48, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="img_size"):
+        visionmlp.create_model("ms_mlp_tiny", img_size=100)
+    assert visionmlp.create_model("ms_mlp_tiny", img_size=(64, 96), num_classes=0) is not None
+
+
+def test_forward_leaves_no_state_on_modules():
+    model = _small_model()
+
+    def attributes():
+        return {name: {k: v for k, v in vars(m).items() if not k.startswith("_")} for name, m in model.named_modules()}
+
+    before = attributes()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+        model(torch.randn(2, 3, 32, 96, dtype=torch.float64))
+    assert attributes() == before
+
+
+def test_drop_path_rates_follow_the_official_linear_rule():
+    with torch.device("meta"):
+        model = visionmlp.create_model("ms_mlp_small")
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for s in model.stages for b in s.blocks]
+    assert len(rates) == 36
+    torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.4, 36), rtol=0, atol=1e-7)
+
+
+def _official_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict under the official names (the inverse of checkpoint_filter_fn)."""
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[0] == "stages" and parts[2] == "downsample":
+            key = ".".join(["layers", str(int(parts[1]) - 1), "downsample", *parts[3:]])
+        elif parts[0] == "stages":
+            key = ".".join(["layers", *parts[1:]]).replace(".mlp.fc1.", ".pwconv1.").replace(".mlp.fc2.", ".pwconv2.")
+        elif key.startswith("head.norm."):
+            key = key[len("head."):]
+        elif key.startswith("head.fc."):
+            key = "head." + key[len("head.fc."):]
+        out[key] = value
+    return out
+
+
+def test_official_checkpoint_under_model_with_module_prefix_loads(tmp_path):
+    layout, _, _ = load_reference("ms_mlp_tiny")
+    official = synthetic_state_dict(layout)
+    assert "layers.0.downsample.proj.weight" in official and "layers.0.blocks.0.pwconv1.weight" in official
+    path = tmp_path / "ckpt_epoch299.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in official.items()}, "epoch": 299}, path)
+    model = visionmlp.create_model("ms_mlp_tiny", checkpoint_path=path)
+    converted = visionmlp.convert_official_state_dict("ms_mlp_tiny", official)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, converted[key]), key
+    assert torch.equal(converted["stages.1.downsample.norm.weight"], official["layers.0.downsample.norm.weight"])
+    torch.testing.assert_close(converted["head.fc.weight"], official["head.weight"])
+    assert _official_keys(converted).keys() == official.keys()
+
+
+def test_converter_passes_our_state_dict_through():
+    model = _small_model()
+    ours = model.state_dict()
+    assert checkpoint_filter_fn(ours, model).keys() == ours.keys()
+    assert checkpoint_filter_fn(_official_keys(ours), model).keys() == ours.keys()
+
+
+def test_pruned_feature_model_keeps_only_needed_stages():
+    model = _small_model()
+    kept = model.prune_intermediate_layers(indices=(0, 1))
+    assert kept == [0, 1] and len(model.stages) == 2 and model.num_features == 40
+    with torch.no_grad():
+        maps = model.forward_intermediates(torch.randn(1, 3, 64, 64, dtype=torch.float64), intermediates_only=True)
+    assert [m.shape[1] for m in maps] == [20, 40]
