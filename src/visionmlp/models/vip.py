@@ -1,1 +1,437 @@
-"""(being written)"""
+"""Vision Permutator (ViP)
+
+Paper: "Vision Permutator: A Permutable MLP-Like Architecture for Visual Recognition",
+Qibin Hou, Zihang Jiang, Li Yuan, Ming-Ming Cheng, Shuicheng Yan, Jiashi Feng.
+IEEE TPAMI 2022, https://arxiv.org/abs/2106.12368
+
+Official code: https://github.com/houqb/VisionPermutator
+
+The Permute-MLP mixes each channel segment along the height and along the width with fully connected
+layers whose width is (tokens along that axis) x (channels per segment), so a model is built for one
+input size. Here the three branch outputs are combined through strided views instead of being permuted
+back into place, and the pooled descriptor is summed branch by branch; the maths and the official
+parameter layout are unchanged (official ``network.N`` keys are mapped onto ``stages`` on load).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+from torch import nn
+
+from ..checkpoint import StateDict, load_pretrained_file
+
+__all__ = ["PermuteMlp", "PermutatorBlock", "PermutatorStage", "VisionPermutator"]
+
+
+class PermuteMlp(nn.Module):
+    """Weighted Permute-MLP: height, width and channel mixing fused by per-channel softmax weights."""
+
+    def __init__(self, dim: int, grid_size: tuple[int, int], num_segments: int, qkv_bias: bool = False) -> None:
+        super().__init__()
+        if dim % num_segments:
+            raise ValueError(f"dim ({dim}) must be divisible by the number of segments ({num_segments})")
+        self.num_segments = num_segments
+        segment_chs = dim // num_segments
+        self.mlp_c = nn.Linear(dim, dim, bias=qkv_bias)
+        self.mlp_h = nn.Linear(grid_size[0] * segment_chs, grid_size[0] * segment_chs, bias=qkv_bias)
+        self.mlp_w = nn.Linear(grid_size[1] * segment_chs, grid_size[1] * segment_chs, bias=qkv_bias)
+        self.reweight = Mlp(dim, dim // 4, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mix an NHWC token map (B, H, W, C) built for this grid size."""
+        B, H, W, C = x.shape
+        G = self.num_segments
+        S = C // G
+        x = x.reshape(B, H, W, G, S)
+        # The height branch sees each segment's column as one vector of H * S values, the width branch
+        # each segment's row as W * S values. Their outputs stay in that layout and are read back through
+        # permuted views (B, H, W, G, S), saving the copies that would restore the token layout.
+        h = self.mlp_h(x.permute(0, 3, 2, 1, 4).reshape(B, G, W, H * S))
+        h = h.view(B, G, W, H, S).permute(0, 3, 2, 1, 4)
+        w = self.mlp_w(x.permute(0, 1, 3, 2, 4).reshape(B, H, G, W * S))
+        w = w.view(B, H, G, W, S).transpose(2, 3)
+        c = self.mlp_c(x.view(B, H, W, C)).view(B, H, W, G, S)
+
+        # Mean over tokens of (h + w + c), without materialising the sum.
+        pooled = (h.sum((1, 2)) + w.sum((1, 2)) + c.sum((1, 2))).view(B, C) / (H * W)
+        weights = self.reweight(pooled).view(B, 1, 1, G, S, 3).softmax(dim=-1)
+        out = torch.mul(c, weights[..., 2])
+        out.addcmul_(h, weights[..., 0])
+        out.addcmul_(w, weights[..., 1])
+        return self.proj(out.view(B, H, W, C))
+
+
+class PermutatorBlock(nn.Module):
+    """Pre-norm residual block: Permute-MLP token mixing, then a channel MLP."""
+
+    def __init__(
+            self,
+            dim: int,
+            grid_size: tuple[int, int],
+            num_segments: int,
+            mlp_ratio: float = 3.,
+            qkv_bias: bool = False,
+            drop_path: float = 0.,
+            act_layer: type[nn.Module] = nn.GELU,
+            norm_layer: type[nn.Module] = nn.LayerNorm,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = PermuteMlp(dim, grid_size, num_segments, qkv_bias=qkv_bias)  # `attn`: the official key
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """NHWC tokens in, NHWC tokens out."""
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class PermutatorStage(nn.Module):
+    """An optional transition (strided conv, or 1x1 conv for a width change) followed by Permutator blocks."""
+
+    def __init__(
+            self,
+            in_dim: int,
+            dim: int,
+            depth: int,
+            grid_size: tuple[int, int],
+            num_segments: int,
+            stride: int = 1,
+            mlp_ratio: float = 3.,
+            qkv_bias: bool = False,
+            drop_path_rates: Sequence[float] = (),
+            act_layer: type[nn.Module] = nn.GELU,
+            norm_layer: type[nn.Module] = nn.LayerNorm,
+    ) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        if stride > 1 or in_dim != dim:
+            self.downsample = nn.Conv2d(in_dim, dim, kernel_size=stride, stride=stride)
+        else:
+            self.downsample = nn.Identity()
+        self.blocks = nn.Sequential(*[
+            PermutatorBlock(
+                dim,
+                grid_size,
+                num_segments,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop_path=drop_path_rates[i] if drop_path_rates else 0.,
+                act_layer=act_layer,
+                norm_layer=norm_layer,
+            )
+            for i in range(depth)
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """NHWC tokens in, NHWC tokens (downsampled if the stage has a stride) out."""
+        # Tokens are NHWC; the NCHW view of a contiguous NHWC tensor is channels-last, so the conv keeps
+        # that layout and the permute back is free.
+        x = self.downsample(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class VisionPermutator(nn.Module):
+    """Vision Permutator: a patch embedding, four stages of Permutator blocks, a norm and a linear classifier."""
+
+    def __init__(
+            self,
+            img_size: int | tuple[int, int] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = "avg",
+            patch_size: int = 7,
+            depths: Sequence[int] = (4, 3, 8, 3),
+            embed_dims: Sequence[int] = (192, 384, 384, 384),
+            num_segments: Sequence[int] = (32, 16, 16, 16),
+            stage_strides: Sequence[int] = (1, 2, 1, 1),
+            mlp_ratios: Sequence[float] = (3, 3, 3, 3),
+            qkv_bias: bool = False,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            act_layer: type[nn.Module] = nn.GELU,
+            norm_layer: type[nn.Module] = nn.LayerNorm,
+    ) -> None:
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        img_size = to_2tuple(img_size)
+        total_stride = patch_size * math.prod(stage_strides)
+        if any(s <= 0 or s % total_stride for s in img_size):
+            raise ValueError(
+                f"img_size must be a positive multiple of {total_stride} in height and width (patch size "
+                f"{patch_size} x stage stride {total_stride // patch_size}; the Permute-MLP layers are built for "
+                f"the exact token grid), e.g. {total_stride * (224 // total_stride)} or "
+                f"{total_stride * (448 // total_stride)}; got {img_size}"
+            )
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dims[0],
+            output_fmt="NHWC",
+        )
+        grid_size = self.patch_embed.grid_size
+        # Stochastic depth grows linearly over all blocks (plain Python: the model may be built on "meta").
+        num_blocks = sum(depths)
+        rates = [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
+        dpr = [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(len(depths))]
+        stages = []
+        self.feature_info = []
+        in_dim, reduction = embed_dims[0], patch_size
+        for i, depth in enumerate(depths):
+            stride = stage_strides[i]
+            grid_size = (grid_size[0] // stride, grid_size[1] // stride)
+            reduction *= stride
+            stages.append(PermutatorStage(
+                in_dim,
+                embed_dims[i],
+                depth,
+                grid_size,
+                num_segments[i],
+                stride=stride,
+                mlp_ratio=mlp_ratios[i],
+                qkv_bias=qkv_bias,
+                drop_path_rates=dpr[i],
+                act_layer=act_layer,
+                norm_layer=norm_layer,
+            ))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f"stages.{i}"))
+            in_dim = embed_dims[i]
+        self.stages = nn.Sequential(*stages)
+        self.norm = norm_layer(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay."""
+        return dict(
+            stem=r"^patch_embed",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass to save memory."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier layer."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a fresh one for ``num_classes`` (0: none)."""
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        if num_classes > 0:
+            reference = next(self.parameters())
+            self.head = nn.Linear(self.num_features, num_classes, device=reference.device, dtype=reference.dtype)
+        else:
+            self.head = nn.Identity()
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: int | list[int] | None = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Final features and the NCHW outputs of the stages picked by ``indices`` (timm convention)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_index = len(self.stages) - 1
+        stages = self.stages[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
+
+        intermediates = []
+        x = self._embed(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                feature = self.norm(x) if norm and i == last_index else x
+                intermediates.append(feature.permute(0, 3, 1, 2).contiguous())
+        if intermediates_only:
+            return intermediates
+        if i == last_index:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: int | list[int] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the stages (and norm / head) that the features picked by ``indices`` do not need."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()  # sized for, and applied to, the last stage only
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        # A channels-last image makes the conv emit channels-last, so the NHWC token map it is read as
+        # is contiguous; otherwise every residual add of the first stage would keep a strided layout.
+        return self.patch_embed(x.contiguous(memory_format=torch.channels_last))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised NHWC token map of the last stage."""
+        x = self._embed(x)
+        x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the token map (if ``global_pool``) and classify."""
+        if self.global_pool == "avg":
+            x = x.mean((1, 2))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) at the built size to logits."""
+        x = self.forward_features(x)
+        return self.forward_head(x)
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load an official or visionmlp checkpoint file (timm's ``custom_load`` hook)."""
+        load_pretrained_file(self, checkpoint_path, checkpoint_filter_fn)
+
+
+def checkpoint_filter_fn(state_dict: StateDict, model: VisionPermutator) -> StateDict:
+    """Map official keys (one ``network`` list of stages and transitions) onto ``stages``; ours pass through."""
+    if not any(k.startswith("network.") for k in state_dict):
+        return dict(state_dict)
+    # The official list holds each stage's blocks, preceded by a Downsample wherever a transition exists.
+    targets = []
+    for i, stage in enumerate(model.stages):
+        if not isinstance(stage.downsample, nn.Identity):
+            targets.append(f"stages.{i}.downsample.")
+        targets.append(f"stages.{i}.blocks.")
+    out = {}
+    for key, value in state_dict.items():
+        match = re.match(r"network\.(\d+)\.(?:proj\.)?(.*)", key)
+        if match:
+            key = targets[int(match.group(1))] + match.group(2)
+        out[key] = value
+    return out
+
+
+def _create_vip(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionPermutator:
+    return build_model_with_cfg(
+        VisionPermutator,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "fixed_input_size": True,  # the Permute-MLP is built for one token grid (see ``img_size``)
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "custom_load": True,
+        "license": "mit",
+        "paper_ids": "arXiv:2106.12368",
+        "origin_url": "https://github.com/houqb/VisionPermutator",
+        **kwargs,
+    }
+
+
+# Evaluation settings of the official validate.py / model configs (test-time pooling off).
+default_cfgs = generate_default_cfgs({
+    "vip_s7": _cfg(crop_pct=0.9),
+    "vip_m7": _cfg(crop_pct=0.9),
+    "vip_l7": _cfg(crop_pct=0.875),
+})
+
+
+@register_model
+def vip_s7(pretrained: bool = False, **kwargs: Any) -> VisionPermutator:
+    """ViP-Small/7: 25.1M parameters at 224."""
+    model_args = dict(
+        depths=(4, 3, 8, 3),
+        embed_dims=(192, 384, 384, 384),
+        num_segments=(32, 16, 16, 16),
+        stage_strides=(1, 2, 1, 1),
+    )
+    return _create_vip("vip_s7", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vip_m7(pretrained: bool = False, **kwargs: Any) -> VisionPermutator:
+    """ViP-Medium/7: 55.3M parameters at 224."""
+    model_args = dict(
+        depths=(4, 3, 14, 3),
+        embed_dims=(256, 256, 512, 512),
+        num_segments=(32, 32, 16, 16),
+        stage_strides=(1, 1, 2, 1),
+    )
+    return _create_vip("vip_m7", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vip_l7(pretrained: bool = False, **kwargs: Any) -> VisionPermutator:
+    """ViP-Large/7: 87.8M parameters at 224."""
+    model_args = dict(
+        depths=(8, 8, 16, 4),
+        embed_dims=(256, 512, 512, 512),
+        num_segments=(32, 16, 16, 16),
+        stage_strides=(1, 2, 1, 1),
+    )
+    return _create_vip("vip_l7", pretrained=pretrained, **dict(model_args, **kwargs))
