@@ -1,1 +1,550 @@
-"""(being written)"""
+"""Strip-MLP.
+
+Paper: `Strip-MLP: Efficient Token Interaction for Vision MLP`
+    Guiping Cao, Shengda Luo, Wenjian Huang, Xiangyang Lan, Dongmei Jiang, Yaowei Wang, Jianguo Zhang
+    ICCV 2023, https://arxiv.org/abs/2307.11458
+Official code: https://github.com/Med-Process/Strip_MLP
+
+A four-stage NCHW network. Each block mixes tokens (a depthwise conv, then half the channels go through
+the cascaded strip MLP layers and half through local strip convs with a learned re-weighting) and then
+channels (7x7 depthwise conv, LayerNorm, MLP with global response norm). Stages 2 and 3 also feed
+strided depthwise shortcuts forward to the later stages.
+
+The strip MLP layers mix whole rows and columns of the token grid with dense weights, so a model is
+built for one `img_size`. The official model re-uses one hard-coded drop-path rate of 0.1 for every
+block whatever it is asked for; here `drop_path_rate` (default 0.1, applied to every block alike) sets it.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers.grn import GlobalResponseNorm
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+from torch import nn
+
+from ..checkpoint import load_pretrained_file
+
+__all__ = ["StripMLPNet"]
+
+_NUM_STAGES = 4
+
+
+def _conv1x1_of_concat(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A bias-free 1x1 conv of ``cat([a, b], 1)`` without materialising the concatenation."""
+    split = a.shape[1]
+    return F.conv2d(a, weight[:, :split]).add_(F.conv2d(b, weight[:, split:]))
+
+
+class StripMixing(nn.Module):
+    """Cascaded group strip mixing: a row strip MLP, then a column strip MLP, each fused with its input.
+
+    The channels are cut into ``channel_patches`` patches of ``dim // channel_patches`` channels; a strip
+    MLP owns one dense (L x L) matrix per channel of a patch for each of 3 taps across neighbouring strips,
+    shared by all patches. ``proj_h`` mixes along each row (its taps span neighbouring rows), ``proj_w``
+    along each column. Weights keep the official grouped-conv layout ``(groups * L, L, 1, 3)``.
+    """
+
+    def __init__(self, dim: int, grid_size: int, channel_patches: int) -> None:
+        super().__init__()
+        if dim % channel_patches:
+            raise ValueError(f"strip mixing width {dim} is not divisible into {channel_patches} channel patches")
+        self.channel_patches = channel_patches
+        self.groups = dim // channel_patches
+        self.proj_h = nn.Conv2d(self.groups * grid_size, self.groups * grid_size, (1, 3), padding=(0, 1),
+                                groups=self.groups)
+        self.proj_w = nn.Conv2d(self.groups * grid_size, self.groups * grid_size, (1, 3), padding=(0, 1),
+                                groups=self.groups)
+        self.fuse_h = nn.Conv2d(2 * dim, dim, 1, bias=False)
+        self.fuse_w = nn.Conv2d(2 * dim, dim, 1, bias=False)
+        self.norm = nn.BatchNorm2d(dim)
+        self.act = nn.GELU()
+        # Relative position biases: token (i, j) of channel c gets table[j - i + grid_size, c].
+        self.pos_h = nn.Parameter(torch.zeros(2 * grid_size + 1, dim))
+        self.pos_w = nn.Parameter(torch.zeros(2 * grid_size + 1, dim))
+        trunc_normal_(self.pos_h, std=0.02)
+        trunc_normal_(self.pos_w, std=0.02)
+        coords = torch.arange(grid_size)
+        self.register_buffer("pos_index", coords[None, :] - coords[:, None] + grid_size, persistent=False)
+
+    def _position_bias(self, table: torch.Tensor) -> torch.Tensor:
+        return table[self.pos_index].permute(2, 0, 1)
+
+    @staticmethod
+    def _strip_mlp(x: torch.Tensor, proj: nn.Conv2d) -> torch.Tensor:
+        # x: (N, patches, S, groups, L). Dense over the L positions of each strip per group, 3 taps across
+        # the S strips. Laid out with (groups, L) innermost, i.e. channels-last for the grouped conv, which
+        # then runs without reordering its input.
+        n, p, s, g, length = x.shape
+        x = x.reshape(n, p, s, g * length).permute(0, 3, 1, 2)
+        x = F.conv2d(x, proj.weight, proj.bias, padding=(0, 1), groups=g)
+        return x.permute(0, 2, 3, 1).reshape(n, p, s, g, length)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        p, g = self.channel_patches, self.groups
+        rows = (x + self._position_bias(self.pos_h)).view(n, p, g, h, w).permute(0, 1, 3, 2, 4)
+        rows = self._strip_mlp(rows, self.proj_h).permute(0, 1, 3, 2, 4).reshape(n, c, h, w)
+        rows = self.act(self.norm(_conv1x1_of_concat(rows, x, self.fuse_h.weight)))
+        cols = (rows + self._position_bias(self.pos_w)).view(n, p, g, h, w).permute(0, 1, 4, 2, 3)
+        cols = self._strip_mlp(cols, self.proj_w).permute(0, 1, 3, 4, 2).reshape(n, c, h, w)
+        return _conv1x1_of_concat(x, cols, self.fuse_w.weight)
+
+
+class LocalStripMixing(nn.Module):
+    """Local strip mixing: 3x7 and 7x3 depthwise strips plus identity, blended by per-channel softmax weights."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv_row = nn.Conv2d(dim, dim, (3, 7), padding=(1, 3), groups=dim, bias=False)
+        self.conv_col = nn.Conv2d(dim, dim, (7, 3), padding=(3, 1), groups=dim, bias=False)
+        self.reweight = Mlp(dim, dim // 2, dim * 3, use_conv=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        x_row = self.conv_row(x)
+        x_col = self.conv_col(x)
+        # The pooled sum of the three branches is the sum of their pooled means.
+        pooled = x_col.mean((2, 3), keepdim=True) + x_row.mean((2, 3), keepdim=True) + x.mean((2, 3), keepdim=True)
+        weights = self.reweight(pooled).view(n, c, 3, 1, 1).softmax(dim=2)
+        out = x_col * weights[:, :, 0]
+        out.addcmul_(x_row, weights[:, :, 1])
+        return out.addcmul_(x, weights[:, :, 2])
+
+
+class TokenMixing(nn.Module):
+    """Pre-activated depthwise 3x3 conv, a 1x1 conv, then strip mixing on one half and local mixing on the other."""
+
+    def __init__(self, dim: int, grid_size: int, channel_patches: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(dim)
+        self.act = nn.GELU()
+        self.conv_dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
+        self.proj_in = nn.Conv2d(dim, dim, 1)
+        self.proj_in_norm = nn.BatchNorm2d(dim)
+        self.strip = StripMixing(dim // 2, grid_size, channel_patches)
+        self.local = LocalStripMixing(dim // 2)
+        self.fuse = nn.Conv2d(dim, dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_dw(self.act(self.norm(x)))
+        x = self.act(self.proj_in_norm(self.proj_in(x)))
+        x_strip, x_local = x.chunk(2, dim=1)
+        return _conv1x1_of_concat(self.strip(x_strip), self.local(x_local), self.fuse.weight)
+
+
+class ChannelMixing(nn.Module):
+    """Depthwise 7x7 conv, then a channels-last LayerNorm and GRN MLP (ConvNeXt-V2 style, no residual)."""
+
+    def __init__(self, dim: int, mlp_ratio: int) -> None:
+        super().__init__()
+        hidden = mlp_ratio * dim
+        self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim, bias=False)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.grn = GlobalResponseNorm(hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Channels-last in, so that the permute below is free and the MLP runs on contiguous rows.
+        x = self.conv_dw(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        x = self.act(self.fc1(self.norm(x)))
+        n, h, w, hidden = x.shape
+        # GRN is x * (1 + gamma * r) + beta with a per-sample, per-channel ratio r, so it folds into a
+        # per-sample fc2 weight and a constant bias instead of another pass over the wide hidden tensor.
+        x_g = x.norm(p=2, dim=(1, 2))
+        ratio = x_g / (x_g.mean(dim=-1, keepdim=True) + self.grn.eps)
+        scale = torch.addcmul(torch.ones_like(ratio), self.grn.weight, ratio)
+        weight = self.fc2.weight * scale.unsqueeze(1)
+        bias = F.linear(self.grn.bias, self.fc2.weight, self.fc2.bias)
+        x = torch.baddbmm(bias, x.reshape(n, h * w, hidden), weight.transpose(1, 2))
+        return x.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+class StripMLPBlock(nn.Module):
+    """Token mixing then channel mixing, each residual with drop path."""
+
+    def __init__(self, dim: int, grid_size: int, mlp_ratio: int, channel_patches: int, drop_path: float) -> None:
+        super().__init__()
+        self.token_mixing = TokenMixing(dim, grid_size, channel_patches)
+        self.channel_mixing = ChannelMixing(dim, mlp_ratio)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.token_mixing(x))
+        return x + self.drop_path(self.channel_mixing(x))
+
+
+class StripMLPStage(nn.Module):
+    """Optional 2x2 strided downsampling, then blocks; may start and pass on strided depthwise shortcuts.
+
+    ``shortcut`` projects this stage's downsampled input towards the next stage; ``shortcut_relay``
+    carries the shortcut received from the previous stage one stage further.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        grid_size: int,
+        mlp_ratio: int,
+        channel_patches: int,
+        drop_path: float,
+        downsample: bool,
+        shortcut: bool,
+        shortcut_relay: bool,
+    ) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = nn.Conv2d(in_dim, dim, 2, stride=2, bias=False) if downsample else nn.Identity()
+        self.shortcut = nn.Conv2d(dim, 2 * dim, 2, stride=2, groups=dim, bias=False) if shortcut else None
+        self.shortcut_relay = nn.Conv2d(dim, 2 * dim, 2, stride=2, groups=dim, bias=False) if shortcut_relay else None
+        self.blocks = nn.Sequential(*[
+            StripMLPBlock(dim, grid_size, mlp_ratio, channel_patches, drop_path) for _ in range(depth)
+        ])
+
+    def forward(
+        self, x: torch.Tensor, skip: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the stage output and the shortcut for the next stage (``None`` if there is none)."""
+        x = self.downsample(x)
+        skip_out = self.shortcut(x) if self.shortcut is not None else None
+        if skip is not None:
+            if self.shortcut_relay is not None:
+                relayed = self.shortcut_relay(skip)
+                skip_out = relayed if skip_out is None else skip_out + relayed
+            x = x + skip
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return x, skip_out
+
+
+def _default_channel_patches(dim: int) -> int:
+    # The official rule: stages whose width is a multiple of 80 use 2 channel patches, others 4.
+    return 2 if dim % 80 == 0 else 4
+
+
+class StripMLPNet(nn.Module):
+    """Strip-MLP: a patchify stem, four stages of strip MLP blocks, BatchNorm, average pool and a linear head.
+
+    Args:
+        img_size: Input size the strip MLPs are built for (square, a multiple of ``patch_size * 8``).
+        patch_size: Stem patch size.
+        in_chans: Input channels.
+        num_classes: Classifier outputs (0 for none).
+        global_pool: ``'avg'`` or ``''`` (no pooling).
+        embed_dim: Width of the first stage; it doubles at every stage.
+        depths: Blocks per stage.
+        mlp_ratio: Hidden width multiple of the channel MLP (the official ``alpha``).
+        channel_patches: Channel patches of the strip mixing, per stage or for all; ``None`` follows the
+            official rule (2 for widths that are multiples of 80, else 4).
+        drop_rate: Dropout before the classifier (the official model has none).
+        drop_path_rate: Stochastic depth rate, the same for every block (official: always 0.1).
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dim: int = 80,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        mlp_ratio: int = 3,
+        channel_patches: int | Sequence[int] | None = None,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+    ) -> None:
+        super().__init__()
+        img_size = to_2tuple(img_size)
+        multiple = patch_size * 2 ** (_NUM_STAGES - 1)
+        if img_size[0] != img_size[1] or img_size[0] % multiple or img_size[0] <= 0:
+            raise ValueError(
+                f"img_size must be square and a positive multiple of {multiple} (patch_size {patch_size} "
+                f"times 8, e.g. {7 * multiple} or {8 * multiple}), got {img_size}"
+            )
+        if len(depths) != _NUM_STAGES:
+            raise ValueError(f"Strip-MLP has {_NUM_STAGES} stages; depths must have 4 entries, got {depths}")
+        if global_pool not in ("", "avg"):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        dims = [embed_dim * 2 ** i for i in range(_NUM_STAGES)]
+        if channel_patches is None:
+            channel_patches = [_default_channel_patches(d) for d in dims]
+        elif isinstance(channel_patches, int):
+            channel_patches = [channel_patches] * _NUM_STAGES
+        if len(channel_patches) != _NUM_STAGES:
+            raise ValueError(f"channel_patches must be an int or have 4 entries, got {channel_patches}")
+        self.img_size = img_size
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.drop_rate = drop_rate
+
+        self.stem = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size, bias=False)
+        grid_size = img_size[0] // patch_size
+        self.stages = nn.ModuleList()
+        self.feature_info = []
+        for i, dim in enumerate(dims):
+            stage_grid = grid_size // 2 ** i
+            self.stages.append(StripMLPStage(
+                dims[max(i - 1, 0)], dim, depths[i], stage_grid, mlp_ratio, channel_patches[i], drop_path_rate,
+                downsample=i > 0, shortcut=i in (1, 2), shortcut_relay=i == 2,
+            ))
+            self.feature_info.append({"num_chs": dim, "reduction": patch_size * 2 ** i, "module": f"stages.{i}"})
+        self.norm = nn.BatchNorm2d(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay."""
+        return {
+            "stem": r"^stem",
+            "blocks": r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.(?:downsample|shortcut|shortcut_relay)\.", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        }
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass to save memory."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier layer."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier (``num_classes=0`` removes it) and optionally the pooling."""
+        if global_pool is not None:
+            if global_pool not in ("", "avg"):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        device, dtype = self.stem.weight.device, self.stem.weight.dtype
+        self.head = (nn.Linear(self.num_features, num_classes, device=device, dtype=dtype)
+                     if num_classes > 0 else nn.Identity())
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f"input is {tuple(x.shape[-2:])} but this Strip-MLP was built for img_size={self.img_size}; "
+                "build the model with the input's size"
+            )
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward returning the outputs of the selected stages (NCHW), and the final features unless told not to."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        last_idx = len(self.stages) - 1
+        intermediates = []
+        x, skip = self.stem(x), None
+        for feat_idx, stage in enumerate(stages):
+            x, skip = stage(x, skip)
+            if feat_idx in take_indices:
+                intermediates.append(self.norm(x) if norm and feat_idx == last_idx else x)
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_idx:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages (and norm / head) not needed for the selected intermediates."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.head_drop = nn.Identity()
+            self.head = nn.Identity()
+            self.num_classes = 0
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised final feature map, (B, C, H/32, W/32)."""
+        self._check_input(x)
+        x, skip = self.stem(x), None
+        for stage in self.stages:
+            x, skip = stage(x, skip)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, dropout and classify (or stop before the classifier when ``pre_logits``)."""
+        if self.global_pool == "avg":
+            x = x.mean((2, 3))
+        x = self.head_drop(x)
+        if pre_logits:
+            return x
+        if x.ndim == 4:  # no pooling: classify every location
+            return self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of images."""
+        return self.forward_head(self.forward_features(x))
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load an official or visionmlp checkpoint file (timm calls this for ``custom_load`` configs)."""
+        load_pretrained_file(self, checkpoint_path, checkpoint_filter_fn)
+
+
+# Official module paths inside a block (after the block prefix) and ours.
+_BLOCK_RENAMES = (
+    ("token_mixing.dwsc.conv_merge.BN.", "token_mixing.norm."),
+    ("token_mixing.dwsc.conv_merge.Conv.", "token_mixing.conv_dw."),
+    ("token_mixing.smlp_block.mlp.0.", "token_mixing.proj_in."),
+    ("token_mixing.smlp_block.mlp.1.", "token_mixing.proj_in_norm."),
+    ("token_mixing.smlp_block.relate_pos_h.embeddings_table", "token_mixing.strip.pos_h"),
+    ("token_mixing.smlp_block.relate_pos_w.embeddings_table", "token_mixing.strip.pos_w"),
+    ("token_mixing.smlp_block.proj_", "token_mixing.strip.proj_"),
+    ("token_mixing.smlp_block.fuse_", "token_mixing.strip.fuse_"),
+    ("token_mixing.smlp_block.BN.", "token_mixing.strip.norm."),
+    ("token_mixing.smlp_block.fc_h.", "token_mixing.local.conv_row."),
+    ("token_mixing.smlp_block.fc_w.", "token_mixing.local.conv_col."),
+    ("token_mixing.smlp_block.reweight.", "token_mixing.local.reweight."),
+    ("token_mixing.smlp_block.fuse.", "token_mixing.fuse."),
+    ("channel_mixing.conv_77.", "channel_mixing.conv_dw."),
+    ("channel_mixing.layer_norm.", "channel_mixing.norm."),
+    ("channel_mixing.grn.gamma", "channel_mixing.grn.weight"),
+    ("channel_mixing.grn.beta", "channel_mixing.grn.bias"),
+)
+
+_TOP_RENAMES = (
+    ("patch_embed.", "stem."),
+    ("merging1.", "stages.1.downsample."),
+    ("merging2.", "stages.2.downsample."),
+    ("merging3.", "stages.3.downsample."),
+    ("conv_s1_28.", "stages.1.shortcut."),
+    ("conv_s2_14.", "stages.2.shortcut."),
+    ("conv_s1_14.", "stages.2.shortcut_relay."),
+)
+
+
+def _rename_official_key(key: str) -> str:
+    for stage in range(_NUM_STAGES):
+        prefix = f"blocks{stage + 1}."
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            for old, new in _BLOCK_RENAMES:
+                if rest.startswith(old):
+                    rest = new + rest[len(old):]
+                    break
+            return f"stages.{stage}.blocks.{index}.{rest}"
+    for old, new in _TOP_RENAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map an official Strip-MLP state dict onto ours (ours pass through unchanged)."""
+    if "patch_embed.weight" not in state_dict:
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        key = _rename_official_key(key)
+        if key.endswith(("grn.weight", "grn.bias")):
+            value = value.reshape(-1)  # official GRN affine is stored as (1, 1, 1, C)
+        out[key] = value
+    return out
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    # Evaluation settings of the official main_eval.py: resize 256/224, centre crop, bicubic, ImageNet mean/std.
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "stem",
+        "classifier": "head",
+        "custom_load": True,
+        "license": "mit",
+        "paper_ids": "arXiv:2307.11458",
+        "paper_name": "Strip-MLP: Efficient Token Interaction for Vision MLP",
+        "origin_url": "https://github.com/Med-Process/Strip_MLP",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "strip_mlp_tiny_light": _cfg(),
+    "strip_mlp_tiny": _cfg(),
+    "strip_mlp_small": _cfg(),
+    "strip_mlp_base": _cfg(),
+})
+
+
+def _create_strip_mlp(variant: str, pretrained: bool = False, **kwargs: Any) -> StripMLPNet:
+    return build_model_with_cfg(
+        StripMLPNet,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg={"out_indices": (0, 1, 2, 3), "feature_cls": "getter"},
+        **kwargs,
+    )
+
+
+@register_model
+def strip_mlp_tiny_light(pretrained: bool = False, **kwargs: Any) -> StripMLPNet:
+    """Strip-MLP-T* (light tiny): width 80, depths 2-2-6-2."""
+    model_args = {"embed_dim": 80, "depths": (2, 2, 6, 2), "mlp_ratio": 3, "channel_patches": 2}
+    return _create_strip_mlp("strip_mlp_tiny_light", pretrained, **{**model_args, **kwargs})
+
+
+@register_model
+def strip_mlp_tiny(pretrained: bool = False, **kwargs: Any) -> StripMLPNet:
+    """Strip-MLP-T: width 80, depths 2-2-12-2."""
+    model_args = {"embed_dim": 80, "depths": (2, 2, 12, 2), "mlp_ratio": 3, "channel_patches": 2}
+    return _create_strip_mlp("strip_mlp_tiny", pretrained, **{**model_args, **kwargs})
+
+
+@register_model
+def strip_mlp_small(pretrained: bool = False, **kwargs: Any) -> StripMLPNet:
+    """Strip-MLP-S: width 96, depths 2-2-18-2."""
+    model_args = {"embed_dim": 96, "depths": (2, 2, 18, 2), "mlp_ratio": 3, "channel_patches": 4}
+    return _create_strip_mlp("strip_mlp_small", pretrained, **{**model_args, **kwargs})
+
+
+@register_model
+def strip_mlp_base(pretrained: bool = False, **kwargs: Any) -> StripMLPNet:
+    """Strip-MLP-B: width 112, depths 2-2-18-2."""
+    model_args = {"embed_dim": 112, "depths": (2, 2, 18, 2), "mlp_ratio": 3, "channel_patches": 4}
+    return _create_strip_mlp("strip_mlp_base", pretrained, **{**model_args, **kwargs})

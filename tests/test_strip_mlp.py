@@ -1,0 +1,151 @@
+"""Strip-MLP specific behaviour: grid-bound sizes, the drop-path fix, official checkpoints, fused maths."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from synthetic_weights import (
+    REFERENCE_DIR,
+    load_reference,
+    relative_l2,
+    synthetic_state_dict,
+)
+from timm.layers import DropPath
+from timm.layers.grn import GlobalResponseNorm
+
+import visionmlp
+from visionmlp.models.strip_mlp import ChannelMixing, StripMLPBlock, StripMLPNet
+
+SMALL = 64  # smallest size with a 2x2 last-stage grid; keeps these tests fast
+
+
+def _small_model(name: str = "strip_mlp_tiny_light", **kwargs) -> torch.nn.Module:
+    return timm.create_model(name, img_size=SMALL, **kwargs)
+
+
+def _tiny_net(**kwargs) -> StripMLPNet:
+    """A narrow, one-block-per-stage net on a 32 px input (last grid 1x1) for tests that run it a lot."""
+    return StripMLPNet(img_size=32, embed_dim=16, depths=(1, 1, 1, 1), num_classes=5, **kwargs)
+
+
+@pytest.mark.parametrize("img_size", [100, 48, (64, 96), 0])
+def test_impossible_img_size_names_valid_sizes(img_size):
+    with pytest.raises(ValueError, match="square and a positive multiple of 32"):
+        timm.create_model("strip_mlp_tiny_light", img_size=img_size)
+
+
+def test_input_of_another_size_is_rejected():
+    model = _small_model().eval()
+    with pytest.raises(ValueError, match="built for img_size"):
+        model(torch.randn(1, 3, 96, 96))
+
+
+def test_builds_for_requested_size():
+    model = _small_model(num_classes=7).eval()
+    strip = model.stages[0].blocks[0].token_mixing.strip
+    assert strip.proj_h.weight.shape == (strip.groups * SMALL // 4, SMALL // 4, 1, 3)
+    assert strip.pos_h.shape == (2 * SMALL // 4 + 1, 40)
+    assert model(torch.randn(2, 3, SMALL, SMALL)).shape == (2, 7)
+
+
+def _drop_path_rates(model: torch.nn.Module) -> set[float]:
+    return {
+        block.drop_path.drop_prob if isinstance(block.drop_path, DropPath) else 0.0
+        for block in model.modules() if isinstance(block, StripMLPBlock)
+    }
+
+
+def test_default_drop_path_matches_official_constant_rate():
+    # The official BasicBlock uses DropPath(0.1) in every block whatever the config says.
+    assert _drop_path_rates(_small_model()) == {0.1}
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.25])
+def test_drop_path_rate_is_honoured(rate):
+    assert _drop_path_rates(_small_model(drop_path_rate=rate)) == {rate}
+
+
+def test_channel_patches_follow_official_width_rule():
+    for name, expected in (("strip_mlp_tiny", 2), ("strip_mlp_small", 4)):
+        model = _small_model(name)
+        assert {b.token_mixing.strip.channel_patches for b in model.modules() if isinstance(b, StripMLPBlock)} == {
+            expected}
+    model = StripMLPNet(img_size=SMALL, embed_dim=40, depths=(1, 1, 1, 1))
+    assert [s.blocks[0].token_mixing.strip.channel_patches for s in model.stages] == [4, 2, 2, 2]
+
+
+@pytest.mark.skipif(not (REFERENCE_DIR / "strip_mlp_tiny_light_64.safetensors").exists(), reason="no reference")
+def test_wrapped_official_checkpoint_loads_and_reproduces_reference(tmp_path):
+    layout, logits, _ = load_reference("strip_mlp_tiny_light_64")
+    official = synthetic_state_dict(layout)
+    assert "patch_embed.weight" in official and "blocks1.0.channel_mixing.grn.gamma" in official
+    path = tmp_path / "official.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in official.items()}, "epoch": 3}, path)
+    model = visionmlp.create_model("strip_mlp_tiny_light", checkpoint_path=path, img_size=SMALL).double().eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, SMALL, SMALL, generator=torch.Generator().manual_seed(1234),
+                                dtype=torch.float64))
+    assert relative_l2(out, logits) < 1e-5  # weights pass through float32 on the way in
+
+
+def test_our_state_dict_passes_filter_unchanged():
+    model = _small_model()
+    state_dict = model.state_dict()
+    filtered = visionmlp.models.strip_mlp.checkpoint_filter_fn(dict(state_dict), model)
+    assert filtered.keys() == state_dict.keys()
+
+
+def test_folded_grn_matches_plain_grn_mlp_with_gradients():
+    torch.manual_seed(0)
+    mixing = ChannelMixing(16, 3).double().train()
+    for p in mixing.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 16, 8, 8, dtype=torch.float64, requires_grad=True)
+    grn = GlobalResponseNorm(48).double()
+    grn.load_state_dict(mixing.grn.state_dict())
+
+    def plain(inp: torch.Tensor) -> torch.Tensor:
+        y = mixing.norm(mixing.conv_dw(inp).permute(0, 2, 3, 1))
+        y = mixing.fc2(grn(F.gelu(mixing.fc1(y))))
+        return y.permute(0, 3, 1, 2)
+
+    ours, ref = mixing(x), plain(x)
+    torch.testing.assert_close(ours, ref)
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), mixing.grn.weight)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), grn.weight)
+    torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_forward_stores_no_state():
+    model = _tiny_net().eval()
+
+    def snapshot():
+        return {name: (sorted(vars(m)), {k: v.clone() for k, v in m._buffers.items() if v is not None})
+                for name, m in model.named_modules()}
+
+    before = snapshot()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+        model(torch.randn(2, 3, 32, 32))
+    after = snapshot()
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name][0] == after[name][0], name
+        for key, value in before[name][1].items():
+            assert torch.equal(value, after[name][1][key]), f"{name}.{key}"
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = _tiny_net(drop_path_rate=0.0).train()
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5)
