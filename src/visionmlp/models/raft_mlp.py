@@ -18,7 +18,8 @@ Differences from the official implementation (same maths, same weights after con
   * activations stay channels-last between blocks and each token-mixing MLP needs one permute in and
     one out.
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+import math
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -29,9 +30,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-__all__ = ['RaftMLP', 'checkpoint_filter_fn']
+from ..checkpoint import StateDict, load_pretrained_file
 
-_StateDict = Dict[str, torch.Tensor]
+__all__ = ['RaftMLP', 'checkpoint_filter_fn']
 
 
 @register_notrace_function
@@ -210,7 +211,7 @@ class RaftMLP(nn.Module):
             channel_mlp_ratio: float = 4.,
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
-            drop_path_rate: float = 0.1,
+            drop_path_rate: float = 0.,
             device=None,
             dtype=None,
     ) -> None:
@@ -229,16 +230,15 @@ class RaftMLP(nn.Module):
             channel_mlp_ratio: Hidden expansion of the channel MLP.
             drop_rate: Dropout before the classifier.
             proj_drop_rate: Dropout inside the MLPs.
-            drop_path_rate: Stochastic depth rate, the same for every residual branch (as in the official code).
+            drop_path_rate: Stochastic depth rate, the same for every residual branch as in the official code
+                (whose ImageNet settings train with 0.1).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         assert global_pool in ('', 'avg'), 'Only avg pooling (or none) is supported.'
         self.img_size = to_2tuple(img_size)
         strides = [min(k) for k in embed_kernels]
-        total_stride = 1
-        for s in strides:
-            total_stride *= s
+        total_stride = math.prod(strides)
         if any(side <= 0 or side % total_stride for side in self.img_size):
             raise ValueError(
                 f'img_size must be a multiple of {total_stride} on each side (e.g. {7 * total_stride} or '
@@ -246,7 +246,6 @@ class RaftMLP(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.drop_rate = drop_rate
 
         stages = []
         self.feature_info = []
@@ -276,6 +275,11 @@ class RaftMLP(nn.Module):
                 (r'^norm', (99999,)),
             ],
         )
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Nothing is exempt beyond timm's usual 1-D rule (the official AdamW decays every parameter)."""
+        return set()
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -377,7 +381,6 @@ class RaftMLP(nn.Module):
 
     def load_pretrained(self, checkpoint_path: str) -> None:
         """Load an official or visionmlp checkpoint file (timm calls this for ``custom_load`` configs)."""
-        from visionmlp.checkpoint import load_pretrained_file
         load_pretrained_file(self, checkpoint_path, checkpoint_filter_fn)
 
 
@@ -386,7 +389,7 @@ def _raft_channels_first(norm_weight: torch.Tensor, raft_size: int) -> torch.Ten
     return norm_weight.reshape(-1, raft_size).t().reshape(-1)
 
 
-def checkpoint_filter_fn(state_dict: _StateDict, model: RaftMLP) -> _StateDict:
+def checkpoint_filter_fn(state_dict: StateDict, model: RaftMLP) -> StateDict:
     """Convert an official RaftMLP state dict (``levels.*``) to this model's keys; ours pass unchanged."""
     if not any(k.startswith('levels.') for k in state_dict):
         return state_dict
@@ -436,10 +439,10 @@ def _create_raft_mlp(variant: str, pretrained: bool = False, **kwargs: Any) -> R
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
     # evaluation transform of the official ImageNet loader: Resize(256), CenterCrop(224), ImageNet mean / std
     return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'fixed_input_size': True,
         'crop_pct': 0.875, 'interpolation': 'bilinear',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': ('stages.0.embed.proj.0', 'stages.0.embed.proj.1'), 'classifier': 'head',
+        'first_conv': 'stages.0.embed.proj.0', 'classifier': 'head',
         'custom_load': True, 'license': 'apache-2.0', 'paper_ids': 'arXiv:2108.04384',
         'origin_url': 'https://github.com/okojoalg/raft-mlp',
         **kwargs,

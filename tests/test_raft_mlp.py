@@ -1,0 +1,194 @@
+"""RaftMLP specifics: size-dependent building, no per-call state, the raft and embedding maths, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import visionmlp
+from visionmlp.models.raft_mlp import CrossScaleEmbed, RaftBlock, checkpoint_filter_fn
+
+from synthetic_weights import load_reference, synthetic_state_dict
+
+SMALL = 64  # token grids 16, 8, 4, 2
+TINY = dict(embed_dims=(8, 16, 16, 32), depths=(1, 1, 2, 1))  # the real layout, narrow and shallow for speed
+
+
+def _model(name: str = "raft_mlp_s", **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return visionmlp.create_model(name, img_size=SMALL, **TINY, **kwargs).double().eval()
+
+
+def _randomize(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.normal_(p, std=0.2)  # non-trivial norm affines and biases
+    return module
+
+
+def _direct_raft_block(block: RaftBlock, x: torch.Tensor) -> torch.Tensor:
+    """The raft block written the official way: tokens to rafts, norm in (group, raft) order, mix, back."""
+    B, H, W, C = x.shape
+    r, g = block.raft_size, C // block.raft_size
+
+    def token_norm(norm: nn.LayerNorm, t: torch.Tensor) -> torch.Tensor:
+        # the official norm sees channels ordered (group, raft); ours are (raft, group)
+        weight = norm.weight.reshape(r, g).t().reshape(-1)
+        bias = norm.bias.reshape(r, g).t().reshape(-1)
+        t = t.reshape(B, H, W, r, g).transpose(-1, -2).reshape(B, H, W, C)
+        t = F.layer_norm(t, (C,), weight, bias, norm.eps)
+        return t.reshape(B, H, W, g, r).transpose(-1, -2).reshape(B, H, W, C)
+
+    # vertical: for each column and group, the (raft, row) values
+    y = token_norm(block.norm_vertical, x).reshape(B, H, W, r, g)
+    y = torch.einsum("bhwrg->bwgrh", y).reshape(B, W, g, r * H)
+    x = x + torch.einsum("bwgrh->bhwrg", block.mlp_vertical(y).reshape(B, W, g, r, H)).reshape(B, H, W, C)
+    # horizontal: for each row and group, the (raft, column) values
+    y = token_norm(block.norm_horizontal, x).reshape(B, H, W, r, g)
+    y = torch.einsum("bhwrg->bhgrw", y).reshape(B, H, g, r * W)
+    x = x + torch.einsum("bhgrw->bhwrg", block.mlp_horizontal(y).reshape(B, H, g, r, W)).reshape(B, H, W, C)
+    return x + block.mlp_channels(block.norm_channels(x))
+
+
+@pytest.mark.parametrize("grid", [(6, 6), (4, 10)])
+def test_raft_block_matches_direct_formulation(grid):
+    torch.manual_seed(0)
+    block = _randomize(RaftBlock(12, grid, raft_size=3)).double().eval()
+    x = torch.randn(2, *grid, 12, dtype=torch.float64)
+    torch.testing.assert_close(block(x), _direct_raft_block(block, x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernels", [(4, 8), (2, 4), (2,), (2, 4, 6)])
+def test_merged_embedding_matches_unfold_and_linear(kernels):
+    torch.manual_seed(0)
+    embed = _randomize(CrossScaleEmbed(3, 10, kernels)).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    stride = min(kernels)
+    patches = torch.cat([F.unfold(x, k, stride=stride, padding=(k - stride) // 2) for k in kernels], dim=1)
+    weight = torch.cat([conv.weight.flatten(1) for conv in embed.proj], dim=1)
+    expected = (patches.transpose(1, 2) @ weight.t() + embed.proj[0].bias).reshape(2, 16 // stride, 16 // stride, 10)
+    torch.testing.assert_close(embed(x), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("img_size", [100, 48, (224, 100), 0])
+def test_impossible_img_size_raises(img_size):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        visionmlp.create_model("raft_mlp_s", img_size=img_size)
+
+
+def test_img_size_sets_mixing_widths():
+    model = visionmlp.create_model("raft_mlp_s", img_size=(64, 96), num_classes=3).eval()
+    first = model.stages[0].blocks[0]  # grid 16 x 24, raft size 2, token expansion 2
+    assert first.mlp_vertical.fc1.weight.shape == (2 * 2 * 16, 2 * 16)
+    assert first.mlp_horizontal.fc1.weight.shape == (2 * 2 * 24, 2 * 24)
+    last = model.stages[3].blocks[0]  # grid 2 x 3
+    assert last.mlp_vertical.fc2.weight.shape == (2 * 2, 2 * 2 * 2)
+    assert last.mlp_horizontal.fc2.weight.shape == (2 * 3, 2 * 2 * 3)
+    assert model(torch.randn(1, 3, 64, 96)).shape == (1, 3)
+
+
+def test_input_of_another_size_raises():
+    model = visionmlp.create_model("raft_mlp_s", img_size=SMALL).eval()
+    with pytest.raises(ValueError, match=r"img_size=\(64, 64\)"):
+        model(torch.randn(1, 3, 96, 96))
+    with pytest.raises(ValueError, match="built for"):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32))
+
+
+def _module_state(model: nn.Module) -> dict:
+    """Every module's plain attributes (everything but parameters, buffers and children)."""
+    skip = {"_parameters", "_buffers", "_modules"}
+    return {
+        name: {k: copy.deepcopy(v) for k, v in vars(m).items() if k not in skip and not k.endswith("_hooks")}
+        for name, m in model.named_modules()
+    }
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_forward_keeps_no_per_call_state(train):
+    model = _model(drop_path_rate=0.1).train(train)
+    before = _module_state(model)
+    model(torch.randn(2, 3, SMALL, SMALL, dtype=torch.float64))
+    model.forward_intermediates(torch.randn(1, 3, SMALL, SMALL, dtype=torch.float64))
+    assert _module_state(model) == before
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+def test_traces_with_jit_fx_and_export():
+    model = _model()
+    x = torch.randn(2, 3, SMALL, SMALL, dtype=torch.float64)
+    expected = model(x)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x[:1], check_trace=False)
+    torch.testing.assert_close(traced(x), expected)
+    graph_module = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(graph_module(x), expected)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), expected)
+
+
+def test_features_only_maps():
+    model = visionmlp.create_model("raft_mlp_m", img_size=SMALL, features_only=True, out_indices=(1, 3))
+    feats = model(torch.randn(1, 3, SMALL, SMALL))
+    assert [f.shape for f in feats] == [(1, 192, 8, 8), (1, 768, 2, 2)]
+    assert model.feature_info.reduction() == [8, 32]
+
+
+def test_drop_path_rate_is_uniform():
+    model = visionmlp.create_model("raft_mlp_s", img_size=SMALL, drop_path_rate=0.1)
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert rates == [0.1] * 12  # one per block, the same in every stage (no linear ramp)
+    assert not any(type(m).__name__ == "DropPath" for m in visionmlp.create_model("raft_mlp_s").modules())
+
+
+def test_grad_checkpointing_gives_same_gradients(monkeypatch):
+    calls = []
+    block_forward = RaftBlock.forward
+    monkeypatch.setattr(RaftBlock, "forward", lambda self, x: calls.append(1) or block_forward(self, x))
+    x = torch.randn(2, 3, SMALL, SMALL, dtype=torch.float64)
+    grads = []
+    for enable in (False, True):
+        model = _model(drop_path_rate=0.0).train()
+        model.set_grad_checkpointing(enable)
+        calls.clear()
+        model(x).square().mean().backward()
+        assert len(calls) == (10 if enable else 5)  # checkpointed blocks run again in the backward pass
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(plain, checkpointed)
+
+
+def test_official_checkpoint_converts_and_loads(tmp_path):
+    layout, _, _ = load_reference("raft_mlp_s")
+    official = synthetic_state_dict(layout)
+    path = tmp_path / "official.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in official.items()}, "epoch": 300}, path)
+    model = visionmlp.create_model("raft_mlp_s", checkpoint_path=path)
+
+    # the official token norms order channels (group, raft); ours (raft, group)
+    theirs = official["levels.1.fn.3.3.norm.1.weight"].float()
+    ours = model.stages[1].blocks[1].norm_horizontal.weight.detach()
+    torch.testing.assert_close(ours, theirs.reshape(64, 2).t().reshape(-1))
+    torch.testing.assert_close(model.stages[0].embed.proj[1].weight.detach().flatten(1),
+                               official["levels.0.fn.0.fc.weight"][:, 3 * 16:].float())
+    assert not torch.equal(ours, theirs)
+
+    ours_sd = model.state_dict()
+    assert checkpoint_filter_fn(ours_sd, model) is ours_sd  # our own keys pass unchanged
+    other = visionmlp.create_model("raft_mlp_s", num_classes=10, checkpoint_path=path)
+    assert other.head.weight.shape == (10, 512)  # fresh head for another number of classes
+    torch.testing.assert_close(other.norm.weight, model.norm.weight)
+
+
+def test_checkpoint_for_another_img_size_is_refused(tmp_path):
+    path = tmp_path / "ours.pth"
+    torch.save(visionmlp.create_model("raft_mlp_s", img_size=SMALL).state_dict(), path)
+    with pytest.raises(ValueError, match="img_size"):
+        visionmlp.create_model("raft_mlp_s", img_size=96).load_pretrained(path)
+    with pytest.raises(ValueError, match="img_size"):
+        timm.create_model("raft_mlp_s", img_size=96, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(path), custom_load=True))
