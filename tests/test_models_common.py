@@ -104,7 +104,7 @@ def test_forward_backward_and_head_interface(name):
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_gradient_checkpointing_gives_same_gradients(name):
     torch.manual_seed(0)
-    model = small_model(name, num_classes=5).train()
+    model = small_model(name, num_classes=5, drop_path_rate=0.0).train()
     img = SMALL_IMG[name]
     x = torch.randn(1, 3, img, img)
     model(x).square().sum().backward()
@@ -160,7 +160,8 @@ def test_group_matcher_covers_every_parameter(name):
     groups = group_parameters(model, model.group_matcher())
     grouped = {p for names in groups.values() for p in names}
     assert grouped == {n for n, _ in model.named_parameters()}
-    assert isinstance(model.no_weight_decay(), set)
+    if hasattr(model, "no_weight_decay"):
+        assert set(model.no_weight_decay()) <= {n for n, _ in model.named_parameters()}
 
 
 @pytest.mark.parametrize("name", [n for n in MODEL_NAMES if not n.startswith("ms_mlp")])
@@ -170,16 +171,41 @@ def test_grid_bound_families_reject_impossible_sizes(name):
 
 
 @pytest.mark.parametrize("name", ["ms_mlp_tiny", "vip_s7", "strip_mlp_tiny_light", "raft_mlp_s", "repmlpnet_t224"])
-def test_timm_pretrained_cfg_overlay_file_loads_through_converter(name, tmp_path):
-    source = small_model(name, num_classes=4).eval()
+def test_checkpoint_files_load_through_converter(name, tmp_path):
+    kwargs = {} if name.startswith("ms_mlp") else {"img_size": SMALL_IMG[name]}
+    x = torch.randn(1, 3, SMALL_IMG[name], SMALL_IMG[name])
+    source = small_model(name).eval()
     path = tmp_path / "weights.pth"
     torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}, "epoch": 3}, path)
-    kwargs = {} if name.startswith("ms_mlp") else {"img_size": SMALL_IMG[name]}
-    loaded = timm.create_model(
-        name, pretrained=True, num_classes=4, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
-    ).eval()
-    via_ours = create_model(name, num_classes=4, checkpoint_path=path, **kwargs).eval()
-    x = torch.randn(1, 3, SMALL_IMG[name], SMALL_IMG[name])
+    via_timm = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    via_ours = create_model(name, checkpoint_path=path, **kwargs)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), source(x))
-        torch.testing.assert_close(via_ours(x), source(x))
+        torch.testing.assert_close(via_timm.eval()(x), source(x))
+        torch.testing.assert_close(via_ours.eval()(x), source(x))
+
+    # a fine-tuned checkpoint with its own number of classes keeps its head
+    tuned = small_model(name, num_classes=4).eval()
+    torch.save({"state_dict": tuned.state_dict(), "args": {"lr": 0.1}}, path)
+    reloaded = create_model(name, num_classes=4, checkpoint_path=path, **kwargs).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), tuned(x))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_default_resolution_matches_pretrained_cfg(name):
+    """timm's conventions at the default size: pool_size, head_hidden_size, head removal and pass-through pooling."""
+    model = create_model(name).eval()
+    cfg = model.pretrained_cfg
+    x = torch.randn(1, *cfg["input_size"])
+    assert model.num_classes == 1000 and model.num_features > 0 and model.head_hidden_size > 0
+    assert bool(cfg.get("fixed_input_size")) == (not name.startswith("ms_mlp"))
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (1, model.num_features, *cfg["pool_size"])
+        assert model.forward_head(features, pre_logits=True).shape == (1, model.head_hidden_size)
+        model.reset_classifier(0, "")
+        assert model.num_classes == 0
+        assert model(x).shape == (1, model.num_features, *cfg["pool_size"])
+    unpooled = create_model(name, num_classes=0, global_pool="").eval()
+    with torch.no_grad():
+        assert unpooled(x).shape == (1, unpooled.num_features, *cfg["pool_size"])

@@ -45,7 +45,8 @@ def create_model(
     """Build variant ``name`` through timm; ``checkpoint_path`` loads an official or visionmlp checkpoint."""
     family_module(name)
     if checkpoint_path is not None:
-        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=str(checkpoint_path))
+        # custom_load sends the file to the model's own safe reader; timm resets it when a file is given
+        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=str(checkpoint_path), custom_load=True)
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
