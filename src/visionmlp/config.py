@@ -1,0 +1,353 @@
+"""Run configuration: built-in defaults, then a YAML recipe, then ``--opts KEY VALUE`` pairs, then CLI flags.
+
+A configuration is a plain nested dict (it is saved as ``config.yaml`` and inside checkpoints).
+Keys are dotted paths such as ``train.base_lr``. Overrides are checked against the defaults: an
+unknown key is an error naming the closest known keys, and a value is coerced to the type of the
+default (``"3"`` -> 3 for an int key, ``"true"`` -> True for a bool key, YAML syntax for lists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Config = dict[str, Any]
+
+DEFAULTS: Config = {
+    "model": {
+        "name": "vip_s7",
+        "num_classes": None,  # None: the number of classes of the data set
+        "drop_rate": 0.0,
+        "drop_path_rate": None,  # None: look the variant up in drop_path_by_variant, else 0.0
+        "drop_path_by_variant": {},
+        "kwargs": {},  # passed to the model constructor as they are (free-form)
+        "pretrained": None,  # checkpoint file to initialise from (fine-tuning)
+    },
+    "data": {
+        "dataset": "digits",
+        "path": None,
+        "img_size": None,  # None: the model's default resolution
+        "batch_size": 128,  # per process
+        "workers": 4,
+        "zip": False,
+        "cache_mode": "no",
+        "interpolation": None,  # None: the model's default
+        "crop_pct": None,  # evaluation resize ratio; None: the model's default
+        "mean": None,
+        "std": None,
+        "pin_memory": True,
+        # None: every image; a number: that many, spread evenly over the set (quick experiments, tests)
+        "max_train_images": None,
+        "max_val_images": None,
+    },
+    "aug": {
+        "scale": [0.08, 1.0],  # RandomResizedCrop area range
+        "hflip": 0.5,
+        "color_jitter": 0.4,
+        "auto_augment": None,  # timm policy string, e.g. rand-m9-mstd0.5-inc1
+        "reprob": 0.0,
+        "remode": "pixel",
+        "recount": 1,
+        "mixup": 0.0,
+        "cutmix": 0.0,
+        "cutmix_minmax": None,
+        "mixup_prob": 1.0,
+        "mixup_switch_prob": 0.5,
+        "mixup_mode": "batch",
+    },
+    "train": {
+        "epochs": 300,
+        "warmup_epochs": 20,
+        "cooldown_epochs": 0,
+        "base_lr": 5e-4,
+        "warmup_lr": 5e-7,
+        "min_lr": 5e-6,
+        # learning rates are multiplied by (batch_size * world_size * accumulation_steps) / lr_base_batch;
+        # None leaves them as written
+        "lr_base_batch": 512,
+        "optimizer": "adamw",
+        "opt_eps": 1e-8,
+        "opt_betas": [0.9, 0.999],
+        "momentum": 0.9,
+        "weight_decay": 0.05,
+        "sched": "cosine",
+        "sched_on_updates": True,  # False: the learning rate changes once per epoch
+        "decay_epochs": 30,
+        "decay_rate": 0.1,
+        "clip_grad": 5.0,  # max gradient norm; None: no clipping
+        "label_smoothing": 0.1,
+        "accumulation_steps": 1,
+        "use_checkpoint": False,
+        "amp": "none",
+        "ema": False,
+        "ema_decay": 0.9998,
+    },
+    "output": None,  # None: runs/<model>-<dataset>
+    "resume": None,  # a checkpoint file, or "auto" for <output>/last.pt when it exists
+    "seed": 0,
+    "device": "auto",
+    "threads": None,  # torch intra-op threads per process; None: torch's default (all cores)
+    "print_freq": 20,
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.dataset": ("digits", "imagenet", "cifar10", "cifar100"),
+    "data.cache_mode": ("no", "part", "full"),
+    "aug.mixup_mode": ("batch", "pair", "elem"),
+    "train.amp": ("none", "fp16", "bf16"),
+    "train.sched": ("cosine", "step", "none"),
+}
+
+# keys whose default is None but whose value is always text: never parsed as YAML
+TEXT_KEYS = ("data.path", "output", "resume", "model.pretrained", "aug.auto_augment", "data.interpolation")
+
+# keys below these prefixes take any value: their contents are defined by the model or the recipe
+FREE_FORM = ("model.kwargs", "model.drop_path_by_variant")
+
+# argparse destination -> config key; a flag that is given wins over the recipe and --opts
+FLAG_KEYS = {
+    "model": "model.name",
+    "dataset": "data.dataset",
+    "data_path": "data.path",
+    "batch_size": "data.batch_size",
+    "workers": "data.workers",
+    "img_size": "data.img_size",
+    "zip": "data.zip",
+    "cache_mode": "data.cache_mode",
+    "epochs": "train.epochs",
+    "lr": "train.base_lr",
+    "accumulation_steps": "train.accumulation_steps",
+    "use_checkpoint": "train.use_checkpoint",
+    "amp": "train.amp",
+    "drop_path": "model.drop_path_rate",
+    "output": "output",
+    "resume": "resume",
+    "seed": "seed",
+    "device": "device",
+}
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the configuration schema."""
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; free-form sub-trees stay whole."""
+    flat = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and dotted not in FREE_FORM:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def get(config: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted key."""
+    node: Any = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _set(config: Config, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
+_KNOWN_KEYS = set(flatten(DEFAULTS))
+
+
+def _check_key(dotted: str, source: str) -> str:
+    if dotted in _KNOWN_KEYS:
+        return dotted
+    for free in FREE_FORM:
+        if dotted.startswith(free + "."):
+            return dotted
+    close = difflib.get_close_matches(dotted, sorted(_KNOWN_KEYS), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see visionmlp/config.py for the keys"
+    raise ConfigError(f"unknown config key {dotted!r} in {source}{hint}")
+
+
+def coerce(dotted: str, value: Any, source: str) -> Any:
+    """Convert ``value`` (a string from the command line, or a YAML value) to the type of the key's default."""
+    if isinstance(value, str) and dotted not in TEXT_KEYS and not isinstance(_default_of(dotted), str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: cannot parse {value!r} for {dotted}: {exc}") from None
+    default = _default_of(dotted)
+    if value is None or default is None or any(dotted.startswith(f + ".") or dotted == f for f in FREE_FORM):
+        return value
+    expected = type(default)
+    if expected is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-3" as text
+        except ValueError:
+            pass
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is list and isinstance(value, tuple):
+        return list(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{source}: {dotted} must be of type {expected.__name__} (like {default!r}), got {value!r}"
+        )
+    return value
+
+
+def _default_of(dotted: str) -> Any:
+    try:
+        return get(DEFAULTS, dotted)
+    except (KeyError, TypeError):
+        return None
+
+
+def merge(config: Config, overrides: Mapping[str, Any], source: str) -> None:
+    """Apply nested or dotted ``overrides`` onto ``config`` in place, checking keys and types."""
+    for dotted, value in flatten(overrides).items():
+        _set(config, _check_key(dotted, source), coerce(dotted, value, source))
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file: a path, or the name of one shipped in ``visionmlp/configs`` (``vip`` or ``vip.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = resources.files("visionmlp") / "configs" / (path.stem + ".yaml")
+    if path.parent == Path(".") and shipped.is_file():
+        return Path(str(shipped))
+    raise ConfigError(
+        f"recipe {str(name_or_path)!r} not found; pass a YAML file or one of: {', '.join(shipped_recipes())}"
+    )
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes that ship with the package."""
+    folder = resources.files("visionmlp") / "configs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Config:
+    """Read a recipe file as a nested dict."""
+    path = recipe_path(name_or_path)
+    with open(path) as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"recipe {str(path)!r} must hold a mapping of keys, not {type(recipe).__name__}")
+    return recipe
+
+
+def parse_opts(opts: Iterable[str] | None) -> dict[str, str]:
+    """``["train.epochs", "5", "data.zip", "true"]`` -> ``{"train.epochs": "5", "data.zip": "true"}``."""
+    opts = list(opts or [])
+    if len(opts) % 2:
+        raise ConfigError(f"--opts takes KEY VALUE pairs; got an odd number of items: {opts}")
+    return dict(zip(opts[0::2], opts[1::2], strict=True))
+
+
+def family_recipe(model_name: str) -> str | None:
+    """The shipped recipe of a visionmlp variant's family (``vip_s7`` -> ``vip``), or None for other models."""
+    from .models import MODEL_NAMES, family_module
+
+    if model_name not in MODEL_NAMES:
+        return None
+    family = family_module(model_name).__name__.rsplit(".", 1)[-1]
+    return family if family in shipped_recipes() else None
+
+
+def build_config(
+    recipe: str | Path | None = None,
+    opts: Mapping[str, Any] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
+    pick_recipe: bool = True,
+) -> Config:
+    """Resolve a configuration: ``base`` (default: DEFAULTS) <- recipe <- opts <- flags, then validate.
+
+    Without an explicit recipe one is chosen: ``digits`` for the digits data set (the default run),
+    otherwise the recipe of the model's family, so ``--model vip_s7 --dataset imagenet`` trains as
+    the ViP authors did. ``pick_recipe=False`` turns that choice off.
+    """
+    config = copy.deepcopy(dict(base) if base is not None else DEFAULTS)
+    opts, flags = dict(opts or {}), {k: v for k, v in (flags or {}).items() if v is not None}
+    if recipe is None and base is None and pick_recipe:
+        dataset = flags.get("data.dataset", opts.get("data.dataset", config["data"]["dataset"]))
+        model = flags.get("model.name", opts.get("model.name", config["model"]["name"]))
+        recipe = "digits" if dataset == "digits" else family_recipe(str(model))
+    if recipe is not None:
+        merge(config, load_recipe(recipe), f"recipe {str(recipe)!r}")
+    recipe_model = config["model"]["name"]
+    merge(config, opts, "--opts")
+    merge(config, flags, "command-line flags")
+    if config["model"]["name"] != recipe_model:
+        # a recipe's constructor arguments and input size describe its own model, not the one chosen instead
+        if "model.kwargs" not in opts:
+            config["model"]["kwargs"] = {}
+        if "data.img_size" not in opts and "data.img_size" not in flags:
+            config["data"]["img_size"] = None
+    if config["model"]["drop_path_rate"] is None:
+        by_variant = config["model"]["drop_path_by_variant"] or {}
+        config["model"]["drop_path_rate"] = float(by_variant.get(config["model"]["name"], 0.0))
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Raise ConfigError with a clear message for values out of range."""
+    flat = flatten(config)
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {flat[key]!r}")
+    positive = ("data.batch_size", "train.epochs", "train.accumulation_steps", "train.base_lr", "print_freq")
+    for key in positive:
+        if not flat[key] > 0:
+            raise ConfigError(f"{key} must be positive; got {flat[key]!r}")
+    non_negative = ("data.workers", "train.warmup_epochs", "train.cooldown_epochs", "train.weight_decay",
+                    "model.drop_rate", "model.drop_path_rate", "aug.reprob", "aug.mixup", "aug.cutmix")
+    for key in non_negative:
+        if flat[key] < 0:
+            raise ConfigError(f"{key} must be >= 0; got {flat[key]!r}")
+    if not 0.0 <= flat["train.label_smoothing"] < 1.0:
+        raise ConfigError(f"train.label_smoothing must be in [0, 1); got {flat['train.label_smoothing']!r}")
+    if flat["data.img_size"] is not None and (not isinstance(flat["data.img_size"], int) or flat["data.img_size"] < 8):
+        raise ConfigError(f"data.img_size must be an integer >= 8; got {flat['data.img_size']!r}")
+    if flat["data.dataset"] != "digits" and not flat["data.path"]:
+        raise ConfigError(f"data set {flat['data.dataset']!r} needs --data-path (data.path)")
+    if flat["data.zip"] and flat["data.dataset"] != "imagenet":
+        raise ConfigError("--zip applies to --dataset imagenet only")
+    if flat["data.cache_mode"] != "no" and flat["data.dataset"] != "imagenet":
+        raise ConfigError("--cache-mode applies to --dataset imagenet only")
+    if flat["threads"] is not None and (not isinstance(flat["threads"], int) or flat["threads"] < 1):
+        raise ConfigError(f"threads must be a positive integer or null; got {flat['threads']!r}")
+    if not 0.0 < flat["train.ema_decay"] < 1.0:
+        raise ConfigError(f"train.ema_decay must be in (0, 1); got {flat['train.ema_decay']!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --cfg and --opts flags shared by train and eval."""
+    parser.add_argument("--cfg", metavar="FILE", help="YAML recipe: a file, or a shipped one by name "
+                        "(digits, ms_mlp, vip, strip_mlp, raft_mlp, repmlpnet); default: picked from the model family")
+    parser.add_argument("--opts", nargs="+", metavar="KEY VALUE", default=None,
+                        help="override config keys, e.g. --opts train.base_lr 1e-3 aug.mixup 0")
+
+
+def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Config overrides from the flags present in ``args`` (unset flags are None and left out)."""
+    return {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest, None) is not None}
+
+
+def dump(config: Config) -> str:
+    """The configuration as YAML text."""
+    return yaml.safe_dump(config, sort_keys=False)

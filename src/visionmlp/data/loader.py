@@ -1,0 +1,139 @@
+"""Transforms (timm), samplers that split the data over ranks, and the data loaders."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+from timm.data import auto_augment, create_transform
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torchvision import transforms as T
+
+
+def _posterize_keeping_any_bits(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize op, also for 0 bits: Pillow >= 13 rejects 0, which older Pillow turned into black."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+# RandAugment's increasing posterize reaches 0 bits at magnitude 10 (mstd noise gets there from m9)
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    if auto_augment.NAME_TO_OP.get(_name) is auto_augment.posterize:
+        auto_augment.NAME_TO_OP[_name] = _posterize_keeping_any_bits
+
+
+def build_transform(config: Mapping[str, Any], data_config: Mapping[str, Any], training: bool) -> Any:
+    """timm's train or eval transform for the resolved input size, interpolation, mean/std and crop ratio."""
+    aug = config["aug"]
+    input_size = data_config["input_size"]
+    if not training:
+        return create_transform(input_size, is_training=False, interpolation=data_config["interpolation"],
+                                mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"])
+    transform = create_transform(
+        input_size,
+        is_training=True,
+        scale=tuple(aug["scale"]),
+        hflip=aug["hflip"],
+        color_jitter=aug["color_jitter"] or None,
+        auto_augment=aug["auto_augment"] or None,
+        interpolation=data_config["interpolation"],
+        mean=data_config["mean"],
+        std=data_config["std"],
+        re_prob=aug["reprob"],
+        re_mode=aug["remode"],
+        re_count=aug["recount"],
+    )
+    if input_size[-1] <= 32 and config["data"]["dataset"] in ("cifar10", "cifar100"):
+        # at CIFAR's native 32 px a random-resized crop destroys too much: pad-and-crop instead, as the seeds do
+        transform.transforms[0] = T.RandomCrop(input_size[-1], padding=4)
+    return transform
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` -- the shard a ``part`` cache holds -- reshuffled every epoch.
+
+    Every rank yields the same count (short shards repeat their first indices) so that DDP ranks run
+    the same number of steps.
+    """
+
+    def __init__(self, dataset_len: int, rank: int, world_size: int, shuffle: bool = True, seed: int = 0) -> None:
+        self.indices = list(range(rank, dataset_len, world_size))
+        self.num_samples = math.ceil(dataset_len / world_size)
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch`` (deterministic in seed and epoch)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self.indices
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            indices = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+        padding = self.num_samples - len(indices)
+        return iter(indices + indices[:padding])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class EvalShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` without padding, so that reduced metrics count every image once."""
+
+    def __init__(self, dataset_len: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, dataset_len, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def collate_readable(batch: list[Any]) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """Stack the samples that could be read; returns ``(images, targets, number_skipped)``."""
+    kept = [sample for sample in batch if sample is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return None, None, skipped
+    images, targets = default_collate(kept)
+    return images, targets, skipped
+
+
+def build_loader(
+    dataset: Dataset,
+    *,
+    training: bool,
+    batch_size: int,
+    workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    shard_by_cache: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A loader over this rank's part of ``dataset``; training shuffles per epoch (call ``sampler.set_epoch``)."""
+    if not training:
+        sampler: Sampler[int] = EvalShardSampler(len(dataset), rank, world_size)
+    elif shard_by_cache:
+        sampler = ShardSampler(len(dataset), rank, world_size, shuffle=True, seed=seed)
+    else:
+        # also with one process: the order is then a function of (seed, epoch) alone, which resuming relies on
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=training and len(sampler) >= batch_size,
+        collate_fn=collate_readable,
+        # fresh workers each epoch take their seeds from the main process RNG, which checkpoints restore
+        persistent_workers=False,
+    )

@@ -1,0 +1,199 @@
+"""``visionmlp eval``: top-1, top-5 and loss of a checkpoint on a validation set; the evaluation loop of training."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data import resolve_data_config
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..checkpoint import check_state_dict_fits, read_checkpoint, unwrap_state_dict
+from ..config import ConfigError, add_config_arguments, build_config, family_recipe, flags_from_args, parse_opts
+from ..data import DataError, build_dataset, build_loader, build_transform, subset_evenly
+from ..models import MODEL_NAMES, convert_official_state_dict, create_model
+from .distributed import DistContext, all_reduce_sum, cleanup, setup
+
+AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def model_kwargs(config: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
+    """Constructor arguments of the configured model."""
+    model_cfg = config["model"]
+    kwargs = dict(model_cfg["kwargs"] or {})
+    kwargs.update(num_classes=num_classes, drop_rate=model_cfg["drop_rate"], drop_path_rate=model_cfg["drop_path_rate"])
+    # our variants take the input size as an argument; timm's CNNs (used in tests) have none
+    if model_cfg["name"] in MODEL_NAMES and config["data"]["img_size"]:
+        kwargs["img_size"] = config["data"]["img_size"]
+    return kwargs
+
+
+def build_model(config: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """The configured model: a visionmlp variant (through its factory) or any other timm model."""
+    name, pretrained = config["model"]["name"], config["model"]["pretrained"]
+    kwargs = model_kwargs(config, num_classes)
+    if name in MODEL_NAMES:
+        return create_model(name, checkpoint_path=pretrained, **kwargs)
+    if not timm.is_model(name):
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)} (or any timm model name)")
+    if pretrained:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)})
+    return timm.create_model(name, **kwargs)
+
+
+def resolve_input_config(config: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Input size, interpolation, mean, std and crop ratio: the config's where set, else the model's defaults."""
+    data_config = resolve_data_config(model=model)
+    data = config["data"]
+    if data["img_size"]:
+        data_config["input_size"] = (3, data["img_size"], data["img_size"])
+    for key in ("interpolation", "crop_pct", "mean", "std"):
+        if data[key] is not None:
+            data_config[key] = tuple(data[key]) if key in ("mean", "std") else data[key]
+    return data_config
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``--amp fp16|bf16``; a no-op for ``none``."""
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, amp: str = "none") -> dict[str, float]:
+    """Loss and top-1/top-5 accuracy (percent) over the whole loader, summed over all ranks.
+
+    Pass the bare model, not the DDP wrapper: ranks may hold one batch more or less than others,
+    and DDP's forward would wait for the ranks that have finished.
+    """
+    model.eval()
+    # loss sum, top-1 hits, top-5 hits, images, unreadable images
+    totals = torch.zeros(5, dtype=torch.float64, device=ctx.device)
+    for images, targets, skipped in loader:
+        totals[4] += skipped
+        if images is None:
+            continue
+        images = images.to(ctx.device, non_blocking=True)
+        targets = targets.to(ctx.device, non_blocking=True)
+        with autocast(ctx.device, amp):
+            logits = model(images)
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(targets[:, None])
+        totals[0] += F.cross_entropy(logits, targets, reduction="sum")
+        totals[1] += hits[:, :1].sum()
+        totals[2] += hits.sum()
+        totals[3] += targets.numel()
+    loss_sum, top1, top5, count, skipped = all_reduce_sum(totals, ctx).tolist()
+    if count == 0:
+        raise DataError("the validation set yielded no readable images")
+    return {"loss": loss_sum / count, "acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count,
+            "images": int(count), "skipped_images": int(skipped)}
+
+
+def _fits(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> bool:
+    try:
+        check_state_dict_fits(model, state_dict, "")
+    except ValueError:
+        return False
+    return True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``visionmlp eval``."""
+    parser.add_argument("--model", help="model name (default: the one recorded in the checkpoint)")
+    parser.add_argument("--checkpoint", required=True, metavar="FILE",
+                        help="last.pt / best.pt / .safetensors from visionmlp train, or an official checkpoint")
+    parser.add_argument("--dataset", choices=("digits", "imagenet", "cifar10", "cifar100"),
+                        help="data set (default: the checkpoint's recorded one, else the family recipe's: imagenet)")
+    parser.add_argument("--data-path", metavar="DIR", help="data set root (not needed for digits)")
+    parser.add_argument("--batch-size", type=int, help="images per batch and process")
+    parser.add_argument("--workers", type=int, help="data-loading worker processes")
+    parser.add_argument("--img-size", type=int, help="input resolution")
+    parser.add_argument("--zip", action="store_true", default=None, help="read val.zip + val_map.txt")
+    parser.add_argument("--cache-mode", choices=("no", "part", "full"), help="in-memory cache of encoded images")
+    parser.add_argument("--amp", choices=("none", "fp16", "bf16"), help="autocast precision")
+    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights stored in the checkpoint")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true",
+                        help="read a trusted legacy checkpoint that needs full unpickling")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint and print top-1, top-5 and loss."""
+    try:
+        result = evaluate_checkpoint(args)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+        print(f"visionmlp eval: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup()
+    if result is None:  # not rank 0
+        return 0
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['model']} on {result['dataset']} ({result['images']} images): "
+              f"top-1 {result['acc1']:.2f} %  top-5 {result['acc5']:.2f} %  loss {result['loss']:.4f}")
+    return 0
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Build the model from the checkpoint's recorded config (when it has one) and evaluate it."""
+    checkpoint = read_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    recorded = checkpoint.get("config") if isinstance(checkpoint, Mapping) else None
+    flags = flags_from_args(args)
+    if recorded is not None:
+        # the recorded run's model and input settings, with only evaluation-relevant keys overridable
+        recorded = {**recorded, "resume": None, "output": None}
+        config = build_config(args.cfg, parse_opts(args.opts), flags, base=recorded)
+    else:
+        if args.model is None:
+            raise ConfigError("--model is needed: this checkpoint does not record which model it holds")
+        # an official or bare checkpoint: evaluate as its family's recipe does (resize, crop, interpolation)
+        recipe = args.cfg or family_recipe(args.model)
+        config = build_config(recipe, parse_opts(args.opts), flags, pick_recipe=False)
+    ctx = setup(config["device"])
+    data = config["data"]
+    dataset = build_dataset(data["dataset"], "val", None, data_path=data["path"], img_size=data["img_size"] or 32,
+                            use_zip=data["zip"], cache_mode=data["cache_mode"], rank=ctx.rank,
+                            world_size=ctx.world_size)
+    num_classes = config["model"]["num_classes"] or len(dataset.classes)
+    model = build_model({**config, "model": {**config["model"], "pretrained": None}}, num_classes)
+    if args.ema:
+        if not isinstance(checkpoint, Mapping) or checkpoint.get("model_ema") is None:
+            raise ValueError("--ema: this checkpoint holds no EMA weights (train with --opts train.ema true)")
+        checkpoint = checkpoint["model_ema"]
+    state_dict = unwrap_state_dict(checkpoint)
+    name = config["model"]["name"]
+    if recorded is None and name in MODEL_NAMES and not _fits(model, state_dict):
+        # not in our layout: an official checkpoint, which the family's converter maps onto ours
+        state_dict = convert_official_state_dict(name, checkpoint, **model_kwargs(config, num_classes))
+    check_state_dict_fits(model, state_dict, repr(name))  # strict: a classifier of another size is an error here
+    model.load_state_dict(state_dict, strict=True)
+    data_config = resolve_input_config(config, model)
+    dataset.transform = build_transform(config, data_config, training=False)
+    if data["dataset"] == "digits":
+        dataset.img_size = data_config["input_size"][-1]
+    dataset = subset_evenly(dataset, data["max_val_images"])
+    loader = build_loader(dataset, training=False, batch_size=data["batch_size"], workers=data["workers"],
+                          rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
+    model.to(ctx.device)
+    metrics = evaluate(model, loader, ctx, amp=config["train"]["amp"])
+    if metrics["skipped_images"]:
+        print(f"skipped {metrics['skipped_images']} unreadable images", file=sys.stderr)
+    if not ctx.is_main:
+        return None
+    return {"model": config["model"]["name"], "checkpoint": str(args.checkpoint), "dataset": data["dataset"], **metrics}

@@ -1,0 +1,429 @@
+"""``visionmlp train``: image-classification training on one process or many (torchrun + DDP).
+
+The loop is written out step by step: build data, model, optimiser, scheduler, EMA and loss from
+the resolved configuration; optionally resume; then per epoch train, validate, checkpoint, log.
+Augmentation, mixup, optimisers, schedulers and EMA are timm's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..checkpoint import atomic_save, read_checkpoint
+from ..config import ConfigError, Config, add_config_arguments, build_config, dump, flags_from_args, parse_opts
+from ..data import DataError, build_dataset, build_loader, build_transform, subset_evenly
+from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, setup
+from .evaluate import autocast, build_model, evaluate, resolve_input_config
+from .reporting import RunRecorder, log, use_progress_bars
+
+ADAM_LIKE = ("adam", "adamw", "nadam", "nadamw", "radam", "adamp", "lamb", "lambw", "adan")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``visionmlp train`` (each maps onto a config key; see visionmlp/config.py)."""
+    parser.add_argument("--model", help="model name (default: the recipe's; for digits a reduced vip_s7)")
+    parser.add_argument("--dataset", choices=("digits", "imagenet", "cifar10", "cifar100"),
+                        help="data set (default: digits, built in)")
+    parser.add_argument("--data-path", metavar="DIR", help="data set root (imagenet, cifar10, cifar100)")
+    parser.add_argument("--batch-size", type=int, help="images per batch and process")
+    parser.add_argument("--epochs", type=int, help="training epochs")
+    parser.add_argument("--lr", type=float, help="base learning rate before batch-size scaling (train.base_lr)")
+    parser.add_argument("--output", metavar="DIR", help="output folder (default: runs/<model>-<dataset>)")
+    parser.add_argument("--resume", metavar="FILE|auto",
+                        help="continue from a checkpoint; 'auto': from <output>/last.pt if it exists")
+    parser.add_argument("--accumulation-steps", type=int, help="micro-batches per optimiser step")
+    parser.add_argument("--use-checkpoint", action="store_true", default=None,
+                        help="gradient checkpointing: less memory, more compute")
+    parser.add_argument("--amp", choices=("none", "fp16", "bf16"), help="mixed precision (replaces apex O0/O1)")
+    parser.add_argument("--zip", action="store_true", default=None,
+                        help="imagenet from train.zip/val.zip + train_map.txt/val_map.txt")
+    parser.add_argument("--cache-mode", choices=("no", "part", "full"),
+                        help="keep encoded images in memory: part = this rank's shard, full = all")
+    parser.add_argument("--seed", type=int, help="random seed (a fixed seed makes CPU runs repeatable)")
+    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--workers", type=int, help="data-loading worker processes per training process")
+    parser.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
+    parser.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the recipe's per variant)")
+    parser.add_argument("--throughput", action="store_true", help="measure throughput instead of training")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve the configuration and train; returns the process exit status."""
+    try:
+        config = build_config(args.cfg, parse_opts(args.opts), flags_from_args(args))
+        if args.throughput:
+            return hand_over_to_benchmark(config)
+        train(config)
+        return 0
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"visionmlp train: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"visionmlp train: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup()
+
+
+def hand_over_to_benchmark(config: Config) -> int:
+    """``--throughput``: measure with ``visionmlp benchmark`` instead of training."""
+    try:
+        from .benchmark import run_benchmark
+    except ImportError:
+        print("visionmlp train --throughput: the benchmark module is not available in this installation; "
+              "use `visionmlp benchmark`", file=sys.stderr)
+        return 2
+    device = config["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = run_benchmark(config["model"]["name"], config["data"]["batch_size"], config["data"]["img_size"], device)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# reproducibility
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's generator states, in types a weights-only checkpoint reader accepts."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    kind, keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# training
+
+
+def scaled_learning_rates(config: Config, world_size: int) -> tuple[float, float, float, float]:
+    """(base, warm-up, minimum) learning rates scaled to the global batch, and the scale factor."""
+    train_cfg = config["train"]
+    global_batch = config["data"]["batch_size"] * world_size * train_cfg["accumulation_steps"]
+    scale = global_batch / train_cfg["lr_base_batch"] if train_cfg["lr_base_batch"] else 1.0
+    return train_cfg["base_lr"] * scale, train_cfg["warmup_lr"] * scale, train_cfg["min_lr"] * scale, scale
+
+
+def resolve_resume_path(config: Config, output: Path) -> Path | None:
+    """The checkpoint to resume from: ``--resume FILE``, or ``auto`` -> ``<output>/last.pt`` when present."""
+    resume = config["resume"]
+    if not resume:
+        return None
+    if resume == "auto":
+        last = output / "last.pt"
+        return last if last.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint file")
+    return path
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Run the configured training to the end; returns the last epoch's metrics."""
+    ctx = setup(config["device"])
+    data_cfg, train_cfg, aug = config["data"], config["train"], config["aug"]
+    output = Path(config["output"] or f"runs/{config['model']['name']}-{data_cfg['dataset']}")
+    seed_everything(config["seed"] + ctx.rank)
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+
+    # ---- data: datasets first, as the model's number of classes comes from them
+    dataset_args = dict(data_path=data_cfg["path"], img_size=data_cfg["img_size"] or 32, use_zip=data_cfg["zip"],
+                        cache_mode=data_cfg["cache_mode"], rank=ctx.rank, world_size=ctx.world_size)
+    train_set = build_dataset(data_cfg["dataset"], "train", None, **dataset_args)
+    val_set = build_dataset(data_cfg["dataset"], "val", None, **dataset_args)
+    num_classes = config["model"]["num_classes"] or len(train_set.classes)
+
+    # ---- model
+    model = build_model(config, num_classes)
+    if train_cfg["use_checkpoint"]:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ConfigError(f"--use-checkpoint: model {config['model']['name']!r} does not support it")
+        model.set_grad_checkpointing(True)
+    model.to(ctx.device)
+    model_without_ddp = model
+    input_config = resolve_input_config(config, model)
+    for dataset, training in ((train_set, True), (val_set, False)):
+        dataset.transform = build_transform(config, input_config, training)
+        if data_cfg["dataset"] == "digits":
+            dataset.img_size = input_config["input_size"][-1]
+    train_set = subset_evenly(train_set, data_cfg["max_train_images"])
+    val_set = subset_evenly(val_set, data_cfg["max_val_images"])
+    loader_args = dict(batch_size=data_cfg["batch_size"], workers=data_cfg["workers"], rank=ctx.rank,
+                       world_size=ctx.world_size, seed=config["seed"],
+                       pin_memory=data_cfg["pin_memory"] and ctx.device.type == "cuda")
+    train_loader = build_loader(train_set, training=True, shard_by_cache=data_cfg["cache_mode"] == "part",
+                                **loader_args)
+    val_loader = build_loader(val_set, training=False, **loader_args)
+
+    # ---- optimisation: learning rates scale with the global batch as in the recipe's official script
+    base_lr, warmup_lr, min_lr, lr_scale = scaled_learning_rates(config, ctx.world_size)
+    opt_name = train_cfg["optimizer"].lower()
+    opt_kwargs = {"eps": train_cfg["opt_eps"], "betas": tuple(train_cfg["opt_betas"])} if opt_name in ADAM_LIKE else {}
+    optimizer = create_optimizer_v2(model, opt=opt_name, lr=base_lr, weight_decay=train_cfg["weight_decay"],
+                                    momentum=train_cfg["momentum"], **opt_kwargs)
+    accumulation = train_cfg["accumulation_steps"]
+    updates_per_epoch = math.ceil(len(train_loader) / accumulation)
+    # --epochs counts every epoch run; the cool-down at min_lr (ViP's recipe) is the tail of them
+    num_epochs = train_cfg["epochs"]
+    cooldown_epochs = min(train_cfg["cooldown_epochs"], num_epochs - 1)
+    scheduler = None
+    if train_cfg["sched"] != "none":
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=train_cfg["sched"], num_epochs=num_epochs - cooldown_epochs,
+            decay_epochs=train_cfg["decay_epochs"], decay_rate=train_cfg["decay_rate"], min_lr=min_lr,
+            warmup_lr=warmup_lr, warmup_epochs=train_cfg["warmup_epochs"], cooldown_epochs=cooldown_epochs,
+            step_on_epochs=not train_cfg["sched_on_updates"], updates_per_epoch=updates_per_epoch)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=train_cfg["amp"] == "fp16")
+    ema = ModelEmaV3(model, decay=train_cfg["ema_decay"]) if train_cfg["ema"] else None
+    mixup_fn = None
+    if aug["mixup"] > 0 or aug["cutmix"] > 0 or aug["cutmix_minmax"] is not None:
+        mixup_fn = Mixup(mixup_alpha=aug["mixup"], cutmix_alpha=aug["cutmix"], cutmix_minmax=aug["cutmix_minmax"],
+                         prob=aug["mixup_prob"], switch_prob=aug["mixup_switch_prob"], mode=aug["mixup_mode"],
+                         label_smoothing=train_cfg["label_smoothing"], num_classes=num_classes)
+    if mixup_fn is not None:
+        loss_fn: nn.Module = SoftTargetCrossEntropy()  # mixup already produces smoothed soft targets
+    elif train_cfg["label_smoothing"] > 0:
+        loss_fn = LabelSmoothingCrossEntropy(smoothing=train_cfg["label_smoothing"])
+    else:
+        loss_fn = nn.CrossEntropyLoss()
+
+    # ---- resume
+    start_epoch, num_updates, history = 0, 0, []
+    # rank 0 decides, so that all ranks resume together or start fresh together
+    resume_path = broadcast_object(resolve_resume_path(config, output) if ctx.is_main else None, ctx)
+    if resume_path is not None:
+        if not resume_path.is_file():
+            raise FileNotFoundError(f"rank {ctx.rank} cannot see {resume_path}; to resume, every node needs the "
+                                    "output folder (a shared file system)")
+        checkpoint = read_checkpoint(resume_path)
+        model_without_ddp.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None and checkpoint.get("scheduler"):
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None and checkpoint.get("model_ema") is not None:
+            ema.load_state_dict(checkpoint["model_ema"])
+        start_epoch, num_updates = checkpoint["epoch"] + 1, checkpoint["num_updates"]
+        history = [r for r in checkpoint.get("history", []) if r["epoch"] < start_epoch]
+        rng_states = checkpoint.get("rng", [])
+        if len(rng_states) == ctx.world_size:
+            restore_rng_state(rng_states[ctx.rank])
+        else:  # another number of processes: fresh, still seeded, streams per rank
+            seed_everything(config["seed"] + ctx.rank + 1000 * start_epoch)
+        if ctx.is_main:
+            log(f"resumed from {resume_path} at epoch {start_epoch}/{num_epochs}")
+    if ctx.distributed:
+        model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+    recorder = None
+    if ctx.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(dump(config))
+        recorder = RunRecorder(output, history, start_epoch)
+        n_params = sum(p.numel() for p in model_without_ddp.parameters())
+        log(f"model {config['model']['name']} ({n_params / 1e6:.2f} M parameters, {num_classes} classes, input "
+            f"{tuple(input_config['input_size'])}) on {ctx.device} x {ctx.world_size} process(es)")
+        log(f"data {data_cfg['dataset']}: {len(train_set)} train / {len(val_set)} val images; batch "
+            f"{data_cfg['batch_size']} per process x {ctx.world_size} x {accumulation} accumulation; "
+            f"lr {train_cfg['base_lr']:g} x {lr_scale:g} = {base_lr:g}; output {output}")
+
+    # ---- epochs
+    best_acc1 = max((r["val_acc1"] for r in history), default=0.0)
+    record: dict[str, Any] = history[-1] if history else {}
+    for epoch in range(start_epoch, num_epochs):
+        train_loader.sampler.set_epoch(epoch)
+        epoch_start = time.perf_counter()
+        train_stats, num_updates = train_one_epoch(
+            model, model_without_ddp, train_loader, optimizer, scheduler, scaler, loss_fn, mixup_fn, ema,
+            ctx, config, epoch, num_epochs, num_updates, output)
+        train_time = time.perf_counter() - epoch_start
+        val_stats = evaluate(model_without_ddp, val_loader, ctx, amp=train_cfg["amp"])
+        record = {
+            "epoch": epoch,
+            "train_loss": train_stats["loss"],
+            "val_loss": val_stats["loss"],
+            "val_acc1": val_stats["acc1"],
+            "val_acc5": val_stats["acc5"],
+            "lr": train_stats["lr"],
+            "epoch_time_s": time.perf_counter() - epoch_start,
+            "images_per_s": train_stats["images"] / train_time,
+            "world_size": ctx.world_size,
+            "skipped_images": train_stats["skipped_images"] + val_stats["skipped_images"],
+        }
+        if ema is not None:
+            ema_stats = evaluate(ema.module, val_loader, ctx, amp=train_cfg["amp"])
+            record.update(val_loss_ema=ema_stats["loss"], val_acc1_ema=ema_stats["acc1"],
+                          val_acc5_ema=ema_stats["acc5"])
+        if scheduler is not None:
+            scheduler.step(epoch + 1)
+        history.append(record)
+        # every rank's generator states, so that a resumed run continues each rank's random streams exactly
+        rng_states = all_gather_objects(capture_rng_state(), ctx)
+        if ctx.is_main:
+            is_best = record["val_acc1"] > best_acc1
+            best_acc1 = max(best_acc1, record["val_acc1"])
+            checkpoint = {
+                "model": model_without_ddp.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "model_ema": ema.state_dict() if ema is not None else None,
+                "epoch": epoch,
+                "num_updates": num_updates,
+                "best_acc1": best_acc1,
+                "history": history,
+                "rng": rng_states,
+                "config": config,
+            }
+            atomic_save(checkpoint, output / "last.pt")
+            if is_best:
+                atomic_save(checkpoint, output / "best.pt")
+            recorder.write_epoch(record)
+            log(f"epoch {epoch + 1}/{num_epochs}: train loss {record['train_loss']:.4f}  val loss "
+                f"{record['val_loss']:.4f}  top-1 {record['val_acc1']:.2f} %  top-5 {record['val_acc5']:.2f} %  "
+                f"({record['epoch_time_s']:.1f} s, {record['images_per_s']:.0f} img/s)"
+                + (f"  skipped {record['skipped_images']} unreadable images" if record["skipped_images"] else ""))
+        barrier(ctx)
+
+    if ctx.is_main:
+        atomic_save(model_without_ddp.state_dict(), output / "model.safetensors")
+        if ema is not None:
+            atomic_save(ema.module.state_dict(), output / "model_ema.safetensors")
+        recorder.close()
+        if record:
+            log(f"done: best top-1 {best_acc1:.2f} %, last top-1 {record['val_acc1']:.2f} %; outputs in {output}")
+    return record
+
+
+def train_one_epoch(
+    model: nn.Module,
+    model_without_ddp: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    loss_fn: nn.Module,
+    mixup_fn: Mixup | None,
+    ema: ModelEmaV3 | None,
+    ctx: DistContext,
+    config: Config,
+    epoch: int,
+    num_epochs: int,
+    num_updates: int,
+    output: Path,
+) -> tuple[dict[str, float], int]:
+    """One pass over the training data; returns (mean loss, last lr, images seen, skipped) and the update count."""
+    train_cfg = config["train"]
+    accumulation, clip_grad, amp = train_cfg["accumulation_steps"], train_cfg["clip_grad"], train_cfg["amp"]
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, steps_done, images_seen, skipped_total, num_steps = 0.0, 0, 0, 0, len(loader)
+    bar = None
+    if ctx.is_main and use_progress_bars():
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_steps, desc=f"epoch {epoch + 1}/{num_epochs}", leave=False)
+    for step, (images, targets, skipped) in enumerate(loader):
+        skipped_total += skipped
+        if images is None:
+            continue
+        images = images.to(ctx.device, non_blocking=True)
+        targets = targets.to(ctx.device, non_blocking=True)
+        if mixup_fn is not None:
+            if images.shape[0] % 2:  # mixup pairs images; a batch shortened by unreadable files may be odd
+                images, targets = images[:-1], targets[:-1]
+            images, targets = mixup_fn(images, targets)
+        is_update_step = (step + 1) % accumulation == 0 or step + 1 == num_steps
+        # gradients are all-reduced only on the micro-batch that ends an accumulation
+        sync = model.no_sync() if ctx.distributed and not is_update_step else contextlib.nullcontext()
+        with sync:
+            with autocast(ctx.device, amp):
+                loss = loss_fn(model(images), targets)
+            scaler.scale(loss / accumulation).backward()
+
+        # every rank must agree to stop, or the ranks that carry on would wait forever for the others
+        mean_loss = all_reduce_sum(loss.detach().float().reshape(1).clone(), ctx).item() / ctx.world_size
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(
+                f"stopping: the training loss is {mean_loss} at epoch {epoch + 1}, step {step + 1}. "
+                f"The last good checkpoint, if any, is {output / 'last.pt'}. Try a lower learning rate "
+                "(--lr / --opts train.base_lr), --amp bf16 or none, or gradient clipping (train.clip_grad)."
+            )
+        if is_update_step:
+            if clip_grad:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            num_updates += 1
+            if scheduler is not None:
+                scheduler.step_update(num_updates)
+            if ema is not None:
+                ema.update(model_without_ddp, step=num_updates)
+
+        loss_sum += mean_loss
+        steps_done += 1
+        images_seen += images.shape[0] * ctx.world_size
+        lr = optimizer.param_groups[0]["lr"]
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+        elif ctx.is_main and ((step + 1) % config["print_freq"] == 0 or step + 1 == num_steps):
+            log(f"epoch {epoch + 1}/{num_epochs} step {step + 1}/{num_steps}: loss {mean_loss:.4f} lr {lr:.3e}")
+    if bar is not None:
+        bar.close()
+    skipped = torch.tensor([skipped_total], dtype=torch.float64, device=ctx.device)
+    skipped_total = int(all_reduce_sum(skipped, ctx).item())
+    return {"loss": loss_sum / max(1, steps_done), "lr": optimizer.param_groups[0]["lr"], "images": images_seen,
+            "skipped_images": skipped_total}, num_updates

@@ -1,0 +1,74 @@
+"""Configuration: defaults -> recipe -> --opts -> flags, type coercion and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from visionmlp.config import ConfigError, build_config, load_recipe, parse_opts, shipped_recipes
+
+
+def test_no_arguments_resolve_to_the_digits_recipe():
+    config = build_config()
+    assert config["data"]["dataset"] == "digits"
+    assert config["model"]["name"] == "vip_s7"
+    assert config["data"]["img_size"] == 28
+    assert config["aug"]["hflip"] == 0.0
+
+
+def test_opts_are_coerced_to_the_type_of_the_default():
+    config = build_config(opts=parse_opts([
+        "train.epochs", "3", "train.base_lr", "1e-3", "aug.scale", "[0.5, 1.0]", "train.ema", "true",
+        "model.kwargs", "{depths: [1, 1, 1, 1]}", "data.path", "123", "train.clip_grad", "null",
+    ]))
+    assert config["train"]["epochs"] == 3
+    assert config["train"]["base_lr"] == pytest.approx(1e-3) and isinstance(config["train"]["base_lr"], float)
+    assert config["aug"]["scale"] == [0.5, 1.0]
+    assert config["train"]["ema"] is True
+    assert config["model"]["kwargs"] == {"depths": [1, 1, 1, 1]}
+    assert config["data"]["path"] == "123"  # paths stay text
+    assert config["train"]["clip_grad"] is None
+
+
+def test_flags_win_over_opts_and_recipe():
+    config = build_config(opts={"train.epochs": "7"}, flags={"train.epochs": 2, "data.batch_size": 8})
+    assert config["train"]["epochs"] == 2
+    assert config["data"]["batch_size"] == 8
+
+
+def test_family_recipe_is_picked_from_the_model_with_drop_path_per_variant():
+    config = build_config(flags={"model.name": "ms_mlp_small", "data.dataset": "imagenet", "data.path": "/x"})
+    assert config["train"]["lr_base_batch"] == 512
+    assert config["aug"]["auto_augment"] == "rand-m9-mstd0.5-inc1"
+    assert config["model"]["drop_path_rate"] == 0.4
+    config = build_config(flags={"model.name": "ms_mlp_small", "data.dataset": "imagenet", "data.path": "/x",
+                                 "model.drop_path_rate": 0.2})
+    assert config["model"]["drop_path_rate"] == 0.2
+
+
+@pytest.mark.parametrize("recipe", ["ms_mlp", "vip", "strip_mlp", "raft_mlp", "repmlpnet"])
+def test_shipped_imagenet_recipes_validate(recipe):
+    assert recipe in shipped_recipes()
+    config = build_config(recipe, flags={"data.path": "/data/imagenet"})
+    assert config["data"]["dataset"] == "imagenet"
+    assert config["train"]["optimizer"] == "adamw"
+    assert config["train"]["epochs"] >= 100
+    assert set(load_recipe(recipe)["model"]["drop_path_by_variant"]) <= {
+        n for n in __import__("visionmlp").list_models()}
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["train.epoch", "3"], "did you mean train.epochs"),
+    (["train.epochs", "many"], "train.epochs must be of type int"),
+    (["train.amp", "O1"], "train.amp must be one of none, fp16, bf16"),
+    (["data.batch_size", "0"], "data.batch_size must be positive"),
+    (["data.dataset", "imagenet"], "needs --data-path"),
+    (["train.epochs"], "KEY VALUE pairs"),
+])
+def test_bad_overrides_fail_with_a_clear_message(opts, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(opts=parse_opts(opts))
+
+
+def test_unknown_recipe_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match="digits"):
+        build_config("no_such_recipe")

@@ -1,0 +1,201 @@
+"""End-to-end `visionmlp train` / `visionmlp eval` on CPU with a tiny ViP configuration (few steps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import visionmlp
+from test_data import make_cifar, make_imagenet_folder, make_imagenet_zip
+from visionmlp.checkpoint import read_checkpoint
+from visionmlp.cli import main
+
+# vip_s7's architecture at 14 x 14 input with one narrow block per stage (~37 k parameters)
+TINY = ["--img-size", "14", "--batch-size", "32", "--workers", "0", "--opts", "model.kwargs",
+        "{depths: [1, 1, 1, 1], embed_dims: [16, 32, 32, 32], num_segments: [4, 4, 4, 4]}",
+        "train.warmup_epochs", "0", "print_freq", "1000", "data.max_train_images", "192", "data.max_val_images", "96"]
+
+REQUIRED_KEYS = {"epoch", "train_loss", "val_loss", "val_acc1", "val_acc5", "lr", "epoch_time_s", "images_per_s",
+                 "world_size"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: one thread avoids oversubscription, and matches the child processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for child processes: this checkout's package, one thread (repeatable CPU arithmetic)."""
+    src = str(Path(visionmlp.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_train_and_eval_on_digits(tmp_path, capsys):
+    output = tmp_path / "run"
+    assert main(["train", "--epochs", "2", "--output", str(output), *TINY]) == 0
+    records = read_metrics(output)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all(REQUIRED_KEYS <= set(r) for r in records)
+    assert records[-1]["world_size"] == 1 and 0 <= records[-1]["val_acc1"] <= records[-1]["val_acc5"] <= 100
+    for name in ("last.pt", "best.pt", "config.yaml", "curves.png", "model.safetensors"):
+        assert (output / name).is_file(), name
+    assert list((output / "tensorboard").glob("events.out.tfevents.*"))
+    checkpoint = read_checkpoint(output / "last.pt")
+    assert {"model", "optimizer", "scheduler", "scaler", "model_ema", "epoch", "rng", "config"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 1 and checkpoint["config"]["model"]["name"] == "vip_s7"
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(output / "last.pt"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["loss"] == pytest.approx(records[-1]["val_loss"], rel=1e-5)
+    assert result["acc1"] == pytest.approx(records[-1]["val_acc1"])
+    assert {"acc1", "acc5", "loss", "images"} <= set(result) and result["images"] == 96
+
+    # the bare weights, with the run's config.yaml as recipe, give the same numbers
+    assert main(["eval", "--model", "vip_s7", "--checkpoint", str(output / "model.safetensors"),
+                 "--cfg", str(output / "config.yaml")]) == 0
+    text = capsys.readouterr().out
+    assert "top-1" in text and "top-5" in text and "loss" in text
+
+
+def test_train_on_imagenet_zip_with_cache_ema_and_accumulation(tmp_path):
+    root = make_imagenet_zip(tmp_path / "zip", per_class=4, corrupt=True)
+    output = tmp_path / "run"
+    # no --cfg: the vip family recipe (RandAugment, mixup/cutmix, random erasing) with tiny overrides
+    args = ["train", "--model", "vip_s7", "--dataset", "imagenet", "--zip", "--cache-mode", "part",
+            "--data-path", str(root), "--epochs", "1", "--accumulation-steps", "2", "--output", str(output),
+            *TINY, "train.ema", "true", "data.batch_size", "4"]
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        assert main(args) == 0
+    record = read_metrics(output)[0]
+    assert record["skipped_images"] == 1 and "val_acc1_ema" in record
+    assert (output / "model_ema.safetensors").is_file()
+
+
+def test_train_on_imagenet_folder_and_cifar(tmp_path):
+    folder = make_imagenet_folder(tmp_path / "folder")
+    assert main(["train", "--model", "vip_s7", "--dataset", "imagenet", "--data-path", str(folder),
+                 "--cache-mode", "full", "--epochs", "1", "--output", str(tmp_path / "a"), *TINY,
+                 "aug.mixup", "0", "aug.cutmix", "0"]) == 0
+    cifar = make_cifar(tmp_path / "cifar", "cifar100")
+    assert main(["train", "--model", "vip_s7", "--dataset", "cifar100", "--data-path", str(cifar), "--epochs", "1",
+                 "--output", str(tmp_path / "b"), *TINY]) == 0
+    assert read_metrics(tmp_path / "b")[0]["val_acc5"] >= 0
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    command = [sys.executable, "-m", "visionmlp", "train", "--epochs", "3", "--seed", "3", *TINY]
+    env = subprocess_env()
+    reference = subprocess.Popen([*command, "--output", str(tmp_path / "ref")], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed_dir = tmp_path / "killed"
+    victim = subprocess.Popen([*command, "--output", str(killed_dir), "--resume", "auto"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        assert victim.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)  # after epoch 0 was checkpointed, somewhere in epoch 1
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert len(read_metrics(killed_dir)) < 3
+
+    resumed = subprocess.run([*command, "--output", str(killed_dir), "--resume", "auto"], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()
+    expected, got = read_metrics(tmp_path / "ref"), read_metrics(killed_dir)
+    assert [r["epoch"] for r in got] == [0, 1, 2]  # each epoch once
+    assert got[-1]["val_loss"] == pytest.approx(expected[-1]["val_loss"], rel=1e-6, abs=1e-9)
+    assert [r["train_loss"] for r in got] == pytest.approx([r["train_loss"] for r in expected], rel=1e-6)
+
+
+def test_two_process_torchrun_with_gloo(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    output = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), "-m", "visionmlp", "train", "--device", "cpu", "--epochs", "1",
+         "--output", str(output), *TINY],
+        env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(output)
+    assert len(records) == 1 and records[0]["world_size"] == 2
+    assert result.stdout.count("epoch 1/1: train loss") == 1  # only rank 0 logs
+    assert read_checkpoint(output / "last.pt")["rng"].__len__() == 2
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    output = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--output", str(output), *TINY]) == 0
+
+    class ExplodingLoss(torch.nn.CrossEntropyLoss):
+        calls = 0
+
+        def forward(self, logits, targets):
+            ExplodingLoss.calls += 1
+            loss = super().forward(logits, targets)
+            return loss * float("nan") if ExplodingLoss.calls > 3 else loss
+
+    monkeypatch.setattr("visionmlp.engine.train.LabelSmoothingCrossEntropy", lambda smoothing: ExplodingLoss())
+    capsys.readouterr()
+    assert main(["train", "--epochs", "2", "--output", str(output), "--resume", "auto", *TINY]) == 1
+    assert "training loss is nan at epoch 2, step 4" in capsys.readouterr().err
+    assert read_checkpoint(output / "last.pt")["epoch"] == 0
+    assert [r["epoch"] for r in read_metrics(output)] == [0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "imagenet", "--data-path", "/no/such/dir"], "is not a directory"),
+    (["--dataset", "cifar10"], "needs --data-path"),
+    (["--resume", "/no/such/last.pt"], "no such checkpoint"),
+    (["--opts", "train.epochz", "1"], "did you mean train.epochs"),
+])
+def test_bad_input_fails_at_once_with_a_clear_error(args, message, capsys):
+    assert main(["train", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_of_an_official_checkpoint_goes_through_the_converter(tmp_path, capsys):
+    from synthetic_weights import load_reference, synthetic_state_dict
+
+    layout, _, _ = load_reference("vip_s7")
+    torch.save({"state_dict": synthetic_state_dict(layout)}, tmp_path / "official.pth")
+    args = ["eval", "--model", "vip_s7", "--checkpoint", str(tmp_path / "official.pth"), "--dataset", "digits",
+            "--workers", "0", "--json", "--opts", "model.num_classes", "1000", "data.max_val_images", "8"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 8
+    assert main([*args[:-4], "data.max_val_images", "8"]) == 2  # 10-class head: the size mismatch is an error
+    assert "head" in capsys.readouterr().err
+
+
+def test_throughput_hands_over_to_the_benchmark(capsys):
+    assert main(["train", "--throughput", "--model", "vip_s7", "--img-size", "14", "--batch-size", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["images_per_s"] > 0
+
+
+def test_eval_of_a_missing_checkpoint_is_a_clear_error(capsys):
+    assert main(["eval", "--model", "vip_s7", "--checkpoint", "/no/such.pt"]) == 2
+    assert "does not exist" in capsys.readouterr().err
