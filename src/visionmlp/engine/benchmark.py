@@ -1,0 +1,523 @@
+"""``visionmlp benchmark``: throughput, latency, peak memory and roofline fraction of one or all variants."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import gc
+import json
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models import get_pretrained_cfg_value
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..models import MODEL_NAMES, create_model, family_module, reparameterize
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("infer", "train")
+# The matmul peak grows square sizes from the minimum until one matmul is slow enough to saturate the device
+# (a quarter of the time allowed per size) or the maximum is reached, so slow dtypes stay quick to measure.
+PEAK_MATMUL_MIN_SIZE = 256
+PEAK_MATMUL_MAX_SIZE = {"cpu": 1024, "cuda": 8192}
+PEAK_MATMUL_REPS = 10
+PEAK_SECONDS_PER_SIZE = 0.5
+PROC_STATUS = Path("/proc/self/status")
+PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def default_img_size(model_name: str) -> int:
+    """The resolution a variant is defined at (its pretrained config's input size)."""
+    family_module(model_name)
+    return int(get_pretrained_cfg_value(model_name, "input_size")[-1])
+
+
+def family_name(model_name: str) -> str:
+    """The family a variant belongs to, as its module is named (``"ms_mlp"``, ``"vip"``, ...)."""
+    return family_module(model_name).__name__.rsplit(".", 1)[-1]
+
+
+def has_deploy_form(model: nn.Module) -> bool:
+    """Whether ``model`` has branches that :func:`visionmlp.reparameterize` folds for inference."""
+    return any(hasattr(module, "local_inject") for module in model.modules())
+
+
+def resolve_device(device: str) -> torch.device:
+    """Check that ``device`` names a CPU or an available CUDA device."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"invalid device {device!r}: {error}") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available on this machine")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Check that ``dtype`` is one of fp32/bf16/fp16 and that ``device`` can compute in it."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    if device.type == "cuda" and torch_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"bf16 is not supported by {torch.cuda.get_device_name(device)}")
+    if device.type == "cpu" and torch_dtype != torch.float32:
+        try:
+            probe = torch.ones(2, 4, 4, 4, dtype=torch_dtype)
+            F.layer_norm(F.conv2d(probe, probe) @ probe[0, 0, :1, :1], (1,))
+        except RuntimeError as error:
+            raise ValueError(f"{dtype} is not supported on this CPU by this PyTorch build: {error}") from None
+    return torch_dtype
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on ``device`` so wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def num_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op CPU threads (``None``: leave the setting alone)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@functools.cache
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, threads: int) -> float:
+    """This machine's matmul peak in GFLOP/s with ``threads`` CPU threads: the fastest square matmul (cached)."""
+    best = 0.0
+    # nn.Linear's path (F.linear) has its own kernels on some CPUs, e.g. bf16 through oneDNN, far faster than mm
+    for matmul in (torch.mm, F.linear):
+        size = PEAK_MATMUL_MIN_SIZE
+        while True:
+            a = torch.randn(size, size, device=device).to(dtype)
+            b = torch.randn(size, size, device=device).to(dtype)
+            with num_threads(threads):
+                matmul(a, b)
+                synchronize(device)
+                deadline = time.perf_counter() + PEAK_SECONDS_PER_SIZE
+                fastest = float("inf")
+                for _ in range(PEAK_MATMUL_REPS):
+                    start = time.perf_counter()
+                    matmul(a, b)
+                    synchronize(device)
+                    fastest = min(fastest, time.perf_counter() - start)
+                    if time.perf_counter() > deadline:
+                        break
+            best = max(best, 2 * size**3 / fastest / 1e9)
+            if size >= PEAK_MATMUL_MAX_SIZE[device.type] or fastest > PEAK_SECONDS_PER_SIZE / 4:
+                break
+            size *= 2
+    return best
+
+
+class _PeakMemory:
+    """Peak memory of the benchmarked steps: CUDA ``max_memory_allocated``, or on CPU the growth of peak RSS."""
+
+    def __init__(self, device: torch.device, compiled: bool) -> None:
+        self.device = device
+        self.libc = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+        if device.type == "cuda":
+            self.method = "CUDA max_memory_allocated during the timed steps (weights, optimizer state, activations)"
+        elif PROC_CLEAR_REFS.exists():
+            self.method = (
+                "CPU peak RSS over the counted, warm-up and timed steps (VmHWM, reset through /proc/self/clear_refs)"
+                " minus RSS before them, after returning freed heap memory with malloc_trim: activations,"
+                " workspaces and optimizer state, not weights"
+                + (", and torch.compile's own memory" if compiled else "")
+            )
+        else:
+            self.method = "CPU growth of the process's lifetime peak RSS (getrusage ru_maxrss): a lower bound"
+        self.baseline = 0.0
+
+    def start_before_first_step(self) -> None:
+        """Take the CPU baseline before any step, since the allocator keeps and reuses memory after warm-up."""
+        if self.device.type == "cpu":
+            gc.collect()
+            if self.libc is not None and hasattr(self.libc, "malloc_trim"):
+                self.libc.malloc_trim(0)  # otherwise activations fit in pages freed earlier and RSS does not grow
+            if PROC_CLEAR_REFS.exists():
+                PROC_CLEAR_REFS.write_text("5")
+            self.baseline = self._cpu_peak_mib()
+
+    def start_before_timing(self) -> None:
+        """Reset the CUDA peak, which counts live tensors only and so is unaffected by warm-up."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_mib(self) -> float:
+        """Peak memory in MiB as described by ``method``."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return max(0.0, self._cpu_peak_mib() - self.baseline)
+
+    @staticmethod
+    def _cpu_peak_mib() -> float:
+        if PROC_STATUS.exists():
+            match = re.search(r"VmHWM:\s+(\d+) kB", PROC_STATUS.read_text())
+            if match:
+                return int(match.group(1)) / 1024
+        import resource  # not available on Windows, hence only here
+
+        # ru_maxrss is in kilobytes on Linux, in bytes on macOS
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def _build_model(model_name: str, img_size: int, deploy: bool) -> tuple[nn.Module, str]:
+    model = create_model(model_name, img_size=img_size)
+    if not deploy:
+        return model, "not requested"
+    if not has_deploy_form(model):
+        return model, "none: this model has no re-parameterizable branches and runs as is"
+    return reparameterize(model), "folded (visionmlp.reparameterize)"
+
+
+class _Steps:
+    """The timed step of one benchmark, and the same step counted by ``FlopCounterMode``."""
+
+    def __init__(
+        self, model: nn.Module, inputs: torch.Tensor, mode: str, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.model = model
+        self.inputs = inputs
+        self.mode = mode
+        self.forward_counter = FlopCounterMode(display=False)
+        self.backward_counter = FlopCounterMode(display=False)
+        if mode == "train":
+            self.targets: torch.Tensor | None = None
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+            self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def run(self, model: nn.Module) -> None:
+        """One step of ``model`` (the eager or the compiled module)."""
+        if self.mode == "infer":
+            with torch.inference_mode():
+                model(self.inputs)
+        else:
+            self._train(model, contextlib.nullcontext(), contextlib.nullcontext())
+
+    def run_counted(self) -> None:
+        """One eager step under ``FlopCounterMode``, forward and backward counted apart."""
+        if self.mode == "infer":
+            with self.forward_counter, torch.inference_mode():
+                self.model(self.inputs)
+        else:
+            self._train(self.model, self.forward_counter, self.backward_counter)
+
+    def _train(
+        self,
+        model: nn.Module,
+        forward_context: contextlib.AbstractContextManager,
+        backward_context: contextlib.AbstractContextManager,
+    ) -> None:
+        with forward_context, self.autocast:
+            logits = model(self.inputs)
+            if self.targets is None:  # from the first output, so any classifier will do
+                self.targets = torch.randint(0, logits.shape[-1], logits.shape[:1], device=logits.device)
+            loss = F.cross_entropy(logits, self.targets)
+        with backward_context:
+            self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _check_counts(batch_size: int, img_size: int, warmup: int, reps: int, threads: int | None) -> None:
+    counts = {"batch_size": (batch_size, 1), "img_size": (img_size, 1), "warmup": (warmup, 0), "reps": (reps, 1)}
+    if threads is not None:
+        counts["threads"] = (threads, 1)
+    for label, (value, minimum) in counts.items():
+        if value < minimum:
+            raise ValueError(f"{label} must be >= {minimum}, got {value}")
+
+
+def benchmark_model(
+    model: nn.Module,
+    batch_size: int = 8,
+    img_size: int = 224,
+    in_chans: int = 3,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    mode: str = "infer",
+    channels_last: bool = False,
+    compile: bool = False,
+    warmup: int = 3,
+    reps: int = 10,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Measure any classifier ``nn.Module`` (ours or an official one, side by side) as :func:`run_benchmark` does.
+
+    The model is moved to ``device`` (and, for ``infer``, cast to ``dtype``) in place.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    _check_counts(batch_size, img_size, warmup, reps, threads)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    # inference runs in the dtype itself; training keeps fp32 weights and inputs and autocasts
+    compute_dtype = torch_dtype if mode == "infer" else torch.float32
+
+    with num_threads(threads):
+        model.train(mode == "train").to(device=torch_device, dtype=compute_dtype, memory_format=memory_format)
+        inputs = torch.randn(batch_size, in_chans, img_size, img_size, device=torch_device, dtype=compute_dtype)
+        steps = _Steps(model, inputs.contiguous(memory_format=memory_format), mode, torch_dtype, torch_device)
+        memory = _PeakMemory(torch_device, compile)
+        memory.start_before_first_step()
+        steps.run_counted()
+        # counted before compiling: FlopCounterMode dispatches per operator, which a compiled graph hides
+        timed_model = torch.compile(model) if compile else model
+        for _ in range(warmup):
+            steps.run(timed_model)
+        synchronize(torch_device)
+        memory.start_before_timing()
+        step_seconds = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            steps.run(timed_model)
+            synchronize(torch_device)
+            step_seconds.append(time.perf_counter() - start)
+        peak_memory_mib = memory.peak_mib()
+        used_threads = torch.get_num_threads()
+        peak_gflops = matmul_peak_gflops(torch_device, torch_dtype, used_threads)
+
+    forward_flops = steps.forward_counter.get_total_flops()
+    step_flops = forward_flops + steps.backward_counter.get_total_flops()
+    latencies_ms = sorted(1000 * s for s in step_seconds)
+    median_ms = statistics.median(latencies_ms)
+    images_per_s = batch_size / (median_ms / 1000)
+    achieved_gflops = step_flops / batch_size * images_per_s / 1e9
+    if mode == "infer":
+        precision = f"{dtype} weights and activations"
+    else:
+        precision = "fp32" if torch_dtype == torch.float32 else f"{dtype} autocast, fp32 master weights"
+    return {
+        "mode": mode,
+        "device": str(torch_device),
+        "device_name": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else _cpu_name(),
+        "dtype": dtype,
+        "precision": precision,
+        "batch_size": batch_size,
+        "img_size": img_size,
+        "channels_last": channels_last,
+        "compile": compile,
+        "threads": used_threads,
+        "warmup": warmup,
+        "reps": reps,
+        "params": sum(p.numel() for p in model.parameters()),
+        "gmacs": forward_flops / 2 / batch_size / 1e9,
+        "step_gflop_per_image": step_flops / batch_size / 1e9,
+        "images_per_s": images_per_s,
+        "latency_ms_median": median_ms,
+        "latency_ms_p10": _percentile(latencies_ms, 10),
+        "latency_ms_p90": _percentile(latencies_ms, 90),
+        "peak_memory_mib": peak_memory_mib,
+        "memory_method": memory.method,
+        "matmul_peak_gflops": peak_gflops,
+        "achieved_gflops": achieved_gflops,
+        "roofline_fraction": achieved_gflops / peak_gflops,
+        "torch_version": torch.__version__,
+    }
+
+
+def run_benchmark(
+    model_name: str,
+    batch_size: int = 8,
+    img_size: int | None = None,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    mode: str = "infer",
+    channels_last: bool = False,
+    compile: bool = False,
+    deploy: bool = False,
+    warmup: int = 3,
+    reps: int = 10,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Time ``reps`` steps of ``model_name`` after ``warmup`` steps; return throughput, latency, memory, roofline.
+
+    ``infer`` runs the model with weights and inputs in ``dtype`` under ``torch.inference_mode``; ``train`` times
+    forward, backward and an AdamW step under autocast to ``dtype`` with fp32 master weights (and a gradient scaler
+    for fp16). FLOPs are counted with ``FlopCounterMode`` on one extra, untimed eager step before the warm-up.
+    ``img_size`` defaults to the variant's own resolution.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if deploy and mode == "train":
+        raise ValueError("--deploy folds branches for inference; it cannot be combined with --mode train")
+    native_size = default_img_size(model_name)
+    img_size = native_size if img_size is None else img_size
+    _check_counts(batch_size, img_size, warmup, reps, threads)
+    resolve_dtype(dtype, resolve_device(device))
+    model, deploy_form = _build_model(model_name, img_size, deploy)
+    try:
+        measured = benchmark_model(
+            model, batch_size, img_size, get_pretrained_cfg_value(model_name, "input_size")[0], device, dtype,
+            mode, channels_last, compile, warmup, reps, threads,
+        )
+    except RuntimeError as error:
+        if img_size == native_size:
+            raise
+        raise ValueError(f"{model_name} does not run at img_size {img_size}: {error}") from error
+    return {"model": model_name, "family": family_name(model_name), **measured, "deploy": deploy,
+            "deploy_form": deploy_form}
+
+
+def _percentile(sorted_values: list[float], percent: float) -> float:
+    """Linear-interpolated percentile; ``statistics.quantiles`` needs two values and excludes the ends."""
+    position = (len(sorted_values) - 1) * percent / 100
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        match = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())
+        if match:
+            return match.group(1).strip()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def results_markdown(results: list[dict[str, Any]]) -> str:
+    """A Markdown table of :func:`run_benchmark` results, one row per run."""
+    lines = [
+        "| model | mode | dtype | batch | img | params (M) | GMACs | img/s | latency ms: median (p10-p90) "
+        "| peak MiB | roofline |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        options = [name for name in ("channels_last", "compile") if r[name]]
+        options += ["deploy"] if r["deploy_form"].startswith("folded") else []
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {'+'.join([r['dtype'], *options])} | {r['batch_size']} | {r['img_size']} "
+            f"| {r['params'] / 1e6:.2f} | {r['gmacs']:.3f} | {r['images_per_s']:.1f} "
+            f"| {r['latency_ms_median']:.1f} ({r['latency_ms_p10']:.1f}-{r['latency_ms_p90']:.1f}) "
+            f"| {r['peak_memory_mib']:.0f} | {100 * r['roofline_fraction']:.1f} % |"
+        )
+    return "\n".join(lines)
+
+
+def results_notes(results: list[dict[str, Any]]) -> str:
+    """The facts behind a results table: device, threads, precision, memory method, matmul peak, deploy notes."""
+    first = results[0]
+    peaks = {r["dtype"]: r["matmul_peak_gflops"] for r in results}
+    notes = [
+        f"device: {first['device_name']} ({first['device']}), {first['threads']} threads, "
+        f"torch {first['torch_version']}",
+        f"precision: {'; '.join(dict.fromkeys(r['precision'] for r in results))}",
+        f"steps: 1 counted (FlopCounterMode), {first['warmup']} warm-up, {first['reps']} timed",
+        f"peak memory: {first['memory_method']}",
+        "roofline: achieved GFLOP/s (FlopCounterMode FLOPs of the timed step x img/s) over the measured matmul peak: "
+        + ", ".join(f"{dtype} {gflops:.1f} GFLOP/s" for dtype, gflops in peaks.items()),
+    ]
+    if any(r["roofline_fraction"] > 1 for r in results):
+        notes.append("a roofline above 100 % means the machine was busier while its peak was measured: rerun idle")
+    notes += [f"{r['model']}: deploy form {r['deploy_form']}" for r in results if r["deploy_form"].startswith("none")]
+    return "\n".join(f"- {note}" for note in notes)
+
+
+def parse_model_names(text: str) -> list[str]:
+    """``all``, one name or a comma-separated list, checked against the known variants."""
+    names = list(MODEL_NAMES) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        family_module(name)
+    if not names:
+        raise ValueError(f"no model given; choose 'all' or any of: {', '.join(MODEL_NAMES)}")
+    return names
+
+
+def add_benchmark_options(parser: argparse.ArgumentParser) -> None:
+    """The options shared by ``visionmlp benchmark`` and ``visionmlp models --benchmark``."""
+    parser.add_argument("--batch-size", type=int, default=8, help="images per step (default: 8)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="compute dtype (default: fp32)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    parser.add_argument("--compile", action="store_true", help="time the torch.compile'd model")
+    parser.add_argument("--deploy", action="store_true", help="fold re-parameterizable branches first (infer only)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default: 3)")
+    parser.add_argument("--reps", type=int, default=10, help="timed steps (default: 10)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's setting)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``visionmlp benchmark``."""
+    parser.add_argument("--model", default="all", help="a variant, a comma-separated list, or 'all' (default)")
+    parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: each model's own)")
+    parser.add_argument("--mode", choices=MODES, default="infer", help="infer, or train: forward+backward+AdamW")
+    add_benchmark_options(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+
+
+def benchmark_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The :func:`run_benchmark` keyword arguments given by the shared command-line options."""
+    return {
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "dtype": args.dtype,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "deploy": args.deploy,
+        "warmup": args.warmup,
+        "reps": args.reps,
+        "threads": args.threads,
+    }
+
+
+def run_all(names: list[str], progress: Callable[[str], None] | None = None, **kwargs: Any) -> list[dict[str, Any]]:
+    """:func:`run_benchmark` for each name in turn, reporting each finished model through ``progress``."""
+    results = []
+    for name in names:
+        results.append(run_benchmark(name, **kwargs))
+        if progress is not None:
+            progress(f"{name}: {results[-1]['images_per_s']:.1f} img/s")
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``visionmlp benchmark``."""
+    try:
+        names = parse_model_names(args.model)
+        results = run_all(
+            names,
+            progress=None if len(names) == 1 else lambda line: print(line, file=sys.stderr),
+            img_size=args.img_size,
+            mode=args.mode,
+            **benchmark_kwargs(args),
+        )
+    except ValueError as error:
+        print(f"visionmlp benchmark: error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    else:
+        print(results_markdown(results))
+        print()
+        print(results_notes(results))
+    return 0

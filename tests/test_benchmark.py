@@ -1,0 +1,128 @@
+"""``visionmlp benchmark``: tiny CPU runs check the report and the errors, never the speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from visionmlp.cli import main
+from visionmlp.engine.benchmark import benchmark_model, results_markdown, results_notes, run_benchmark
+
+TINY = {"batch_size": 2, "img_size": 64, "warmup": 1, "reps": 2, "threads": 1}
+POSITIVE_KEYS = (
+    "params", "gmacs", "step_gflop_per_image", "images_per_s", "latency_ms_median", "latency_ms_p10",
+    "latency_ms_p90", "matmul_peak_gflops", "achieved_gflops", "roofline_fraction",
+)
+
+
+def check_sane(result: dict) -> None:
+    for key in POSITIVE_KEYS:
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert result["peak_memory_mib"] >= 0 and result["memory_method"]
+    assert result["latency_ms_p10"] <= result["latency_ms_median"] <= result["latency_ms_p90"]
+    assert result["images_per_s"] == pytest.approx(result["batch_size"] * 1000 / result["latency_ms_median"])
+    assert result["achieved_gflops"] == pytest.approx(
+        result["step_gflop_per_image"] * result["images_per_s"], rel=1e-6
+    )
+
+
+def test_infer_report() -> None:
+    result = run_benchmark("raft_mlp_s", **TINY)
+    check_sane(result)
+    assert result["model"] == "raft_mlp_s" and result["family"] == "raft_mlp"
+    assert (result["img_size"], result["batch_size"], result["threads"]) == (64, 2, 1)
+    # at 64 px the 224 px model's 2.03 GMACs shrink with the token count, by about (64/224)^2
+    assert 0.1 < result["gmacs"] < 0.3
+    assert result["step_gflop_per_image"] == pytest.approx(2 * result["gmacs"])
+    assert result["deploy_form"] == "not requested" and result["precision"] == "fp32 weights and activations"
+
+
+def test_train_mode_counts_backward_too() -> None:
+    result = run_benchmark("raft_mlp_s", mode="train", **TINY)
+    check_sane(result)
+    assert result["mode"] == "train"
+    assert result["step_gflop_per_image"] > 2.5 * 2 * result["gmacs"]
+
+
+def test_deploy_folds_repmlpnet() -> None:
+    trained = run_benchmark("repmlpnet_t224", **TINY)
+    folded = run_benchmark("repmlpnet_t224", deploy=True, **TINY)
+    check_sane(folded)
+    assert folded["deploy_form"].startswith("folded")
+    assert folded["gmacs"] < trained["gmacs"]  # the conv branches are gone
+
+
+def test_deploy_without_fold_runs_as_is() -> None:
+    result = run_benchmark("raft_mlp_s", deploy=True, **TINY)
+    check_sane(result)
+    assert result["deploy_form"].startswith("none")
+    assert "raft_mlp_s: deploy form none" in results_notes([result])
+
+
+def test_bf16_channels_last_infer() -> None:
+    result = run_benchmark("vip_s7", dtype="bf16", channels_last=True, **{**TINY, "batch_size": 1, "img_size": 28})
+    check_sane(result)
+    assert result["dtype"] == "bf16" and result["channels_last"]
+    assert "| vip_s7 | infer | bf16+channels_last | 1 | 28 |" in results_markdown([result])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_infer_and_train() -> None:
+    for mode in ("infer", "train"):
+        result = run_benchmark("raft_mlp_s", device="cuda", dtype="bf16", mode=mode, **TINY)
+        check_sane(result)
+        assert result["peak_memory_mib"] > 0 and "max_memory_allocated" in result["memory_method"]
+
+
+def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["benchmark", "--model", "raft_mlp_s", "--img-size", "64", "--batch-size", "1", "--warmup", "1",
+            "--reps", "2", "--threads", "1", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    check_sane(result)
+    assert result["batch_size"] == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"model_name": "resnet50"}, "unknown model 'resnet50'; choose one of: ms_mlp_tiny"),
+        ({"model_name": "raft_mlp_s", "mode": "eval"}, "unknown mode 'eval'"),
+        ({"model_name": "raft_mlp_s", "dtype": "fp64"}, "unknown dtype 'fp64'"),
+        ({"model_name": "raft_mlp_s", "device": "meta"}, "device must be 'cpu' or 'cuda[:N]', got 'meta'"),
+        ({"model_name": "raft_mlp_s", "device": "gpu0"}, "invalid device 'gpu0'"),
+        ({"model_name": "raft_mlp_s", "mode": "train", "deploy": True}, "cannot be combined with --mode train"),
+        ({"model_name": "raft_mlp_s", "batch_size": 0}, "batch_size must be >= 1"),
+        ({"model_name": "raft_mlp_s", "reps": 0}, "reps must be >= 1"),
+        ({"model_name": "raft_mlp_s", "img_size": 0}, "img_size must be >= 1"),
+        ({"model_name": "raft_mlp_s", "threads": 0}, "threads must be >= 1"),
+        ({"model_name": "vip_s7", "img_size": 64}, "img_size"),
+    ],
+)
+def test_bad_input(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_benchmark(**{"batch_size": 1, "warmup": 0, "reps": 1, "threads": 1, **kwargs})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_unavailable() -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        run_benchmark("raft_mlp_s", device="cuda")
+
+
+def test_cli_error_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["benchmark", "--model", "raft_mlp_s,nope"]) == 2
+    assert "visionmlp benchmark: error: unknown model 'nope'" in capsys.readouterr().err
+
+
+def test_any_module_side_by_side() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, 4), torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 10))
+    for mode in ("infer", "train"):
+        result = benchmark_model(model, batch_size=2, img_size=32, mode=mode, warmup=1, reps=2, threads=1)
+        check_sane(result)
+        # conv: 8x8 outputs x 8 channels x 48 inputs; linear: 512 x 10
+        assert result["gmacs"] * 1e9 == 8 * 8 * 8 * 48 + 512 * 10
