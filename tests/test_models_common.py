@@ -199,13 +199,16 @@ def test_default_resolution_matches_pretrained_cfg(name):
     x = torch.randn(1, *cfg["input_size"])
     assert model.num_classes == 1000 and model.num_features > 0 and model.head_hidden_size > 0
     assert bool(cfg.get("fixed_input_size")) == (not name.startswith("ms_mlp"))
+    channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"
+    unpooled_shape = (1, *cfg["pool_size"], model.num_features) if channels_last else (
+        1, model.num_features, *cfg["pool_size"])
     with torch.no_grad():
         features = model.forward_features(x)
-        assert features.shape == (1, model.num_features, *cfg["pool_size"])
+        assert features.shape == unpooled_shape
         assert model.forward_head(features, pre_logits=True).shape == (1, model.head_hidden_size)
         model.reset_classifier(0, "")
         assert model.num_classes == 0
-        assert model(x).shape == (1, model.num_features, *cfg["pool_size"])
+        assert model(x).shape == unpooled_shape
     unpooled = create_model(name, num_classes=0, global_pool="").eval()
     with torch.no_grad():
-        assert unpooled(x).shape == (1, unpooled.num_features, *cfg["pool_size"])
+        assert unpooled(x).shape == unpooled_shape

@@ -183,6 +183,7 @@ class VisionPermutator(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.output_fmt = "NHWC"  # forward_features returns the token map channels-last
 
         self.patch_embed = PatchEmbed(
             img_size=img_size,
@@ -377,7 +378,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         "url": "",
         "num_classes": 1000,
         "input_size": (3, 224, 224),
-        "pool_size": None,
+        "pool_size": (16, 16),
         "fixed_input_size": True,  # the Permute-MLP is built for one token grid (see ``img_size``)
         "crop_pct": 0.9,
         "interpolation": "bicubic",
