@@ -9,10 +9,11 @@ official-layout weights go through ``convert_official_state_dict`` into our mode
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 from synthetic_weights import REFERENCE_DIR, load_reference, reference_input, relative_l2, synthetic_state_dict
-from visionmlp import MODEL_NAMES, convert_official_state_dict, create_model, reparameterize
+from visionmlp import MODEL_NAMES, convert_official_state_dict, reparameterize
 
 CASES = sorted(p.name.removesuffix(".safetensors") for p in REFERENCE_DIR.glob("*.safetensors"))
 
@@ -27,10 +28,12 @@ def test_logits_match_official_implementation(case):
     layout, expected, meta = load_reference(case)
     name, kwargs = meta["model"], meta.get("model_kwargs", {})
     state_dict = convert_official_state_dict(name, {"model": synthetic_state_dict(layout)}, **kwargs)
-    model = create_model(name, **kwargs).double().eval()  # load in float64: deep variants amplify fp32 rounding
+    # timm's constructor gives the official architecture (for RepMLPNet deploy=True: the official folded
+    # form); float64 because the deep variants amplify fp32 rounding of the weights
+    model = timm.create_model(name, **kwargs).double().eval()
     model.load_state_dict(state_dict, strict=True)
-    if meta.get("reparameterize"):
-        reparameterize(model)
+    if meta.get("reparameterize") or kwargs.get("deploy"):
+        reparameterize(model)  # what visionmlp.create_model(name, deploy=True) adds: every remaining fold
     with torch.no_grad():
         logits = model(reference_input(meta["img_size"], batch=expected.shape[0]))
     assert relative_l2(logits, expected) <= 1e-5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -114,7 +115,7 @@ def test_folded_model_has_the_deploy_layout_and_refolding_is_harmless():
 @pytest.mark.parametrize("name", NAMES)
 def test_deploy_parameter_count(name):
     with torch.device("meta"):
-        model = visionmlp.create_model(name, deploy=True)
+        model = timm.create_model(name, deploy=True)
     assert sum(p.numel() for p in model.parameters()) == DEPLOY_PARAMS[name]
     block = model.stages[0][0].repmlp_block
     assert block.fc3.bias is not None and isinstance(block.fc3_bn, nn.Identity) and not block.conv_kernels
@@ -133,7 +134,7 @@ def test_official_deploy_checkpoint_loads(tmp_path):
 
 def test_training_checkpoint_is_folded_for_a_deploy_model():
     trained = _model().double()
-    deploy = visionmlp.create_model("repmlpnet_t224", img_size=SMALL, deploy=True, **TINY).double().eval()
+    deploy = timm.create_model("repmlpnet_t224", img_size=SMALL, deploy=True, **TINY).double().eval()
     deploy.load_state_dict(checkpoint_filter_fn(trained.state_dict(), deploy), strict=True)
     x = torch.randn(2, 3, SMALL, SMALL, dtype=torch.float64)
     with torch.no_grad():

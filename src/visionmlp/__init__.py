@@ -1,14 +1,24 @@
 """visionmlp: MS-MLP, Vision Permutator, Strip-MLP, RaftMLP and RepMLPNet as timm models, with tools."""
 
 from .checkpoint import read_checkpoint, unwrap_state_dict
-from .models import MODEL_NAMES, convert_official_state_dict, create_model, list_models, reparameterize
+from .models import (
+    MODEL_NAMES,
+    RepMLPBlock,
+    convert_official_state_dict,
+    create_model,
+    fold_batchnorm,
+    list_models,
+    reparameterize,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MODEL_NAMES",
+    "RepMLPBlock",
     "convert_official_state_dict",
     "create_model",
+    "fold_batchnorm",
     "list_models",
     "read_checkpoint",
     "reparameterize",

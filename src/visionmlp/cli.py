@@ -12,6 +12,9 @@ COMMANDS = {
     "train": ("visionmlp.engine.train", "train a model (default: a small model on the built-in digits data)"),
     "eval": ("visionmlp.engine.evaluate", "evaluate a checkpoint: top-1, top-5 and loss"),
     "benchmark": ("visionmlp.engine.benchmark", "measure throughput, latency and memory"),
+    "convert": ("visionmlp.engine.convert", "convert a checkpoint to visionmlp's format, folded or int8 if asked"),
+    "export": ("visionmlp.engine.export", "export to ONNX (verified with onnxruntime) or a torch.export program"),
+    "predict": ("visionmlp.engine.predict", "top-5 ImageNet labels for images"),
 }
 
 

@@ -23,7 +23,8 @@ from timm.models import get_pretrained_cfg_value
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..models import MODEL_NAMES, create_model, family_module, reparameterize
+from ..models import MODEL_NAMES, count_batchnorms, create_model, family_module, reparameterize
+from .quantize import QUANTIZATION_DTYPES, compare_with_fp32, quantize_dynamic_int8
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("infer", "train")
@@ -188,9 +189,11 @@ def _build_model(model_name: str, img_size: int, deploy: bool) -> tuple[nn.Modul
     model = create_model(model_name, img_size=img_size)
     if not deploy:
         return model, "not requested"
-    if not has_deploy_form(model):
-        return model, "none: this model has no re-parameterizable branches and runs as is"
-    return reparameterize(model), "folded (visionmlp.reparameterize)"
+    branches, batchnorms = has_deploy_form(model), count_batchnorms(model)
+    reparameterize(model)
+    if not branches and count_batchnorms(model) == batchnorms:
+        return model, "none: this model has no re-parameterizable branches or foldable BatchNorms and runs as is"
+    return model, "folded (visionmlp.reparameterize)"
 
 
 class _Steps:
@@ -355,13 +358,15 @@ def run_benchmark(
     warmup: int = 3,
     reps: int = 10,
     threads: int | None = None,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """Time ``reps`` steps of ``model_name`` after ``warmup`` steps; return throughput, latency, memory, roofline.
 
     ``infer`` runs the model with weights and inputs in ``dtype`` under ``torch.inference_mode``; ``train`` times
     forward, backward and an AdamW step under autocast to ``dtype`` with fp32 master weights (and a gradient scaler
     for fp16). FLOPs are counted with ``FlopCounterMode`` on one extra, untimed eager step before the warm-up.
-    ``img_size`` defaults to the variant's own resolution.
+    ``img_size`` defaults to the variant's own resolution. ``quantize="int8"`` times the folded model with its
+    linear layers int8-quantized (dynamic, CPU) and adds its top-1 agreement with fp32 on a random batch.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -371,7 +376,20 @@ def run_benchmark(
     img_size = native_size if img_size is None else img_size
     _check_counts(batch_size, img_size, warmup, reps, threads)
     resolve_dtype(dtype, resolve_device(device))
-    model, deploy_form = _build_model(model_name, img_size, deploy)
+    if quantize is not None and (mode != "infer" or dtype != "fp32" or resolve_device(device).type != "cpu"):
+        raise ValueError("--quantize int8 is dynamic quantization for CPU inference: use --mode infer --dtype fp32 "
+                         "--device cpu")
+    model, deploy_form = _build_model(model_name, img_size, deploy or quantize is not None)
+    quantization: dict[str, Any] = {}
+    if quantize is not None:
+        # quantize the folded model, as the RepMLP authors recommend, and compare it with its fp32 self
+        images = torch.randn(batch_size, get_pretrained_cfg_value(model_name, "input_size")[0], img_size, img_size)
+        fp32_model = model.eval()
+        model, layers = quantize_dynamic_int8(fp32_model, images[:1])
+        agreement = compare_with_fp32(fp32_model, model, images, reps=1)
+        quantization = {"quantized_linear_layers": len(layers), "top1_agreement": agreement["top1_agreement"],
+                        "max_abs_logit_diff": agreement["max_abs_logit_diff"],
+                        "fp32_images_per_s": batch_size / agreement["fp32_ms_per_batch"] * 1000}
     try:
         measured = benchmark_model(
             model, batch_size, img_size, get_pretrained_cfg_value(model_name, "input_size")[0], device, dtype,
@@ -382,7 +400,7 @@ def run_benchmark(
             raise
         raise ValueError(f"{model_name} does not run at img_size {img_size}: {error}") from error
     return {"model": model_name, "family": family_name(model_name), **measured, "deploy": deploy,
-            "deploy_form": deploy_form}
+            "deploy_form": deploy_form, "quantize": quantize, **quantization}
 
 
 def _percentile(sorted_values: list[float], percent: float) -> float:
@@ -415,6 +433,7 @@ def results_markdown(results: list[dict[str, Any]]) -> str:
     for r in results:
         options = [name for name in ("channels_last", "compile") if r[name]]
         options += ["deploy"] if r["deploy_form"].startswith("folded") else []
+        options += [f"{r['quantize']}-linear"] if r.get("quantize") else []
         lines.append(
             f"| {r['model']} | {r['mode']} | {'+'.join([r['dtype'], *options])} | {r['batch_size']} | {r['img_size']} "
             f"| {r['params'] / 1e6:.2f} | {r['gmacs']:.3f} | {r['images_per_s']:.1f} "
@@ -440,6 +459,12 @@ def results_notes(results: list[dict[str, Any]]) -> str:
     if any(r["roofline_fraction"] > 1 for r in results):
         notes.append("a roofline above 100 % means the machine was busier while its peak was measured: rerun idle")
     notes += [f"{r['model']}: deploy form {r['deploy_form']}" for r in results if r["deploy_form"].startswith("none")]
+    notes += [
+        f"{r['model']}: int8 dynamic quantization of {r['quantized_linear_layers']} linear layers; top-1 agreement "
+        f"with fp32 {r['top1_agreement']:.1f} % on a random batch, largest logit difference "
+        f"{r['max_abs_logit_diff']:.2e}; params and GMACs count the fp32 layers only"
+        for r in results if r.get("quantize")
+    ]
     return "\n".join(f"- {note}" for note in notes)
 
 
@@ -461,6 +486,9 @@ def add_benchmark_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     parser.add_argument("--compile", action="store_true", help="time the torch.compile'd model")
     parser.add_argument("--deploy", action="store_true", help="fold re-parameterizable branches first (infer only)")
+    parser.add_argument("--quantize", choices=list(QUANTIZATION_DTYPES),
+                        help="int8: dynamic quantization of the folded model's linear layers (CPU, infer); "
+                             "also reports top-1 agreement with fp32")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default: 3)")
     parser.add_argument("--reps", type=int, default=10, help="timed steps (default: 10)")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's setting)")
@@ -484,6 +512,7 @@ def benchmark_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "channels_last": args.channels_last,
         "compile": args.compile,
         "deploy": args.deploy,
+        "quantize": args.quantize,
         "warmup": args.warmup,
         "reps": args.reps,
         "threads": args.threads,

@@ -19,7 +19,13 @@ from torch.utils.data import DataLoader
 from ..checkpoint import check_state_dict_fits, read_checkpoint, unwrap_state_dict
 from ..config import ConfigError, add_config_arguments, build_config, family_recipe, flags_from_args, parse_opts
 from ..data import DataError, build_dataset, build_loader, build_transform, subset_evenly
-from ..models import MODEL_NAMES, convert_official_state_dict, create_model
+from ..models import (
+    MODEL_NAMES,
+    convert_official_state_dict,
+    create_model,
+    deploy_model_from_state_dict,
+    reparameterize,
+)
 from .distributed import DistContext, all_reduce_sum, cleanup, setup
 
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -125,6 +131,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", choices=("none", "fp16", "bf16"), help="autocast precision")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights stored in the checkpoint")
+    parser.add_argument("--deploy", action="store_true",
+                        help="evaluate the folded inference form; the checkpoint may be in training form (folded "
+                             "after loading) or deploy form (from visionmlp convert --deploy). To compare the two "
+                             "forms without data, use visionmlp convert --check")
     parser.add_argument("--allow-unsafe-pickle", action="store_true",
                         help="read a trusted legacy checkpoint that needs full unpickling")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -171,18 +181,24 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
                             use_zip=data["zip"], cache_mode=data["cache_mode"], rank=ctx.rank,
                             world_size=ctx.world_size)
     num_classes = config["model"]["num_classes"] or len(dataset.classes)
-    model = build_model({**config, "model": {**config["model"], "pretrained": None}}, num_classes)
     if args.ema:
         if not isinstance(checkpoint, Mapping) or checkpoint.get("model_ema") is None:
             raise ValueError("--ema: this checkpoint holds no EMA weights (train with --opts train.ema true)")
         checkpoint = checkpoint["model_ema"]
     state_dict = unwrap_state_dict(checkpoint)
     name = config["model"]["name"]
-    if recorded is None and name in MODEL_NAMES and not _fits(model, state_dict):
-        # not in our layout: an official checkpoint, which the family's converter maps onto ours
-        state_dict = convert_official_state_dict(name, checkpoint, **model_kwargs(config, num_classes))
-    check_state_dict_fits(model, state_dict, repr(name))  # strict: a classifier of another size is an error here
-    model.load_state_dict(state_dict, strict=True)
+    if args.deploy and name in MODEL_NAMES:
+        # a training-form, official or folded checkpoint, evaluated in the folded form (strict)
+        model = deploy_model_from_state_dict(name, state_dict, **model_kwargs(config, num_classes))
+    else:
+        model = build_model({**config, "model": {**config["model"], "pretrained": None}}, num_classes)
+        if recorded is None and name in MODEL_NAMES and not _fits(model, state_dict):
+            # not in our layout: an official checkpoint, which the family's converter maps onto ours
+            state_dict = convert_official_state_dict(name, checkpoint, **model_kwargs(config, num_classes))
+        check_state_dict_fits(model, state_dict, repr(name))  # strict: a classifier of another size is an error
+        model.load_state_dict(state_dict, strict=True)
+        if args.deploy:
+            reparameterize(model)
     data_config = resolve_input_config(config, model)
     dataset.transform = build_transform(config, data_config, training=False)
     if data["dataset"] == "digits":

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from timm.models import get_pretrained_cfg_value
 from torch import nn
@@ -69,7 +70,7 @@ def _build_and_count(
     with device:
         model = create_model(name).eval()
         inputs = torch.zeros(1, *input_size)
-        deploy_model = create_model(name, deploy=True) if has_deploy_form(model) else None
+        deploy_model = timm.create_model(name, deploy=True) if has_deploy_form(model) else None
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model(inputs)
     return model, deploy_model, counter.get_total_flops() / 2 / 1e9

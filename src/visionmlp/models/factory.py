@@ -13,6 +13,8 @@ from timm.models import is_model, model_entrypoint
 from torch import nn
 
 from ..checkpoint import StateDict, check_state_dict_fits, read_checkpoint, unwrap_state_dict
+from . import repmlpnet
+from .fold import reparameterize
 
 # Public names, in the order of the reference table (family by family, small to large).
 MODEL_NAMES = (
@@ -40,10 +42,20 @@ def create_model(
     name: str,
     pretrained: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
+    deploy: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build variant ``name`` through timm; ``checkpoint_path`` loads an official or visionmlp checkpoint."""
+    """Build variant ``name`` through timm; ``checkpoint_path`` loads an official or visionmlp checkpoint.
+
+    With ``deploy=True`` the model comes in its folded inference form (see :func:`reparameterize`);
+    the checkpoint may then be in training form (folded after loading) or already folded.
+    """
     family_module(name)
+    if deploy:
+        if checkpoint_path is None:
+            model = timm.create_model(name, pretrained=pretrained, **_architecture_deploy(name), **kwargs)
+            return reparameterize(model)
+        return deploy_model_from_state_dict(name, unwrap_state_dict(read_checkpoint(checkpoint_path)), **kwargs)
     if checkpoint_path is not None:
         # custom_load sends the file to the model's own safe reader; timm resets it when a file is given
         overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=str(checkpoint_path), custom_load=True)
@@ -63,9 +75,32 @@ def convert_official_state_dict(name: str, checkpoint: Any, **model_kwargs: Any)
     return state_dict
 
 
-def reparameterize(model: nn.Module) -> nn.Module:
-    """Fold every re-parameterizable branch (RepMLPNet locality injection) in place; returns ``model``."""
-    for module in list(model.modules()):
-        if hasattr(module, "local_inject"):
-            module.local_inject()
-    return model
+def _architecture_deploy(name: str) -> dict[str, Any]:
+    # RepMLPNet's constructor builds folded RepMLP blocks itself, and its checkpoint filter folds a
+    # training-form checkpoint into them and accepts the official deploy form; other families fold after building
+    return {"deploy": True} if family_module(name) is repmlpnet else {}
+
+
+def _load_strict(model: nn.Module, state_dict: StateDict, filter_fn: Any) -> None:
+    state_dict = filter_fn(dict(state_dict), model)
+    check_state_dict_fits(model, state_dict, type(model).__name__)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def deploy_model_from_state_dict(name: str, state_dict: StateDict, **kwargs: Any) -> nn.Module:
+    """The folded inference form of ``name`` holding ``state_dict`` (training, official or folded form)."""
+    filter_fn = family_module(name).checkpoint_filter_fn
+    model = timm.create_model(name, **_architecture_deploy(name), **kwargs)
+    try:
+        _load_strict(model, state_dict, filter_fn)
+    except ValueError as training_form_error:
+        reparameterize(model)  # not a training-form checkpoint: try the folded form
+        try:
+            _load_strict(model, state_dict, filter_fn)
+        except ValueError as folded_form_error:
+            raise ValueError(
+                f"the checkpoint fits neither the training form of {name!r} ({training_form_error}) "
+                f"nor its folded deploy form ({folded_form_error})"
+            ) from None
+        return model
+    return reparameterize(model)

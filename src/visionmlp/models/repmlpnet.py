@@ -9,6 +9,8 @@ each flattened partition of a channel to a partition of the same channel; channe
 ``num_sharesets`` sets that share one such FC. During training, small depth-wise convolutions with
 BN (the local perceptron) run beside the FC; ``local_inject()`` ("locality injection") folds them and
 the FC's BN into the FC exactly, which is the inference (``deploy``) form.
+``visionmlp.reparameterize`` then also folds the remaining BatchNorms that have a neighbouring conv
+(the embeddings' and FFN's, and ``prebn2`` into the FFN's first conv).
 
 Because the FC size is the partition area, the model is built for one image size: each stage's
 partition covers the whole stage map at ``img_size``, as in the official configurations.
@@ -36,6 +38,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from ..checkpoint import StateDict, load_pretrained_file
+from .fold import fold_bn_before
 
 __all__ = ["RepMLPBlock", "RepMLPNet"]
 
@@ -224,10 +227,12 @@ class RepMLPBlock(nn.Module):
 
 
 def _pointwise_conv_norm(layer: ConvNormAct, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for a bias-free 1x1 conv, with the conv run as a matmul (much faster on CPU than NCHW conv)."""
+    """``layer(x)`` for a 1x1 conv, with the conv run as a matmul (much faster on CPU than NCHW conv)."""
     B, C, H, W = x.shape
     weight = layer.conv.weight
     x = torch.matmul(weight.view(weight.shape[0], C), x.reshape(B, C, H * W))
+    if layer.conv.bias is not None:  # the deploy form, with the BN folded into the conv
+        x = x + layer.conv.bias.view(-1, 1)
     return layer.bn(x.view(B, -1, H, W))
 
 
@@ -267,6 +272,18 @@ class RepMLPNetLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.repmlp_block(self.prebn1(x)))
         return x + self.drop_path(self.ffn_block(self.prebn2(x)))
+
+    def fold_batchnorm(self) -> int:
+        """Fold ``prebn2`` into the FFN's first 1x1 conv (see :mod:`visionmlp.models.fold`); returns 1 or 0.
+
+        ``prebn1`` stays: the partition FC shares one weight across the channels of a share-set, so a
+        per-channel scale in front of it has no equivalent FC weight.
+        """
+        if not isinstance(self.prebn2, nn.BatchNorm2d):
+            return 0
+        fold_bn_before(self.prebn2, self.ffn_block.ffn_fc1.conv)
+        self.prebn2 = nn.Identity()
+        return 1
 
 
 class RepMLPNet(nn.Module):

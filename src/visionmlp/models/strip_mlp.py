@@ -29,16 +29,19 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from ..checkpoint import load_pretrained_file
+from .fold import fold_bn_after
 
 __all__ = ["StripMLPNet"]
 
 _NUM_STAGES = 4
 
 
-def _conv1x1_of_concat(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A bias-free 1x1 conv of ``cat([a, b], 1)`` without materialising the concatenation."""
+def _conv1x1_of_concat(
+    a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A 1x1 conv of ``cat([a, b], 1)`` without materialising the concatenation."""
     split = a.shape[1]
-    return F.conv2d(a, weight[:, :split]).add_(F.conv2d(b, weight[:, split:]))
+    return F.conv2d(a, weight[:, :split], bias).add_(F.conv2d(b, weight[:, split:]))
 
 
 class StripMixing(nn.Module):
@@ -90,10 +93,18 @@ class StripMixing(nn.Module):
         p, g = self.channel_patches, self.groups
         rows = (x + self._position_bias(self.pos_h)).view(n, p, g, h, w).permute(0, 1, 3, 2, 4)
         rows = self._strip_mlp(rows, self.proj_h).permute(0, 1, 3, 2, 4).reshape(n, c, h, w)
-        rows = self.act(self.norm(_conv1x1_of_concat(rows, x, self.fuse_h.weight)))
+        rows = self.act(self.norm(_conv1x1_of_concat(rows, x, self.fuse_h.weight, self.fuse_h.bias)))
         cols = (rows + self._position_bias(self.pos_w)).view(n, p, g, h, w).permute(0, 1, 4, 2, 3)
         cols = self._strip_mlp(cols, self.proj_w).permute(0, 1, 3, 4, 2).reshape(n, c, h, w)
         return _conv1x1_of_concat(x, cols, self.fuse_w.weight)
+
+    def fold_batchnorm(self) -> int:
+        """Fold ``norm`` into ``fuse_h`` (see :mod:`visionmlp.models.fold`); returns how many BNs it folded."""
+        if not isinstance(self.norm, nn.BatchNorm2d):
+            return 0
+        fold_bn_after(self.fuse_h, self.norm)
+        self.norm = nn.Identity()
+        return 1
 
 
 class LocalStripMixing(nn.Module):
@@ -136,6 +147,14 @@ class TokenMixing(nn.Module):
         x = self.act(self.proj_in_norm(self.proj_in(x)))
         x_strip, x_local = x.chunk(2, dim=1)
         return _conv1x1_of_concat(self.strip(x_strip), self.local(x_local), self.fuse.weight)
+
+    def fold_batchnorm(self) -> int:
+        """Fold ``proj_in_norm`` into ``proj_in``; ``norm`` stays (a GELU separates it from ``conv_dw``)."""
+        if not isinstance(self.proj_in_norm, nn.BatchNorm2d):
+            return 0
+        fold_bn_after(self.proj_in, self.proj_in_norm)
+        self.proj_in_norm = nn.Identity()
+        return 1
 
 
 class ChannelMixing(nn.Module):

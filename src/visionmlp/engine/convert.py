@@ -1,0 +1,154 @@
+"""``visionmlp convert``: official or visionmlp checkpoints into our format, optionally folded or int8-quantized.
+
+``--check`` is the RepMLP seed's ``check`` mode: it folds the training-form model in memory and
+prints the largest output difference between the two forms on a random batch, without writing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from ..checkpoint import StateDict, atomic_save, check_state_dict_fits, read_checkpoint, unwrap_state_dict
+from ..models import MODEL_NAMES, count_batchnorms, deploy_model_from_state_dict, family_module, reparameterize
+from .quantize import QUANTIZATION_DTYPES, compare_with_fp32, quantize_dynamic_int8
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
+def check_output_suffix(path: str | Path, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> Path:
+    """``path`` as a Path, or a ValueError naming the accepted suffixes."""
+    path = Path(path)
+    if path.suffix not in suffixes:
+        raise ValueError(f"output {str(path)!r} must end in one of {', '.join(suffixes)} (the suffix picks the format)")
+    return path
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Constructor arguments from ``--img-size`` and ``--num-classes``."""
+    kwargs: dict[str, Any] = {"num_classes": args.num_classes}
+    if args.img_size:
+        kwargs["img_size"] = args.img_size
+    return kwargs
+
+
+def training_form_model(name: str, state_dict: StateDict, **kwargs: Any) -> nn.Module:
+    """The training form of ``name`` holding an official or visionmlp training-form state dict (strict)."""
+    model = timm.create_model(name, **kwargs)
+    state_dict = family_module(name).checkpoint_filter_fn(dict(state_dict), model)
+    check_state_dict_fits(model, state_dict, repr(name))
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def random_batch(img_size: int, batch_size: int = 2, seed: int = 0) -> torch.Tensor:
+    """A reproducible batch of normal noise, the size of normalized images."""
+    return torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
+
+
+def input_size(model: nn.Module) -> int:
+    """The square input resolution the model was built for."""
+    return model.pretrained_cfg["input_size"][-1]
+
+
+@torch.no_grad()
+def check_folding(name: str, state_dict: StateDict, **kwargs: Any) -> dict[str, Any]:
+    """Fold a training-form model in memory; the largest output difference between the two forms."""
+    trained = training_form_model(name, state_dict, **kwargs)
+    folded = reparameterize(copy.deepcopy(trained))
+    images = random_batch(kwargs.get("img_size") or input_size(trained))
+    reference, output = trained(images), folded(images)
+    diff = (reference - output).abs().max().item()
+    return {"model": name, "batchnorms_folded": count_batchnorms(trained) - count_batchnorms(folded),
+            "max_abs_diff": diff, "max_rel_diff": diff / reference.abs().max().item()}
+
+
+def save_weights(state_dict: StateDict, path: Path, metadata: dict[str, Any]) -> None:
+    """Write ``state_dict`` atomically: ``.safetensors`` bare, ``.pt``/``.pth`` under ``model`` with ``metadata``."""
+    state_dict = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    atomic_save(state_dict if path.suffix == ".safetensors" else {"model": state_dict, "visionmlp": metadata}, path)
+
+
+def convert(args: argparse.Namespace) -> dict[str, Any]:
+    """Read, convert (fold, quantize) and save; the facts to report."""
+    name = args.model
+    state_dict = unwrap_state_dict(read_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle))
+    kwargs = model_kwargs(args)
+    if args.check:
+        return check_folding(name, state_dict, **kwargs)
+    output = check_output_suffix(args.output)
+    deploy = args.deploy or args.quantize is not None
+    result: dict[str, Any] = {"model": name, "output": str(output), "form": "deploy" if deploy else "training"}
+    if deploy:
+        model = deploy_model_from_state_dict(name, state_dict, **kwargs).eval()
+        with torch.device("meta"):
+            result["batchnorms_folded"] = count_batchnorms(timm.create_model(name, **kwargs)) - count_batchnorms(model)
+    else:
+        model = training_form_model(name, state_dict, **kwargs)
+    if args.quantize:
+        images = random_batch(args.img_size or input_size(model), batch_size=args.quantize_batch)
+        quantized, layers = quantize_dynamic_int8(model, images[:1])
+        result.update(quantization=args.quantize, quantized_linear_layers=len(layers),
+                      **compare_with_fp32(model, quantized, images))
+    save_weights(model.state_dict(), output, {"model": name, "form": result["form"], "quantization": args.quantize})
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``visionmlp convert``."""
+    parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME", help="model variant")
+    parser.add_argument("--checkpoint", required=True, metavar="IN",
+                        help="official (any of the five repositories) or visionmlp checkpoint")
+    parser.add_argument("--output", metavar="OUT", help="file to write: .pt / .pth (torch) or .safetensors")
+    parser.add_argument("--deploy", action="store_true",
+                        help="save the folded inference form (locality injection and BatchNorm folding); "
+                             "load it with create_model(NAME, deploy=True, checkpoint_path=OUT)")
+    parser.add_argument("--quantize", choices=list(QUANTIZATION_DTYPES),
+                        help="also quantize the linear layers (implies --deploy), report top-1 agreement and "
+                             "speed; the folded fp32 weights are saved and re-quantized on load "
+                             "(visionmlp.engine.quantize.load_quantized)")
+    parser.add_argument("--quantize-batch", type=int, default=8, metavar="N",
+                        help="random images for the quantization comparison (default: 8)")
+    parser.add_argument("--check", action="store_true",
+                        help="fold in memory and print the largest output difference from the training form; "
+                             "writes nothing")
+    parser.add_argument("--img-size", type=int, help="input resolution the model is built for (default: its own)")
+    parser.add_argument("--num-classes", type=int, default=1000, help="classes of the checkpoint's head")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true",
+                        help="read a trusted legacy checkpoint that needs full unpickling")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``visionmlp convert``."""
+    if not args.check and not args.output:
+        print("visionmlp convert: error: --output is required (or pass --check to compare forms only)",
+              file=sys.stderr)
+        return 2
+    try:
+        result = convert(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"visionmlp convert: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    elif args.check:
+        print(f"{result['model']}: folded {result['batchnorms_folded']} BatchNorms; largest output difference "
+              f"{result['max_abs_diff']:.3e} (relative {result['max_rel_diff']:.3e})")
+    else:
+        print(f"wrote {result['output']} ({result['form']} form"
+              + (f", {result['batchnorms_folded']} BatchNorms folded" if "batchnorms_folded" in result else "") + ")")
+        if args.quantize:
+            print(f"int8 dynamic quantization: {result['quantized_linear_layers']} linear layers; top-1 agreement "
+                  f"with fp32 {result['top1_agreement']:.1f} %, largest logit difference "
+                  f"{result['max_abs_logit_diff']:.3e}; {result['fp32_ms_per_batch']:.1f} ms fp32 vs "
+                  f"{result['int8_ms_per_batch']:.1f} ms int8 per batch ({result['speedup']:.2f}x)")
+    return 0

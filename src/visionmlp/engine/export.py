@@ -1,0 +1,132 @@
+"""``visionmlp export``: ONNX (checked with onnxruntime) or a ``torch.export`` program, with a dynamic batch axis.
+
+Both outputs are verified inside the command: the written file is run on a random batch of another
+size than the one traced, and the largest difference from PyTorch is printed. Files are written to a
+temporary name and renamed only after they pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import read_checkpoint, unwrap_state_dict
+from ..models import MODEL_NAMES, deploy_model_from_state_dict
+from .convert import input_size, random_batch, training_form_model
+
+FORMAT_SUFFIXES = {"onnx": ".onnx", "exported-program": ".pt2"}
+ONNX_OPSET = 18
+
+
+def _temporary_path(path: Path) -> Path:
+    # keeps the real suffix last: torch.export checks it when saving and loading
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)  # mkstemp's 0600 would make the exported file private
+    return Path(name)
+
+
+def export_onnx(model: nn.Module, path: Path, img_size: int) -> float:
+    """Write ``model`` as ONNX with a dynamic batch axis; the largest onnxruntime-vs-PyTorch difference."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ValueError("ONNX export is verified with onnxruntime, which is not installed: "
+                         "pip install 'visionmlp[deploy]'") from None
+    with warnings.catch_warnings():
+        # the tracer notes the input-size checks in forward; the verification below covers the batch axis
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # the TorchScript-based exporter (dynamo=False) needs no onnxscript; torch marks it deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (random_batch(img_size, batch_size=1),), str(path), dynamo=False, opset_version=ONNX_OPSET,
+            input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = random_batch(img_size, batch_size=2, seed=1)
+    (output,) = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        return (model(images) - torch.from_numpy(output)).abs().max().item()
+
+
+def export_program(model: nn.Module, path: Path, img_size: int) -> float:
+    """Save a ``torch.export`` program with a dynamic batch axis; the largest difference of the reloaded program."""
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (random_batch(img_size, batch_size=2),),
+                                  dynamic_shapes=({0: batch},), strict=False)
+    torch.export.save(program, str(path))
+    images = random_batch(img_size, batch_size=3, seed=1)
+    with torch.no_grad():
+        return (model(images) - torch.export.load(str(path)).module()(images)).abs().max().item()
+
+
+def export(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the model, export, verify and move the file into place; the facts to report."""
+    output = Path(args.output)
+    suffix = FORMAT_SUFFIXES[args.format]
+    if output.suffix != suffix:
+        raise ValueError(f"--format {args.format} writes {suffix} files; got --output {str(output)!r}")
+    state_dict = unwrap_state_dict(read_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle))
+    kwargs: dict[str, Any] = {"num_classes": args.num_classes}
+    if args.img_size:
+        kwargs["img_size"] = args.img_size
+    if args.deploy:
+        model = deploy_model_from_state_dict(args.model, state_dict, **kwargs)
+    else:
+        model = training_form_model(args.model, state_dict, **kwargs)
+    model.eval()
+    img_size = args.img_size or input_size(model)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary_path(output)
+    try:
+        writer = export_onnx if args.format == "onnx" else export_program
+        max_diff = writer(model, temporary, img_size)
+        os.replace(temporary, output)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return {"model": args.model, "format": args.format, "output": str(output), "img_size": img_size,
+            "deploy": args.deploy, "max_abs_diff": max_diff}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``visionmlp export``."""
+    parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME", help="model variant")
+    parser.add_argument("--checkpoint", required=True, metavar="FILE",
+                        help="official or visionmlp checkpoint, training or deploy form")
+    parser.add_argument("--format", required=True, choices=list(FORMAT_SUFFIXES),
+                        help="onnx (.onnx, opset %d) or exported-program (.pt2, torch.export)" % ONNX_OPSET)
+    parser.add_argument("--output", required=True, metavar="OUT", help="file to write")
+    parser.add_argument("--deploy", action="store_true", help="export the folded inference form")
+    parser.add_argument("--img-size", type=int, help="input resolution (default: the model's own)")
+    parser.add_argument("--num-classes", type=int, default=1000, help="classes of the checkpoint's head")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true",
+                        help="read a trusted legacy checkpoint that needs full unpickling")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``visionmlp export``."""
+    try:
+        result = export(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"visionmlp export: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        checker = "onnxruntime" if args.format == "onnx" else "the reloaded program"
+        print(f"wrote {result['output']} ({args.format}, dynamic batch, {result['img_size']}x{result['img_size']}); "
+              f"largest difference between {checker} and PyTorch: {result['max_abs_diff']:.3e}")
+    return 0

@@ -1,0 +1,89 @@
+"""``visionmlp predict``: the top-5 ImageNet classes of images, with the model's own preprocessing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.data import ImageNetInfo, create_transform, resolve_data_config
+from torch import nn
+
+from ..checkpoint import read_checkpoint, unwrap_state_dict
+from ..models import MODEL_NAMES, deploy_model_from_state_dict
+from .convert import training_form_model
+
+
+def load_image(path: str | Path) -> Any:
+    """An RGB PIL image, or a ValueError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {str(path)!r} does not exist") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"could not read image {str(path)!r}: {exc}") from None
+
+
+@torch.no_grad()
+def predict(model: nn.Module, paths: list[str], top_k: int = 5, img_size: int | None = None) -> list[dict[str, Any]]:
+    """Top-``k`` classes of each image, preprocessed as the model's ``pretrained_cfg`` says (at ``img_size``)."""
+    model.eval()
+    data_config = resolve_data_config(model=model)
+    if img_size:  # the model was built for another resolution than its pretrained_cfg records
+        data_config["input_size"] = (3, img_size, img_size)
+    transform = create_transform(**data_config)
+    # class names exist only for a 1000-way ImageNet head
+    info = ImageNetInfo() if getattr(model, "num_classes", None) == 1000 else None
+    results = []
+    for path in paths:
+        probabilities = model(transform(load_image(path)).unsqueeze(0)).softmax(dim=1)[0]
+        values, indices = probabilities.topk(min(top_k, probabilities.numel()))
+        results.append({"image": str(path), "top": [
+            {"index": i, "label": info.index_to_description(i) if info else str(i), "probability": p}
+            for i, p in zip(indices.tolist(), values.tolist())
+        ]})
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``visionmlp predict``."""
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything PIL reads)")
+    parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME", help="model variant")
+    parser.add_argument("--checkpoint", required=True, metavar="FILE",
+                        help="official or visionmlp checkpoint, training or deploy form")
+    parser.add_argument("--deploy", action="store_true", help="run the folded inference form")
+    parser.add_argument("--img-size", type=int, help="input resolution (default: the model's own)")
+    parser.add_argument("--num-classes", type=int, default=1000,
+                        help="classes of the checkpoint's head (names are shown for 1000)")
+    parser.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true",
+                        help="read a trusted legacy checkpoint that needs full unpickling")
+    parser.add_argument("--json", action="store_true", help="print the result as a JSON list")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``visionmlp predict``."""
+    kwargs: dict[str, Any] = {"num_classes": args.num_classes}
+    if args.img_size:
+        kwargs["img_size"] = args.img_size
+    try:
+        state_dict = unwrap_state_dict(read_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle))
+        build = deploy_model_from_state_dict if args.deploy else training_form_model
+        results = predict(build(args.model, state_dict, **kwargs), args.images, args.top_k, args.img_size)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"visionmlp predict: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    for result in results:
+        print(result["image"])
+        for entry in result["top"]:
+            print(f"  {100 * entry['probability']:6.2f} %  {entry['label']}")
+    return 0
