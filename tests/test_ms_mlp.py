@@ -152,3 +152,21 @@ def test_pruned_feature_model_keeps_only_needed_stages():
     with torch.no_grad():
         maps = model.forward_intermediates(torch.randn(1, 3, 64, 64, dtype=torch.float64), intermediates_only=True)
     assert [m.shape[1] for m in maps] == [20, 40]
+
+
+def test_fx_traced_model_matches_eager_output():
+    # timm's FX feature extraction: the size check, the group rolls and the CPU-sliced channel MLP are leaves
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = _randomize(_small_model())
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    _, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    fx_model = create_feature_extractor(model, return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    # 5 x 16 x 16 stage-1 tokens: more than one CPU slice of the channel MLP; then another size and batch
+    for x in (torch.randn(5, 3, 64, 64, dtype=torch.float64), torch.randn(2, 3, 32, 96, dtype=torch.float64)):
+        with torch.no_grad():
+            (traced,) = fx_model(x).values()
+            torch.testing.assert_close(traced, model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        fx_model(torch.randn(1, 3, 48, 64, dtype=torch.float64))

@@ -196,3 +196,28 @@ def test_grad_checkpointing_gives_same_gradients():
     checkpointed = grads()
     for a, b in zip(plain, checkpointed, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("deploy", [False, True])
+def test_fx_trace_matches_eager(deploy):
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import (
+        create_feature_extractor,
+        get_graph_node_names,
+    )
+
+    model = _model(deploy=deploy)
+    tracer_kwargs = {
+        "leaf_modules": get_notrace_modules(),
+        "autowrap_functions": get_notrace_functions(),
+        "param_shapes_constant": True,
+    }
+    _, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    fx_model = create_feature_extractor(model, return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs).eval()
+    with torch.no_grad():
+        for x in (torch.randn(2, 3, SMALL, SMALL), torch.randn(1, 3, 2 * SMALL, SMALL)):  # 1 and 2 partitions per map
+            (traced,) = fx_model(x).values()
+            torch.testing.assert_close(traced, model(x), rtol=0, atol=0)
+        # the input-size check is kept in the graph as a leaf call
+        with pytest.raises(ValueError, match="partition size"):
+            fx_model(torch.randn(1, 3, SMALL + 32, SMALL))

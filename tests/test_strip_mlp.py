@@ -149,3 +149,24 @@ def test_grad_checkpointing_gives_same_gradients():
     for n, p in model.named_parameters():
         if n in grads:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("global_pool", ["avg", ""])
+def test_fx_traced_model_matches_eager(global_pool):
+    """The model traces with torchvision's feature extractor (timm's notrace lists) and gives the eager output."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    torch.manual_seed(0)
+    model = _tiny_net(global_pool=global_pool).eval()
+    tracer_kwargs = {"leaf_modules": get_notrace_modules(), "autowrap_functions": get_notrace_functions()}
+    _, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    fx_model = create_feature_extractor(model, return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        (traced,) = fx_model(x).values()
+    torch.testing.assert_close(traced, expected, rtol=0, atol=0)
+    # The eager size check still guards the traced model.
+    with pytest.raises(ValueError, match="built for img_size"):
+        fx_model(torch.randn(1, 3, 64, 64))

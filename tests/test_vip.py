@@ -156,3 +156,18 @@ def test_grad_checkpointing_gives_same_gradients():
     assert len(calls) == 2  # recomputed in the backward pass
     for expected, p in zip(plain, model.parameters()):
         torch.testing.assert_close(p.grad, expected)
+
+
+def test_fx_traced_model_matches_eager():
+    """torch.fx tracing (as timm's FX tests do) keeps every op; in-place ops on unused results would be dropped."""
+    from timm.layers import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = _model(num_classes=5)
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    _, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    traced = create_feature_extractor(model, return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs).eval()
+    x = torch.randn(2, 3, SMALL, SMALL, dtype=torch.float64)
+    with torch.no_grad():
+        (out,) = traced(x).values()
+        torch.testing.assert_close(out, model(x), rtol=0, atol=0)

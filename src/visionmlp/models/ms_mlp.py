@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, LayerNorm2d, Mlp, NormMlpClassifierHead
-from timm.layers import to_2tuple, trunc_normal_
+from timm.layers import register_notrace_function, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
@@ -56,6 +56,31 @@ def _group_sizes(dim: int, num_groups: int) -> Tuple[int, ...]:
     return sizes
 
 
+def _check_size(size: Sequence[int], total_stride: int, patch_size: int, what: str) -> None:
+    """Raise a clear ValueError unless ``size`` (height, width) is made of positive multiples of ``total_stride``."""
+    if size[0] % total_stride or size[1] % total_stride or min(size) <= 0:
+        raise ValueError(
+            f'MS-MLP needs height and width that are positive multiples of {total_stride} '
+            f'(patch size {patch_size} times 2 per patch merging); got {what} {size[0]}x{size[1]}')
+
+
+# The FX leaf functions below (``register_notrace_function``) have public names on purpose: torch.fx only
+# auto-wraps module globals whose names do not start with an underscore.
+@register_notrace_function  # a leaf under FX: the check branches on the input's (traced) size
+def check_input_size(x: torch.Tensor, total_stride: int, patch_size: int) -> torch.Tensor:
+    """Check an NCHW input's spatial size (see ``_check_size``) and return it unchanged."""
+    _check_size(x.shape[-2:], total_stride, patch_size, 'input')
+    return x
+
+
+@register_notrace_function  # a leaf under FX: the slice bounds depend on the (traced) map size
+def roll_groups(x: torch.Tensor, group_sizes: Sequence[int], shifts: Sequence[int], dim: int) -> torch.Tensor:
+    """A channels-last copy of ``x`` with each channel group cyclically rolled by its own shift along ``dim``."""
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    _roll_groups_into(out, x, group_sizes, shifts, dim)
+    return out
+
+
 def _roll_groups_into(out: torch.Tensor, x: torch.Tensor, group_sizes: Sequence[int], shifts: Sequence[int], dim: int):
     """Write ``x`` into ``out`` with each channel group cyclically rolled by its own shift along ``dim``."""
     length = x.shape[dim]
@@ -81,6 +106,21 @@ def _kernel_runs(mix_sizes: Sequence[int]) -> Tuple[Tuple[int, int, int], ...]:
         else:
             runs.append((i, i + 1, k))
     return tuple(runs)
+
+
+@register_notrace_function  # a leaf under FX: the device test and the slicing depend on the traced input
+def residual_channel_mlp(block: 'MixShiftBlock', shortcut: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``shortcut + block.channel_mlp(x)`` for channels-last (B, H, W, C) tensors.
+
+    On CPU, large inputs run in slices of ``_CPU_TOKENS_PER_CHUNK`` tokens so that the MLP's hidden
+    activations stay in cache; the result is the same.
+    """
+    num_tokens, dim = x.shape[:3].numel(), x.shape[-1]
+    if x.device.type != 'cpu' or num_tokens <= _CPU_TOKENS_PER_CHUNK:
+        return shortcut + block.channel_mlp(x)
+    pairs = zip(shortcut.reshape(num_tokens, dim).split(_CPU_TOKENS_PER_CHUNK),
+                x.reshape(num_tokens, dim).split(_CPU_TOKENS_PER_CHUNK))
+    return torch.cat([s + block.channel_mlp(t) for s, t in pairs]).view(x.shape)
 
 
 class ConvPatchEmbed(nn.Module):
@@ -129,17 +169,17 @@ class MixShiftBlock(nn.Module):
     def _mix_run(self, x: torch.Tensor, first: int, last: int, kernel_size: int) -> torch.Tensor:
         """Both branches for groups ``first..last-1``, which share one kernel size."""
         group_sizes, shifts = self.group_sizes[first:last], self.shift_dists[first:last]
-        x = x.narrow(1, sum(self.group_sizes[:first]), sum(group_sizes))
+        channels = sum(group_sizes)
+        x = x.narrow(1, sum(self.group_sizes[:first]), channels)
         out = None
         for convs, dim in ((self.dwconv_lr[first:last], 3), (self.dwconv_td[first:last], 2)):
-            rolled = torch.empty_like(x, memory_format=torch.channels_last)
-            _roll_groups_into(rolled, x, group_sizes, shifts, dim=dim)
+            rolled = roll_groups(x, group_sizes, shifts, dim)
             weight = torch.cat([conv.weight for conv in convs])
             bias = torch.cat([conv.bias for conv in convs])
             if kernel_size == 1:  # a 1x1 depth-wise conv is a per-channel affine; conv2d would take a slow path
                 mixed = torch.addcmul(bias[:, None, None], rolled, weight.view(-1, 1, 1))
             else:
-                mixed = F.conv2d(rolled, weight, bias, padding=kernel_size // 2, groups=x.shape[1])
+                mixed = F.conv2d(rolled, weight, bias, padding=kernel_size // 2, groups=channels)
             out = mixed if out is None else out + mixed
         return out
 
@@ -154,20 +194,11 @@ class MixShiftBlock(nn.Module):
         x = self.mlp(self.norm(x))
         return x * self.gamma if self.gamma is not None else x
 
-    def _residual_mlp(self, shortcut: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``shortcut + channel_mlp(x)`` for channels-last (B, H, W, C) tensors."""
-        num_tokens, dim = x.shape[:3].numel(), x.shape[-1]
-        if x.device.type != 'cpu' or num_tokens <= _CPU_TOKENS_PER_CHUNK:
-            return shortcut + self.channel_mlp(x)
-        pairs = zip(shortcut.reshape(num_tokens, dim).split(_CPU_TOKENS_PER_CHUNK),
-                    x.reshape(num_tokens, dim).split(_CPU_TOKENS_PER_CHUNK))
-        return torch.cat([s + self.channel_mlp(t) for s, t in pairs]).view(x.shape)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mixed = self.mix(x).permute(0, 2, 3, 1)
         if self.training and isinstance(self.drop_path, DropPath):
             return x + self.drop_path(self.channel_mlp(mixed).permute(0, 3, 1, 2))
-        return self._residual_mlp(x.permute(0, 2, 3, 1), mixed).permute(0, 3, 1, 2)
+        return residual_channel_mlp(self, x.permute(0, 2, 3, 1), mixed).permute(0, 3, 1, 2)
 
 
 class MsMlpStage(nn.Module):
@@ -242,7 +273,7 @@ class MsMlp(nn.Module):
         self.patch_size = patch_size
         self.total_stride = patch_size * 2 ** (num_stages - 1)
         if img_size is not None:
-            self._check_size(to_2tuple(img_size), 'img_size')
+            _check_size(to_2tuple(img_size), self.total_stride, patch_size, 'img_size')
         norm_layer = partial(LayerNorm, eps=norm_eps)
         norm_layer_2d = partial(LayerNorm2d, eps=norm_eps)
         dims = [embed_dim * 2 ** i for i in range(num_stages)]
@@ -279,12 +310,6 @@ class MsMlp(nn.Module):
             trunc_normal_(module.weight, std=.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-
-    def _check_size(self, size: Tuple[int, int], what: str) -> None:
-        if size[0] % self.total_stride or size[1] % self.total_stride or min(size) <= 0:
-            raise ValueError(
-                f'MS-MLP needs height and width that are positive multiples of {self.total_stride} '
-                f'(patch size {self.patch_size} times 2 per patch merging); got {what} {size[0]}x{size[1]}')
 
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str) -> None:
@@ -337,7 +362,7 @@ class MsMlp(nn.Module):
         """Stage outputs (NCHW) selected by ``indices``; ``norm`` has no effect (the head norm follows pooling)."""
         if output_fmt != 'NCHW':
             raise ValueError(f"MS-MLP features are NCHW maps, got output_fmt={output_fmt!r}")
-        self._check_size(x.shape[-2:], 'input')
+        x = check_input_size(x, self.total_stride, self.patch_size)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         x = self.embed_drop(self.patch_embed(x))
@@ -369,7 +394,7 @@ class MsMlp(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Final stage feature map (B, C, H/32, W/32) before pooling."""
-        self._check_size(x.shape[-2:], 'input')
+        x = check_input_size(x, self.total_stride, self.patch_size)
         x = self.embed_drop(self.patch_embed(x))
         return self.stages(x)
 

@@ -31,7 +31,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ConvNormAct, DropPath, SelectAdaptivePool2d, calculate_drop_path_rates, to_2tuple
+from timm.layers import (
+    ConvNormAct,
+    DropPath,
+    SelectAdaptivePool2d,
+    calculate_drop_path_rates,
+    register_notrace_function,
+    to_2tuple,
+)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
@@ -123,6 +130,18 @@ class PartitionConvBn(nn.Module):
         return self.conv.weight * scale.view(-1, 1, 1, 1), shift
 
 
+@register_notrace_function
+def partition_grid(x: torch.Tensor, h: int, w: int) -> tuple[int, int]:
+    """Partition rows and columns of ``x`` (``(B, C, H, W)``); raises if ``H``, ``W`` are off the ``h x w`` grid.
+
+    Not traced by FX (a leaf call), so the size check stays a clear ``ValueError`` in eager use.
+    """
+    H, W = x.shape[-2:]
+    if H % h or W % w:
+        raise ValueError(f"RepMLPBlock input size {H}x{W} is not a multiple of the partition size {h}x{w}")
+    return H // h, W // w
+
+
 class RepMLPBlock(nn.Module):
     """RepMLP block: partition FC (channel-shared per share-set) + local conv branches + global gate.
 
@@ -171,9 +190,7 @@ class RepMLPBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h, w = self.partition_size
-        if H % h or W % w:
-            raise ValueError(f"RepMLPBlock input size {H}x{W} is not a multiple of the partition size {h}x{w}")
-        rows, cols = H // h, W // w
+        rows, cols = partition_grid(x, h, w)
         gate = self.gp(x)
 
         # (B * rows * cols, C, h, w); free of copies when the partition covers the whole map

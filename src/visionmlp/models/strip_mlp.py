@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_function, to_2tuple, trunc_normal_
 from timm.layers.grn import GlobalResponseNorm
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -34,6 +34,21 @@ from .fold import fold_bn_after
 __all__ = ["StripMLPNet"]
 
 _NUM_STAGES = 4
+
+
+@register_notrace_function
+def check_input_size(x: torch.Tensor, img_size: tuple[int, int]) -> torch.Tensor:
+    """Return ``x``, raising if it is not the size the model was built for.
+
+    An FX leaf function (FX only wraps names without a leading underscore); it passes ``x`` through so
+    that the check stays in traced graphs instead of being dropped as dead code.
+    """
+    if tuple(x.shape[-2:]) != tuple(img_size):
+        raise ValueError(
+            f"input is {tuple(x.shape[-2:])} but this Strip-MLP was built for img_size={tuple(img_size)}; "
+            "build the model with the input's size"
+        )
+    return x
 
 
 def _conv1x1_of_concat(
@@ -57,6 +72,8 @@ class StripMixing(nn.Module):
         super().__init__()
         if dim % channel_patches:
             raise ValueError(f"strip mixing width {dim} is not divisible into {channel_patches} channel patches")
+        self.dim = dim
+        self.grid_size = grid_size
         self.channel_patches = channel_patches
         self.groups = dim // channel_patches
         self.proj_h = nn.Conv2d(self.groups * grid_size, self.groups * grid_size, (1, 3), padding=(0, 1),
@@ -78,18 +95,20 @@ class StripMixing(nn.Module):
     def _position_bias(self, table: torch.Tensor) -> torch.Tensor:
         return table[self.pos_index].permute(2, 0, 1)
 
-    @staticmethod
-    def _strip_mlp(x: torch.Tensor, proj: nn.Conv2d) -> torch.Tensor:
+    def _strip_mlp(self, x: torch.Tensor, proj: nn.Conv2d) -> torch.Tensor:
         # x: (N, patches, S, groups, L). Dense over the L positions of each strip per group, 3 taps across
         # the S strips. Laid out with (groups, L) innermost, i.e. channels-last for the grouped conv, which
-        # then runs without reordering its input.
-        n, p, s, g, length = x.shape
+        # then runs without reordering its input. The grid is square and fixed at build time, so S = L =
+        # grid_size; only the batch size is read from the tensor (keeps the module FX-traceable).
+        n = x.shape[0]
+        p, s, g, length = self.channel_patches, self.grid_size, self.groups, self.grid_size
         x = x.reshape(n, p, s, g * length).permute(0, 3, 1, 2)
         x = F.conv2d(x, proj.weight, proj.bias, padding=(0, 1), groups=g)
         return x.permute(0, 2, 3, 1).reshape(n, p, s, g, length)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
+        n = x.shape[0]
+        c, h, w = self.dim, self.grid_size, self.grid_size
         p, g = self.channel_patches, self.groups
         rows = (x + self._position_bias(self.pos_h)).view(n, p, g, h, w).permute(0, 1, 3, 2, 4)
         rows = self._strip_mlp(rows, self.proj_h).permute(0, 1, 3, 2, 4).reshape(n, c, h, w)
@@ -112,20 +131,20 @@ class LocalStripMixing(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
+        self.dim = dim
         self.conv_row = nn.Conv2d(dim, dim, (3, 7), padding=(1, 3), groups=dim, bias=False)
         self.conv_col = nn.Conv2d(dim, dim, (7, 3), padding=(3, 1), groups=dim, bias=False)
         self.reweight = Mlp(dim, dim // 2, dim * 3, use_conv=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[:2]
+        n, c = x.shape[0], self.dim
         x_row = self.conv_row(x)
         x_col = self.conv_col(x)
         # The pooled sum of the three branches is the sum of their pooled means.
         pooled = x_col.mean((2, 3), keepdim=True) + x_row.mean((2, 3), keepdim=True) + x.mean((2, 3), keepdim=True)
         weights = self.reweight(pooled).view(n, c, 3, 1, 1).softmax(dim=2)
-        out = x_col * weights[:, :, 0]
-        out.addcmul_(x_row, weights[:, :, 1])
-        return out.addcmul_(x, weights[:, :, 2])
+        # Chained so that every in-place op feeds the output (FX dead-code elimination drops unused results).
+        return (x_col * weights[:, :, 0]).addcmul_(x_row, weights[:, :, 1]).addcmul_(x, weights[:, :, 2])
 
 
 class TokenMixing(nn.Module):
@@ -174,7 +193,8 @@ class ChannelMixing(nn.Module):
         # Channels-last in, so that the permute below is free and the MLP runs on contiguous rows.
         x = self.conv_dw(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
         x = self.act(self.fc1(self.norm(x)))
-        n, h, w, hidden = x.shape
+        shape = x.shape
+        n, h, w, hidden = shape[0], shape[1], shape[2], shape[3]
         # GRN is x * (1 + gamma * r) + beta with a per-sample, per-channel ratio r, so it folds into a
         # per-sample fc2 weight and a constant bias instead of another pass over the wide hidden tensor.
         x_g = x.norm(p=2, dim=(1, 2))
@@ -358,12 +378,8 @@ class StripMLPNet(nn.Module):
         self.head = (nn.Linear(self.num_features, num_classes, device=device, dtype=dtype)
                      if num_classes > 0 else nn.Identity())
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"input is {tuple(x.shape[-2:])} but this Strip-MLP was built for img_size={self.img_size}; "
-                "build the model with the input's size"
-            )
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return check_input_size(x, self.img_size)
 
     def forward_intermediates(
         self,
@@ -377,7 +393,7 @@ class StripMLPNet(nn.Module):
         """Forward returning the outputs of the selected stages (NCHW), and the final features unless told not to."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        self._check_input(x)
+        x = self._check_input(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
         last_idx = len(self.stages) - 1
@@ -412,7 +428,7 @@ class StripMLPNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The normalised final feature map, (B, C, H/32, W/32)."""
-        self._check_input(x)
+        x = self._check_input(x)
         x, skip = self.stem(x), None
         for stage in self.stages:
             x, skip = stage(x, skip)
@@ -425,7 +441,7 @@ class StripMLPNet(nn.Module):
         x = self.head_drop(x)
         if pre_logits:
             return x
-        if x.ndim == 4:  # no pooling: classify every location
+        if not self.global_pool:  # no pooling: classify every location
             return self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self.head(x)
 

@@ -66,9 +66,11 @@ class PermuteMlp(nn.Module):
         # Mean over tokens of (h + w + c), without materialising the sum.
         pooled = (h.sum((1, 2)) + w.sum((1, 2)) + c.sum((1, 2))).view(B, C) / (H * W)
         weights = self.reweight(pooled).view(B, 1, 1, G, S, 3).softmax(dim=-1)
+        # Out-of-place addcmul: same kernel and rounding as the in-place form, but an in-place op whose result
+        # is unused would be dropped as dead code when the model is symbolically traced (torch.fx).
         out = torch.mul(c, weights[..., 2])
-        out.addcmul_(h, weights[..., 0])
-        out.addcmul_(w, weights[..., 1])
+        out = torch.addcmul(out, h, weights[..., 0])
+        out = torch.addcmul(out, w, weights[..., 1])
         return self.proj(out.view(B, H, W, C))
 
 
