@@ -21,6 +21,7 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def repmlpnet_checkpoint(tmp_path_factory) -> str:
     """A training-form RepMLPNet-T224 checkpoint built for 64x64, with non-trivial BatchNorm statistics."""
+    torch.manual_seed(0)
     model = create_model("repmlpnet_t224", img_size=SIZE)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -73,10 +74,12 @@ def test_convert_int8_reports_agreement_and_reloads(repmlpnet_checkpoint, tmp_pa
     assert 0 <= result["top1_agreement"] <= 100 and result["int8_ms_per_batch"] > 0
     quantized = load_quantized("repmlpnet_t224", output, img_size=SIZE)
     fp32 = create_model("repmlpnet_t224", img_size=SIZE, checkpoint_path=repmlpnet_checkpoint).eval()
-    images = torch.randn(2, 3, SIZE, SIZE)
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert type(quantized.head).__name__ == "Linear" and "quantized" in type(quantized.head).__module__
-        assert (quantized(images) - fp32(images)).abs().max() < 0.05
+        reference = fp32(images)
+        # int8 activations and weights: a few per cent of the logits' scale, far from a broken model
+        assert (quantized(images) - reference).norm() / reference.norm() < 0.1
 
 
 def test_convert_errors_name_the_fix(repmlpnet_checkpoint, tmp_path, capsys):
