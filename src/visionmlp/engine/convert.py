@@ -102,11 +102,20 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, checkpoint_metavar: str = "FILE") -> None:
+    """The flags that say which model a checkpoint holds, shared by convert, export and predict."""
+    parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME", help="model variant")
+    parser.add_argument("--checkpoint", required=True, metavar=checkpoint_metavar,
+                        help="official (any of the five repositories) or visionmlp checkpoint, training or deploy form")
+    parser.add_argument("--img-size", type=int, help="input resolution the model is built for (default: its own)")
+    parser.add_argument("--num-classes", type=int, default=1000, help="classes of the checkpoint's head")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true",
+                        help="read a trusted legacy checkpoint that needs full unpickling")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``visionmlp convert``."""
-    parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME", help="model variant")
-    parser.add_argument("--checkpoint", required=True, metavar="IN",
-                        help="official (any of the five repositories) or visionmlp checkpoint")
+    add_model_arguments(parser, checkpoint_metavar="IN")
     parser.add_argument("--output", metavar="OUT", help="file to write: .pt / .pth (torch) or .safetensors")
     parser.add_argument("--deploy", action="store_true",
                         help="save the folded inference form (locality injection and BatchNorm folding); "
@@ -120,10 +129,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true",
                         help="fold in memory and print the largest output difference from the training form; "
                              "writes nothing")
-    parser.add_argument("--img-size", type=int, help="input resolution the model is built for (default: its own)")
-    parser.add_argument("--num-classes", type=int, default=1000, help="classes of the checkpoint's head")
-    parser.add_argument("--allow-unsafe-pickle", action="store_true",
-                        help="read a trusted legacy checkpoint that needs full unpickling")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 

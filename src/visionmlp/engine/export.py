@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import read_checkpoint, unwrap_state_dict
-from ..models import MODEL_NAMES, deploy_model_from_state_dict
-from .convert import input_size, random_batch, training_form_model
+from ..models import deploy_model_from_state_dict
+from .convert import add_model_arguments, input_size, random_batch, training_form_model
 
 FORMAT_SUFFIXES = {"onnx": ".onnx", "exported-program": ".pt2"}
 ONNX_OPSET = 18
@@ -102,17 +102,11 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``visionmlp export``."""
-    parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME", help="model variant")
-    parser.add_argument("--checkpoint", required=True, metavar="FILE",
-                        help="official or visionmlp checkpoint, training or deploy form")
+    add_model_arguments(parser)
     parser.add_argument("--format", required=True, choices=list(FORMAT_SUFFIXES),
                         help="onnx (.onnx, opset %d) or exported-program (.pt2, torch.export)" % ONNX_OPSET)
     parser.add_argument("--output", required=True, metavar="OUT", help="file to write")
     parser.add_argument("--deploy", action="store_true", help="export the folded inference form")
-    parser.add_argument("--img-size", type=int, help="input resolution (default: the model's own)")
-    parser.add_argument("--num-classes", type=int, default=1000, help="classes of the checkpoint's head")
-    parser.add_argument("--allow-unsafe-pickle", action="store_true",
-                        help="read a trusted legacy checkpoint that needs full unpickling")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 

@@ -13,8 +13,8 @@ from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from torch import nn
 
 from ..checkpoint import read_checkpoint, unwrap_state_dict
-from ..models import MODEL_NAMES, deploy_model_from_state_dict
-from .convert import training_form_model
+from ..models import deploy_model_from_state_dict
+from .convert import add_model_arguments, training_form_model
 
 
 def load_image(path: str | Path) -> Any:
@@ -54,16 +54,9 @@ def predict(model: nn.Module, paths: list[str], top_k: int = 5, img_size: int | 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``visionmlp predict``."""
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything PIL reads)")
-    parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME", help="model variant")
-    parser.add_argument("--checkpoint", required=True, metavar="FILE",
-                        help="official or visionmlp checkpoint, training or deploy form")
+    add_model_arguments(parser)
     parser.add_argument("--deploy", action="store_true", help="run the folded inference form")
-    parser.add_argument("--img-size", type=int, help="input resolution (default: the model's own)")
-    parser.add_argument("--num-classes", type=int, default=1000,
-                        help="classes of the checkpoint's head (names are shown for 1000)")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
-    parser.add_argument("--allow-unsafe-pickle", action="store_true",
-                        help="read a trusted legacy checkpoint that needs full unpickling")
     parser.add_argument("--json", action="store_true", help="print the result as a JSON list")
 
 
