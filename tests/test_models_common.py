@@ -212,3 +212,29 @@ def test_default_resolution_matches_pretrained_cfg(name):
     unpooled = create_model(name, num_classes=0, global_pool="").eval()
     with torch.no_grad():
         assert unpooled(x).shape == unpooled_shape
+
+
+# The smallest variant of each family, plus RepMLPNet's deploy form (its blocks have no conv branches).
+SCRIPTED = ["ms_mlp_tiny", "vip_s7", "strip_mlp_tiny_light", "raft_mlp_s", "repmlpnet_t224"]
+
+
+@pytest.mark.parametrize(("name", "deploy"), [(n, False) for n in SCRIPTED] + [("repmlpnet_t224", True)])
+def test_torchscript_and_fx_torchscript_match_eager(name, deploy):
+    # As timm's test-suite does: built under set_scriptable, scripted directly and after FX tracing.
+    from timm.layers import set_scriptable
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    kwargs = {"deploy": True} if deploy else {}
+    with set_scriptable(True):
+        model = small_model(name, **kwargs).eval()
+    img = SMALL_IMG[name]
+    x = torch.randn(2, 3, img, img)
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    _, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    fx_model = create_feature_extractor(model, return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(torch.jit.script(model)(x), expected, rtol=1e-6, atol=1e-6)
+        (fx_scripted,) = torch.jit.script(fx_model)(x).values()
+        torch.testing.assert_close(fx_scripted, expected, rtol=1e-6, atol=1e-6)

@@ -62,8 +62,8 @@ def test_token_slices_on_cpu_give_the_same_block_output():
 
 
 def test_channel_split_follows_torch_chunk_and_rejects_impossible_widths():
-    assert MixShiftBlock(96).group_sizes == (20, 20, 20, 20, 16)
-    assert MixShiftBlock(192).group_sizes == tuple(c.shape[0] for c in torch.zeros(192).chunk(5))
+    assert MixShiftBlock(96).group_sizes == [20, 20, 20, 20, 16]
+    assert MixShiftBlock(192).group_sizes == [c.shape[0] for c in torch.zeros(192).chunk(5)]
     with pytest.raises(ValueError, match="torch.chunk"):
         MixShiftBlock(6)  # torch.chunk(6 channels, 5) gives only 3 chunks
     with pytest.raises(ValueError, match="odd"):

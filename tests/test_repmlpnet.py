@@ -49,8 +49,7 @@ def _direct_block(block: RepMLPBlock, x: torch.Tensor) -> torch.Tensor:
     parts = x.reshape(B, C, rows, h, cols, w).permute(0, 2, 4, 1, 3, 5).reshape(-1, S * h * w, 1, 1)
     out = F.conv2d(parts, block.fc3.weight, block.fc3.bias, groups=S).reshape(-1, S, h, w)
     out = block.fc3_bn(out)
-    for k in block.conv_kernels:
-        branch = getattr(block, f"repconv{k}")
+    for branch in block.repconvs.values():
         out = out + branch.bn(branch.conv(parts.reshape(-1, S, h, w)))
     out = out.reshape(B, rows, cols, C, h, w).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
     return out * block.gp(x)
@@ -72,7 +71,7 @@ def test_block_trains_standalone():
     block = RepMLPBlock(8, 4, num_sharesets=2).train()
     x = torch.randn(2, 8, 8, 8, requires_grad=True)
     block(x).square().mean().backward()
-    assert x.grad is not None and block.repconv3.conv.weight.grad.abs().sum() > 0
+    assert x.grad is not None and block.repconvs["3"].conv.weight.grad.abs().sum() > 0
     assert block.fc3.weight.grad.abs().sum() > 0
 
 
@@ -95,7 +94,7 @@ def test_local_inject_is_exact_in_fp32():
 def test_folded_model_has_the_deploy_layout_and_refolding_is_harmless():
     model = _model()
     deploy_keys = set(visionmlp.create_model("repmlpnet_t224", img_size=SMALL, deploy=True, **TINY).state_dict())
-    assert any(".repconv3." in k for k in model.state_dict())
+    assert any(".repconvs.3." in k for k in model.state_dict())
     visionmlp.reparameterize(model)
     assert set(model.state_dict()) == deploy_keys
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, LayerNorm2d, Mlp, NormMlpClassifierHead
-from timm.layers import register_notrace_function, to_2tuple, trunc_normal_
+from timm.layers import is_scriptable, register_notrace_function, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
@@ -56,12 +56,12 @@ def _group_sizes(dim: int, num_groups: int) -> Tuple[int, ...]:
     return sizes
 
 
-def _check_size(size: Sequence[int], total_stride: int, patch_size: int, what: str) -> None:
-    """Raise a clear ValueError unless ``size`` (height, width) is made of positive multiples of ``total_stride``."""
-    if size[0] % total_stride or size[1] % total_stride or min(size) <= 0:
+def _check_size(height: int, width: int, total_stride: int, patch_size: int, what: str) -> None:
+    """Raise a clear ValueError unless ``height`` and ``width`` are positive multiples of ``total_stride``."""
+    if height % total_stride != 0 or width % total_stride != 0 or height <= 0 or width <= 0:
         raise ValueError(
             f'MS-MLP needs height and width that are positive multiples of {total_stride} '
-            f'(patch size {patch_size} times 2 per patch merging); got {what} {size[0]}x{size[1]}')
+            f'(patch size {patch_size} times 2 per patch merging); got {what} {height}x{width}')
 
 
 # The FX leaf functions below (``register_notrace_function``) have public names on purpose: torch.fx only
@@ -69,19 +69,19 @@ def _check_size(size: Sequence[int], total_stride: int, patch_size: int, what: s
 @register_notrace_function  # a leaf under FX: the check branches on the input's (traced) size
 def check_input_size(x: torch.Tensor, total_stride: int, patch_size: int) -> torch.Tensor:
     """Check an NCHW input's spatial size (see ``_check_size``) and return it unchanged."""
-    _check_size(x.shape[-2:], total_stride, patch_size, 'input')
+    _check_size(x.shape[-2], x.shape[-1], total_stride, patch_size, 'input')
     return x
 
 
 @register_notrace_function  # a leaf under FX: the slice bounds depend on the (traced) map size
-def roll_groups(x: torch.Tensor, group_sizes: Sequence[int], shifts: Sequence[int], dim: int) -> torch.Tensor:
+def roll_groups(x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int) -> torch.Tensor:
     """A channels-last copy of ``x`` with each channel group cyclically rolled by its own shift along ``dim``."""
     out = torch.empty_like(x, memory_format=torch.channels_last)
     _roll_groups_into(out, x, group_sizes, shifts, dim)
     return out
 
 
-def _roll_groups_into(out: torch.Tensor, x: torch.Tensor, group_sizes: Sequence[int], shifts: Sequence[int], dim: int):
+def _roll_groups_into(out: torch.Tensor, x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int):
     """Write ``x`` into ``out`` with each channel group cyclically rolled by its own shift along ``dim``."""
     length = x.shape[dim]
     start = 0
@@ -106,6 +106,15 @@ def _kernel_runs(mix_sizes: Sequence[int]) -> Tuple[Tuple[int, int, int], ...]:
         else:
             runs.append((i, i + 1, k))
     return tuple(runs)
+
+
+def _cat_biases(biases: List[Optional[torch.Tensor]]) -> torch.Tensor:
+    """Concatenate conv biases (all present; TorchScript types ``conv.bias`` as optional)."""
+    present: List[torch.Tensor] = []
+    for bias in biases:
+        if bias is not None:
+            present.append(bias)
+    return torch.cat(present)
 
 
 @register_notrace_function  # a leaf under FX: the device test and the slicing depend on the traced input
@@ -154,9 +163,11 @@ class MixShiftBlock(nn.Module):
             raise ValueError(f'need one mix size per shift distance, got {list(mix_sizes)} and {list(shift_dists)}')
         if any(k < 1 or k % 2 == 0 for k in mix_sizes):
             raise ValueError(f'mix sizes must be odd and positive to keep the map size, got {list(mix_sizes)}')
-        self.group_sizes = _group_sizes(dim, len(shift_dists))
-        self.shift_dists = tuple(shift_dists)
-        self.kernel_runs = _kernel_runs(mix_sizes)
+        # lists, not tuples: TorchScript slices lists (not tuples) by run-time indices
+        self.group_sizes = list(_group_sizes(dim, len(shift_dists)))
+        self.group_starts = [sum(self.group_sizes[:i]) for i in range(len(self.group_sizes) + 1)]
+        self.shift_dists = list(shift_dists)
+        self.kernel_runs = list(_kernel_runs(mix_sizes))
         self.dwconv_lr = nn.ModuleList([
             nn.Conv2d(c, c, kernel_size=k, padding=k // 2, groups=c) for c, k in zip(self.group_sizes, mix_sizes)])
         self.dwconv_td = nn.ModuleList([
@@ -165,28 +176,37 @@ class MixShiftBlock(nn.Module):
         self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=act_layer)
         self.gamma = nn.Parameter(ls_init_value * torch.ones(dim)) if ls_init_value > 0 else None
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        # The cache-blocked channel MLP is a leaf call that takes this module, which TorchScript cannot
+        # compile; a model built under timm's set_scriptable(True) leaves it out, also from FX graphs.
+        self.chunked_mlp = not is_scriptable()
 
-    def _mix_run(self, x: torch.Tensor, first: int, last: int, kernel_size: int) -> torch.Tensor:
-        """Both branches for groups ``first..last-1``, which share one kernel size."""
-        group_sizes, shifts = self.group_sizes[first:last], self.shift_dists[first:last]
-        channels = sum(group_sizes)
-        x = x.narrow(1, sum(self.group_sizes[:first]), channels)
-        out = None
-        for convs, dim in ((self.dwconv_lr[first:last], 3), (self.dwconv_td[first:last], 2)):
-            rolled = roll_groups(x, group_sizes, shifts, dim)
-            weight = torch.cat([conv.weight for conv in convs])
-            bias = torch.cat([conv.bias for conv in convs])
-            if kernel_size == 1:  # a 1x1 depth-wise conv is a per-channel affine; conv2d would take a slow path
-                mixed = torch.addcmul(bias[:, None, None], rolled, weight.view(-1, 1, 1))
-            else:
-                mixed = F.conv2d(rolled, weight, bias, padding=kernel_size // 2, groups=channels)
-            out = mixed if out is None else out + mixed
-        return out
+    def _mix_run(
+            self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, first: int, last: int,
+            kernel_size: int, dim: int,
+    ) -> torch.Tensor:
+        """One branch for groups ``first..last-1``, which share ``kernel_size``: roll along ``dim``, then mix."""
+        rolled = roll_groups(x, self.group_sizes[first:last], self.shift_dists[first:last], dim)
+        if kernel_size == 1:  # a 1x1 depth-wise conv is a per-channel affine; conv2d would take a slow path
+            return torch.addcmul(bias[:, None, None], rolled, weight.view(-1, 1, 1))
+        channels = self.group_starts[last] - self.group_starts[first]
+        return F.conv2d(rolled, weight, bias, padding=kernel_size // 2, groups=channels)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of the width-rolled and height-rolled branches, each mixed by its per-group kernels."""
-        # Consecutive groups with equal kernel sizes share one conv call per branch.
-        mixed = [self._mix_run(x, first, last, k) for first, last, k in self.kernel_runs]
+        lr_weights = [conv.weight for conv in self.dwconv_lr]
+        lr_biases: List[Optional[torch.Tensor]] = [conv.bias for conv in self.dwconv_lr]
+        td_weights = [conv.weight for conv in self.dwconv_td]
+        td_biases: List[Optional[torch.Tensor]] = [conv.bias for conv in self.dwconv_td]
+        # Consecutive groups with equal kernel sizes share one conv call per branch (kernels concatenated).
+        mixed: List[torch.Tensor] = []
+        for first, last, k in self.kernel_runs:
+            start = self.group_starts[first]
+            run = x.narrow(1, start, self.group_starts[last] - start)
+            lr_weight, lr_bias = torch.cat(lr_weights[first:last]), _cat_biases(lr_biases[first:last])
+            td_weight, td_bias = torch.cat(td_weights[first:last]), _cat_biases(td_biases[first:last])
+            lr = self._mix_run(run, lr_weight, lr_bias, first, last, k, 3)
+            td = self._mix_run(run, td_weight, td_bias, first, last, k, 2)
+            mixed.append(lr + td)
         return mixed[0] if len(mixed) == 1 else torch.cat(mixed, dim=1)
 
     def channel_mlp(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +216,7 @@ class MixShiftBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mixed = self.mix(x).permute(0, 2, 3, 1)
-        if self.training and isinstance(self.drop_path, DropPath):
+        if torch.jit.is_scripting() or not self.chunked_mlp or (self.training and isinstance(self.drop_path, DropPath)):
             return x + self.drop_path(self.channel_mlp(mixed).permute(0, 3, 1, 2))
         return residual_channel_mlp(self, x.permute(0, 2, 3, 1), mixed).permute(0, 3, 1, 2)
 
@@ -273,7 +293,7 @@ class MsMlp(nn.Module):
         self.patch_size = patch_size
         self.total_stride = patch_size * 2 ** (num_stages - 1)
         if img_size is not None:
-            _check_size(to_2tuple(img_size), self.total_stride, patch_size, 'img_size')
+            _check_size(*to_2tuple(img_size), self.total_stride, patch_size, 'img_size')
         norm_layer = partial(LayerNorm, eps=norm_eps)
         norm_layer_2d = partial(LayerNorm2d, eps=norm_eps)
         dims = [embed_dim * 2 ** i for i in range(num_stages)]

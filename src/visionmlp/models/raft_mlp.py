@@ -38,11 +38,12 @@ __all__ = ['RaftMLP', 'checkpoint_filter_fn']
 @register_notrace_function
 def _check_input_size(x: torch.Tensor, img_size: Tuple[int, int]) -> None:
     """Raise a ValueError unless ``x`` has the spatial size the model was built for."""
-    if tuple(x.shape[-2:]) != tuple(img_size):
+    height, width = x.shape[-2], x.shape[-1]
+    if height != img_size[0] or width != img_size[1]:
         raise ValueError(
-            f'input is {x.shape[-2]}x{x.shape[-1]} but the model was built for img_size={tuple(img_size)}; '
-            f'the token-mixing weights depend on the grid, so build the model with img_size=({x.shape[-2]}, '
-            f'{x.shape[-1]}) (each side a multiple of the total stride)')
+            f'input is {height}x{width} but the model was built for img_size=({img_size[0]}, {img_size[1]}); '
+            f'the token-mixing weights depend on the grid, so build the model with img_size=({height}, '
+            f'{width}) (each side a multiple of the total stride)')
 
 
 torch.fx.wrap('_check_input_size')

@@ -21,9 +21,9 @@ one depth-wise convolution over all channels of the partitions; all are the same
 (off by default, as in the official models) is available on both residual branches.
 """
 
-from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -184,8 +184,8 @@ class RepMLPBlock(nn.Module):
         self.gp = GlobalPerceptron(dim, dim // gp_reduction)
         self.fc3 = PartitionLinear(num_sharesets, area, bias=deploy)
         self.fc3_bn = nn.Identity() if deploy else nn.BatchNorm2d(num_sharesets)
-        for k in self.conv_kernels:
-            self.add_module(f"repconv{k}", PartitionConvBn(num_sharesets, k))
+        # keyed by kernel size; the official checkpoints name these ``repconv{k}`` (see checkpoint_filter_fn)
+        self.repconvs = nn.ModuleDict({str(k): PartitionConvBn(num_sharesets, k) for k in self.conv_kernels})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -197,8 +197,8 @@ class RepMLPBlock(nn.Module):
         parts = x.reshape(B, C, rows, h, cols, w).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, h, w)
         out = self.fc3(parts.reshape(-1, self.num_sharesets, h * w)).reshape(-1, self.num_sharesets, h, w)
         out = self.fc3_bn(out)
-        for k in self.conv_kernels:
-            out = out + getattr(self, f"repconv{k}")(parts)
+        for branch in self.repconvs.values():
+            out = out + branch(parts)
 
         out = out.reshape(B, rows, cols, C, h, w).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
         return out * gate
@@ -216,9 +216,9 @@ class RepMLPBlock(nn.Module):
         if self.conv_kernels:
             size = max(self.conv_kernels)
             kernel = weight.new_zeros(S, 1, size, size)
-            for k in self.conv_kernels:
-                branch_kernel, branch_bias = getattr(self, f"repconv{k}").fused_kernel()
-                kernel = kernel + F.pad(branch_kernel, [(size - k) // 2] * 4)
+            for branch in self.repconvs.values():
+                branch_kernel, branch_bias = branch.fused_kernel()
+                kernel = kernel + F.pad(branch_kernel, [(size - branch.kernel_size) // 2] * 4)
                 bias = bias + branch_bias.view(S, 1)
             # column p of the FC is the conv's response to a unit impulse at position p
             impulses = torch.eye(area, dtype=weight.dtype, device=weight.device).view(area, 1, h, w)
@@ -237,20 +237,18 @@ class RepMLPBlock(nn.Module):
         fc3.bias.copy_(bias)
         self.fc3 = fc3
         self.fc3_bn = nn.Identity()
-        for k in self.conv_kernels:
-            delattr(self, f"repconv{k}")
+        self.repconvs = nn.ModuleDict()
         self.conv_kernels = ()
         self.deploy = True
 
 
-def _pointwise_conv_norm(layer: ConvNormAct, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for a 1x1 conv, with the conv run as a matmul (much faster on CPU than NCHW conv)."""
+def _pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 conv run as a matmul (much faster on CPU than an NCHW conv)."""
     B, C, H, W = x.shape
-    weight = layer.conv.weight
     x = torch.matmul(weight.view(weight.shape[0], C), x.reshape(B, C, H * W))
-    if layer.conv.bias is not None:  # the deploy form, with the BN folded into the conv
-        x = x + layer.conv.bias.view(-1, 1)
-    return layer.bn(x.view(B, -1, H, W))
+    if bias is not None:  # the deploy form, with the BN folded into the conv
+        x = x + bias.view(-1, 1)
+    return x.view(B, -1, H, W)
 
 
 class ConvFfn(nn.Module):
@@ -262,7 +260,8 @@ class ConvFfn(nn.Module):
         self.ffn_fc2 = ConvNormAct(hidden_dim, dim, 1, apply_act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _pointwise_conv_norm(self.ffn_fc2, _pointwise_conv_norm(self.ffn_fc1, x))
+        x = self.ffn_fc1.bn(_pointwise_conv(x, self.ffn_fc1.conv.weight, self.ffn_fc1.conv.bias))
+        return self.ffn_fc2.bn(_pointwise_conv(x, self.ffn_fc2.conv.weight, self.ffn_fc2.conv.bias))
 
 
 class RepMLPNetLayer(nn.Module):
@@ -358,8 +357,12 @@ class RepMLPNet(nn.Module):
                 )
                 for j in range(depths[i])
             ]))
+            # the embedding that follows each stage; the last stage's is an Identity so that stages and
+            # embeds pair up in one zip, which TorchScript compiles (it indexes module lists only by literals)
             if i < num_stages - 1:
                 embeds.append(ConvNormAct(dims[i], dims[i + 1], 2, stride=2, padding=0))
+            else:
+                embeds.append(nn.Identity())
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.ModuleList(stages)
         self.embeds = nn.ModuleList(embeds)
@@ -459,7 +462,7 @@ class RepMLPNet(nn.Module):
         if prune_norm or prune_end:
             self.head_norm = nn.Identity()  # sized for the last stage only
         self.stages = self.stages[:max_index + 1]
-        self.embeds = self.embeds[:max_index]
+        self.embeds = nn.ModuleList([*self.embeds[:max_index], nn.Identity()])
         if prune_end:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         if prune_head or prune_end:
@@ -469,8 +472,12 @@ class RepMLPNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized last-stage feature map, ``(B, C, H / 32, W / 32)``."""
         x = self.conv_embedding(x)
-        for i in range(len(self.stages)):
-            x = self._run_stage(i, x)
+        for stage, embed in zip(self.stages, self.embeds):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+            x = embed(x)
         return self.head_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -489,7 +496,7 @@ class RepMLPNet(nn.Module):
 def _fold_block_state(state_dict: StateDict, prefix: str, block: RepMLPBlock) -> StateDict:
     """State of ``block`` (deploy form) from a training-form checkpoint's entries under ``prefix``."""
     own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    kernels = sorted(v.shape[-1] for k, v in own.items() if k.startswith("repconv") and k.endswith(".conv.weight"))
+    kernels = sorted(v.shape[-1] for k, v in own.items() if k.startswith("repconvs.") and k.endswith(".conv.weight"))
     reference = own["fc3.weight"]
     with torch.device(reference.device):
         trained = RepMLPBlock(block.dim, block.partition_size, block.num_sharesets, kernels, block.gp_reduction)
@@ -501,10 +508,11 @@ def _fold_block_state(state_dict: StateDict, prefix: str, block: RepMLPBlock) ->
 def checkpoint_filter_fn(state_dict: StateDict, model: RepMLPNet) -> StateDict:
     """Official (training or deploy form) or visionmlp state dict -> keys of ``model``.
 
-    Key names already match. A training-form checkpoint loaded into a deploy-form model is folded
-    here (locality injection); a deploy checkpoint cannot be unfolded into a training-form model.
+    Key names match except the conv branches (official ``repconv3.*``, ours ``repconvs.3.*``). A
+    training-form checkpoint loaded into a deploy-form model is folded here (locality injection); a deploy
+    checkpoint cannot be unfolded into a training-form model.
     """
-    out = dict(state_dict)
+    out = {re.sub(r"(^|\.)repconv(\d+)\.", r"\1repconvs.\2.", k): v for k, v in state_dict.items()}
     for name, block in model.named_modules():
         if not isinstance(block, RepMLPBlock):
             continue

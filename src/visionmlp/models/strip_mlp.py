@@ -14,7 +14,6 @@ The strip MLP layers mix whole rows and columns of the token grid with dense wei
 built for one `img_size`. The official model re-uses one hard-coded drop-path rate of 0.1 for every
 block whatever it is asked for; here `drop_path_rate` (default 0.1, applied to every block alike) sets it.
 """
-from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
@@ -43,9 +42,10 @@ def check_input_size(x: torch.Tensor, img_size: tuple[int, int]) -> torch.Tensor
     An FX leaf function (FX only wraps names without a leading underscore); it passes ``x`` through so
     that the check stays in traced graphs instead of being dropped as dead code.
     """
-    if tuple(x.shape[-2:]) != tuple(img_size):
+    height, width = x.shape[-2], x.shape[-1]
+    if height != img_size[0] or width != img_size[1]:
         raise ValueError(
-            f"input is {tuple(x.shape[-2:])} but this Strip-MLP was built for img_size={tuple(img_size)}; "
+            f"input is ({height}, {width}) but this Strip-MLP was built for img_size=({img_size[0]}, {img_size[1]}); "
             "build the model with the input's size"
         )
     return x
@@ -95,7 +95,7 @@ class StripMixing(nn.Module):
     def _position_bias(self, table: torch.Tensor) -> torch.Tensor:
         return table[self.pos_index].permute(2, 0, 1)
 
-    def _strip_mlp(self, x: torch.Tensor, proj: nn.Conv2d) -> torch.Tensor:
+    def _strip_mlp(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: (N, patches, S, groups, L). Dense over the L positions of each strip per group, 3 taps across
         # the S strips. Laid out with (groups, L) innermost, i.e. channels-last for the grouped conv, which
         # then runs without reordering its input. The grid is square and fixed at build time, so S = L =
@@ -103,7 +103,7 @@ class StripMixing(nn.Module):
         n = x.shape[0]
         p, s, g, length = self.channel_patches, self.grid_size, self.groups, self.grid_size
         x = x.reshape(n, p, s, g * length).permute(0, 3, 1, 2)
-        x = F.conv2d(x, proj.weight, proj.bias, padding=(0, 1), groups=g)
+        x = F.conv2d(x, weight, bias, padding=(0, 1), groups=g)
         return x.permute(0, 2, 3, 1).reshape(n, p, s, g, length)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,10 +111,10 @@ class StripMixing(nn.Module):
         c, h, w = self.dim, self.grid_size, self.grid_size
         p, g = self.channel_patches, self.groups
         rows = (x + self._position_bias(self.pos_h)).view(n, p, g, h, w).permute(0, 1, 3, 2, 4)
-        rows = self._strip_mlp(rows, self.proj_h).permute(0, 1, 3, 2, 4).reshape(n, c, h, w)
+        rows = self._strip_mlp(rows, self.proj_h.weight, self.proj_h.bias).permute(0, 1, 3, 2, 4).reshape(n, c, h, w)
         rows = self.act(self.norm(_conv1x1_of_concat(rows, x, self.fuse_h.weight, self.fuse_h.bias)))
         cols = (rows + self._position_bias(self.pos_w)).view(n, p, g, h, w).permute(0, 1, 4, 2, 3)
-        cols = self._strip_mlp(cols, self.proj_w).permute(0, 1, 3, 4, 2).reshape(n, c, h, w)
+        cols = self._strip_mlp(cols, self.proj_w.weight, self.proj_w.bias).permute(0, 1, 3, 4, 2).reshape(n, c, h, w)
         return _conv1x1_of_concat(x, cols, self.fuse_w.weight)
 
     def fold_batchnorm(self) -> int:

@@ -13,7 +13,6 @@ back into place, and the pooled descriptor is summed branch by branch; the maths
 parameter layout are unchanged (official ``network.N`` keys are mapped onto ``stages`` on load).
 """
 
-from __future__ import annotations
 
 import math
 import re
