@@ -1,67 +1,181 @@
-"""CPU throughput of the visionmlp variants: fp32 eager against the fastest inference path, as a Markdown table.
+"""CPU speed of the visionmlp variants against a baseline implementation, as Markdown tables.
 
-Each model runs twice at its native resolution: as built (fp32, contiguous, eager) and folded for
-deployment in a low-precision dtype with channels-last memory (optionally compiled). Both runs report the
-achieved fraction of this machine's matmul peak measured in that dtype.
+For each variant at its native resolution this prints fp32 eager inference (images/s and the fraction of
+this machine's fp32 matmul peak), the fastest inference path (deploy form, low-precision dtype,
+channels-last, optionally compiled) and, with ``--train``, the fp32 training step with its peak memory.
 
-    python benchmarks/bench_cpu.py                          # all 19, 2 threads, batch 8
-    python benchmarks/bench_cpu.py --models vip_s7,raft_mlp_s --compile
+With ``--baseline FILE.py`` every figure is also taken for a baseline model built by ``build(name)`` in
+that file, for instance the official implementation from a clone of its repository, and the speed
+targets of the project are checked (see benchmarks/README.md). visionmlp ships no official code; the
+file is yours to write.
+
+    python benchmarks/bench_cpu.py                                   # all 19, 2 threads, batch 8
+    python benchmarks/bench_cpu.py --models vip_s7,raft_mlp_s --baseline ~/official_builders.py --train
 """
 
-from __future__ import annotations
-
 import argparse
+import importlib.util
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from visionmlp.engine.benchmark import DTYPES, parse_model_names, run_benchmark
+import torch
+from torch import nn
+
+from visionmlp.engine.benchmark import (
+    DTYPES,
+    benchmark_model,
+    default_img_size,
+    matmul_peak_gflops,
+    parse_model_names,
+    run_benchmark,
+)
+
+# Speed targets for fp32 eager inference against the baseline: 1.5x, or 85 % of the matmul roofline
+# where 1.5x would pass it; never slower.
+TARGET_SPEEDUP = 1.5
+TARGET_ROOFLINE = 0.85
+TARGET_TRAIN_SPEEDUP = 1.3
+TARGET_BEST_PATH_SPEEDUP = 4.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options of this script."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="all", help="'all' (default) or a comma-separated list of variants")
+    parser.add_argument("--baseline", type=Path, help="Python file whose build(name) returns the baseline model")
+    parser.add_argument("--train", action="store_true", help="also time the fp32 training step (AdamW)")
     parser.add_argument("--threads", type=int, default=2, help="CPU intra-op threads (default: 2)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default: 8)")
-    parser.add_argument("--best-dtype", choices=list(DTYPES), default="bf16", help="dtype of the fast path")
+    parser.add_argument("--best-dtype", choices=["auto", *DTYPES], default="auto",
+                        help="dtype of the fast path; auto (default): the one with this machine's highest matmul peak")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the fast path")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default: 3)")
-    parser.add_argument("--reps", type=int, default=10, help="timed steps (default: 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (default: 2)")
+    parser.add_argument("--reps", type=int, default=6, help="timed steps (default: 6)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="ours and the baseline alternate this many times; the faster round of each counts")
     return parser.parse_args(argv)
 
 
-def compare(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The fp32 eager run and the fast-path run of one variant."""
+def load_baseline(path: Path) -> Callable[[str], nn.Module]:
+    """The ``build(name) -> nn.Module`` function of the file at ``path``."""
+    if not path.is_file():
+        raise SystemExit(f"--baseline {path}: no such file; pass a Python file that defines build(name)")
+    spec = importlib.util.spec_from_file_location("visionmlp_benchmark_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "build", None)):
+        raise SystemExit(f"--baseline {path} defines no build(name) function returning an nn.Module")
+    return module.build
+
+
+def fastest_dtype(threads: int) -> str:
+    """The dtype with this CPU's highest matmul peak (bf16 only pays where the CPU computes in it natively)."""
+    cpu = torch.device("cpu")
+    return max(DTYPES, key=lambda dtype: matmul_peak_gflops(cpu, DTYPES[dtype], threads))
+
+
+def measure(
+    name: str, args: argparse.Namespace, best_dtype: str, build_baseline: Callable[[str], nn.Module] | None
+) -> dict[str, Any]:
+    """Every run of one variant: ours (and the baseline's) fp32 eager, our fast path, the training steps.
+
+    Ours and the baseline alternate for ``args.rounds`` rounds and the faster round of each counts, so
+    that a passing load on the machine does not favour whichever ran second.
+    """
     common = {"batch_size": args.batch_size, "warmup": args.warmup, "reps": args.reps, "threads": args.threads}
-    eager = run_benchmark(name, **common)
-    best = run_benchmark(
-        name, dtype=args.best_dtype, channels_last=True, deploy=True, compile=args.compile, **common
-    )
-    return eager, best
+    modes = ["infer", "train"] if args.train else ["infer"]
+    runs: dict[str, Any] = {}
+    for mode in modes:
+        ours_key, base_key = ("eager", "base_eager") if mode == "infer" else ("train", "base_train")
+        baseline = build_baseline(name) if build_baseline is not None else None
+        for _ in range(args.rounds if baseline is not None else 1):
+            candidates = {ours_key: run_benchmark(name, mode=mode, **common)}
+            if baseline is not None:
+                candidates[base_key] = benchmark_model(baseline, img_size=default_img_size(name), mode=mode, **common)
+            for key, result in candidates.items():
+                if key not in runs or result["images_per_s"] > runs[key]["images_per_s"]:
+                    runs[key] = result
+        del baseline
+    runs["best"] = run_benchmark(name, dtype=best_dtype, channels_last=True, deploy=True, compile=args.compile,
+                                 **common)
+    return runs
+
+
+def inference_row(name: str, runs: dict[str, Any]) -> str:
+    """One row of the inference table."""
+    eager, best = runs["eager"], runs["best"]
+    cells = [name, f"{eager['gmacs']:.2f}"]
+    if "base_eager" in runs:
+        base = runs["base_eager"]
+        speedup = eager["images_per_s"] / base["images_per_s"]
+        # the baseline's fraction of the roofline, on our FLOP count (same maths)
+        base_roofline = eager["roofline_fraction"] * base["images_per_s"] / eager["images_per_s"]
+        roofline_bound = base_roofline * TARGET_SPEEDUP > TARGET_ROOFLINE
+        met = speedup >= 1.0 and (
+            speedup >= TARGET_SPEEDUP or (roofline_bound and eager["roofline_fraction"] >= TARGET_ROOFLINE))
+        cells += [f"{base['images_per_s']:.2f}", f"{100 * base_roofline:.0f} %"]
+    cells += [f"{eager['images_per_s']:.2f}", f"{100 * eager['roofline_fraction']:.0f} %"]
+    if "base_eager" in runs:
+        target = f"{100 * TARGET_ROOFLINE:.0f} % roofline" if roofline_bound else f"{TARGET_SPEEDUP}x"
+        cells += [f"{speedup:.2f}x", f"{target}: {'met' if met else 'not met'}"]
+    cells += [f"{best['images_per_s']:.2f}"]
+    if "base_eager" in runs:
+        best_speedup = best["images_per_s"] / runs["base_eager"]["images_per_s"]
+        cells += [f"{best_speedup:.2f}x ({'met' if best_speedup >= TARGET_BEST_PATH_SPEEDUP else 'not met'})"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def train_row(name: str, runs: dict[str, Any]) -> str:
+    """One row of the training table."""
+    train = runs["train"]
+    cells = [name]
+    if "base_train" in runs:
+        base = runs["base_train"]
+        cells += [f"{base['images_per_s']:.2f}", f"{base['peak_memory_mib']:.0f}"]
+    cells += [f"{train['images_per_s']:.2f}", f"{train['peak_memory_mib']:.0f}"]
+    if "base_train" in runs:
+        speedup = train["images_per_s"] / base["images_per_s"]
+        memory_ok = train["peak_memory_mib"] <= base["peak_memory_mib"]
+        met = speedup >= TARGET_TRAIN_SPEEDUP and memory_ok
+        cells += [f"{speedup:.2f}x", "met" if met else "not met"]
+    return "| " + " | ".join(cells) + " |"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the comparison and print the table."""
+    """Run the measurements and print the tables."""
     args = parse_args(argv)
     names = parse_model_names(args.models)
-    fast_path = f"{args.best_dtype}, deploy, channels-last" + (", compiled" if args.compile else "")
-    rows = []
+    build_baseline = load_baseline(args.baseline) if args.baseline else None
+    best_dtype = fastest_dtype(args.threads) if args.best_dtype == "auto" else args.best_dtype
+    sizes = {name: default_img_size(name) for name in names}  # before a baseline import can touch timm's registry
+    results = {}
     for name in names:
-        eager, best = compare(name, args)
-        print(f"{name}: {eager['images_per_s']:.1f} -> {best['images_per_s']:.1f} img/s", file=sys.stderr)
-        rows.append(
-            f"| {name} | {eager['img_size']} | {eager['gmacs']:.3f} | {eager['images_per_s']:.1f} "
-            f"| {100 * eager['roofline_fraction']:.1f} % | {best['images_per_s']:.1f} "
-            f"| {100 * best['roofline_fraction']:.1f} % | {best['images_per_s'] / eager['images_per_s']:.2f}x "
-            f"| {'yes' if best['deploy_form'].startswith('folded') else 'no'} |"
-        )
+        results[name] = runs = measure(name, args, best_dtype, build_baseline)
+        base = f", baseline {runs['base_eager']['images_per_s']:.2f}" if "base_eager" in runs else ""
+        print(f"{name} ({sizes[name]} px): {runs['eager']['images_per_s']:.2f} img/s fp32{base}", file=sys.stderr)
+    first = next(iter(results.values()))
+    eager, best = first["eager"], first["best"]
+    fast_path = f"{best_dtype}, deploy, channels-last" + (", compiled" if args.compile else "")
+    cpu = torch.device("cpu")
+    peaks = ", ".join(f"{d} {matmul_peak_gflops(cpu, DTYPES[d], eager['threads']):.1f}" for d in DTYPES)
     print(f"CPU: {eager['device_name']}, {eager['threads']} threads, batch {args.batch_size}, torch "
-          f"{eager['torch_version']}; matmul peak fp32 {eager['matmul_peak_gflops']:.1f} GFLOP/s, "
-          f"{args.best_dtype} {best['matmul_peak_gflops']:.1f} GFLOP/s\n")
-    print(f"| model | img | GMACs | fp32 img/s | fp32 roofline | fast img/s ({fast_path}) | fast roofline "
-          "| speed-up | folded |")
-    print("|---|--:|--:|--:|--:|--:|--:|--:|:-:|")
-    print("\n".join(rows))
+          f"{eager['torch_version']}; matmul peak (GFLOP/s) {peaks}; median of {args.reps} steps\n")
+    with_base = build_baseline is not None
+    header = ["model", "GMACs"] + (["baseline img/s", "baseline roofline"] if with_base else [])
+    header += ["fp32 img/s", "fp32 roofline"] + (["speed-up", "target"] if with_base else [])
+    header += [f"fast path img/s ({fast_path})"]
+    header += [f"fast path vs baseline fp32 (target {TARGET_BEST_PATH_SPEEDUP:g}x)"] if with_base else []
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    print("\n".join(inference_row(name, runs) for name, runs in results.items()))
+    if args.train:
+        header = ["model"] + (["baseline img/s", "baseline peak MiB"] if with_base else [])
+        header += ["train img/s", "train peak MiB"]
+        header += ["speed-up", f"target ({TARGET_TRAIN_SPEEDUP}x, no more memory)"] if with_base else []
+        print("\nTraining step (fp32, forward + backward + AdamW):\n")
+        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        print("\n".join(train_row(name, runs) for name, runs in results.items()))
     return 0
 
 

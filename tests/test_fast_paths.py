@@ -1,0 +1,76 @@
+"""Every fast path computes what the plain fp32 eager model computes (relative L2 error <= 1e-5)."""
+
+import pytest
+import torch
+from timm.layers import set_scriptable
+
+import visionmlp
+from visionmlp.engine.benchmark import benchmark_model
+
+from synthetic_weights import relative_l2
+
+# The smallest variant of each family at a small resolution; batch 2 so that batch-dependent paths show.
+CASES = {
+    "ms_mlp_tiny": 64,
+    "vip_s7": 112,
+    "strip_mlp_tiny_light": 64,
+    "raft_mlp_s": 64,
+    "repmlpnet_t224": 64,
+}
+
+
+def _randomized(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BatchNorm statistics and layer scales, so that folding and scaling are exercised."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.uniform_(0.5, 2.0, generator=generator)
+            elif name.endswith("running_mean") or name.endswith("gamma"):
+                tensor.normal_(0, 0.2, generator=generator)
+    return model.eval()
+
+
+def _model(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    size = {} if name.startswith("ms_mlp") else {"img_size": CASES[name]}
+    return _randomized(visionmlp.create_model(name, **size, **kwargs))
+
+
+def _inputs(name: str) -> torch.Tensor:
+    return torch.randn(2, 3, CASES[name], CASES[name], generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_channels_last_and_deploy_match_plain_fp32(name):
+    model, x = _model(name), _inputs(name)
+    with torch.no_grad():
+        expected = model(x)
+        model.to(memory_format=torch.channels_last)
+        assert relative_l2(model(x.contiguous(memory_format=torch.channels_last)), expected) <= 1e-5
+        visionmlp.reparameterize(model)
+        assert relative_l2(model(x.contiguous(memory_format=torch.channels_last)), expected) <= 1e-5
+
+
+def test_ms_mlp_cache_blocked_channel_mlp_matches_plain_path():
+    # 2 x 32 x 32 stage-1 tokens at 128 px: two CPU slices of the channel MLP; the scriptable build has none
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    blocked = _model("ms_mlp_tiny")
+    with set_scriptable(True):
+        plain = _model("ms_mlp_tiny")
+    assert blocked.stages[0].blocks[0].chunked_mlp and not plain.stages[0].blocks[0].chunked_mlp
+    with torch.no_grad():
+        assert relative_l2(blocked(x), plain(x)) <= 1e-5
+
+
+def test_compiled_model_matches_eager():
+    model, x = _model("raft_mlp_s"), _inputs("raft_mlp_s")
+    with torch.no_grad():
+        expected = model(x)
+        assert relative_l2(torch.compile(model)(x), expected) <= 1e-5
+
+
+def test_benchmark_times_any_module_as_a_baseline():
+    baseline = _model("raft_mlp_s")
+    result = benchmark_model(baseline, batch_size=1, img_size=64, warmup=0, reps=1, threads=1)
+    assert result["images_per_s"] > 0 and result["gmacs"] > 0
