@@ -126,3 +126,46 @@ def test_any_module_side_by_side() -> None:
         check_sane(result)
         # conv: 8x8 outputs x 8 channels x 48 inputs; linear: 512 x 10
         assert result["gmacs"] * 1e9 == 8 * 8 * 8 * 48 + 512 * 10
+
+
+def test_interleaved_step_seconds_times_each_model_in_turn():
+    from visionmlp import create_model
+    from visionmlp.engine.benchmark import interleaved_step_seconds
+
+    models = {"a": create_model("raft_mlp_s", img_size=64), "b": create_model("vip_s7", img_size=112)}
+    with pytest.raises(ValueError, match="reps must be >= 1"):
+        interleaved_step_seconds(models, 1, 64, reps=0)
+    seconds = interleaved_step_seconds({"a": models["a"]}, batch_size=2, img_size=64, mode="train", warmup=0,
+                                       reps=3, threads=1)
+    assert list(seconds) == ["a"] and len(seconds["a"]) == 3 and all(t > 0 for t in seconds["a"])
+    assert models["a"].training
+
+
+def _bench_cpu():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
+    spec = importlib.util.spec_from_file_location("bench_cpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_cpu_against_a_baseline_file(tmp_path, capsys):
+    bench_cpu = _bench_cpu()
+    baseline = tmp_path / "builders.py"
+    baseline.write_text("import visionmlp\n\ndef build(name):\n    return visionmlp.create_model(name)\n")
+    args = ["--models", "raft_mlp_s", "--batch-size", "1", "--warmup", "0", "--reps", "1", "--paired-reps", "1",
+            "--threads", "1", "--best-dtype", "fp32", "--baseline", str(baseline), "--train"]
+    assert bench_cpu.main(args) == 0
+    out = capsys.readouterr().out
+    inference, training = out.split("Training step")
+    assert re.search(r"\| raft_mlp_s \| 2\.0\d \| [\d.]+ \| \d+ % \| [\d.]+ \| \d+ % \| [\d.]+x \| 1\.5x: (not )?met \|",
+                     inference)
+    assert re.search(r"\| raft_mlp_s \| [\d.]+ \| \d+ \| [\d.]+ \| \d+ \| [\d.]+x \| (not )?met \|", training)
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(SystemExit, match="defines no build"):
+        bench_cpu.main(["--baseline", str(tmp_path / "empty.py")])
+    with pytest.raises(SystemExit, match="no such file"):
+        bench_cpu.main(["--baseline", str(tmp_path / "missing.py")])

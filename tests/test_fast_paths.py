@@ -5,8 +5,6 @@ import torch
 from timm.layers import set_scriptable
 
 import visionmlp
-from visionmlp.engine.benchmark import benchmark_model
-
 from synthetic_weights import relative_l2
 
 # The smallest variant of each family at a small resolution; batch 2 so that batch-dependent paths show.
@@ -68,9 +66,3 @@ def test_compiled_model_matches_eager():
     with torch.no_grad():
         expected = model(x)
         assert relative_l2(torch.compile(model)(x), expected) <= 1e-5
-
-
-def test_benchmark_times_any_module_as_a_baseline():
-    baseline = _model("raft_mlp_s")
-    result = benchmark_model(baseline, batch_size=1, img_size=64, warmup=0, reps=1, threads=1)
-    assert result["images_per_s"] > 0 and result["gmacs"] > 0

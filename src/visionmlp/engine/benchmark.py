@@ -345,6 +345,43 @@ def benchmark_model(
     }
 
 
+def interleaved_step_seconds(
+    models: dict[str, nn.Module],
+    batch_size: int = 8,
+    img_size: int = 224,
+    in_chans: int = 3,
+    mode: str = "infer",
+    warmup: int = 2,
+    reps: int = 10,
+    threads: int | None = None,
+) -> dict[str, list[float]]:
+    """fp32 CPU step times of several models timed in turn, one step each per repetition.
+
+    For comparing two implementations of one model on a machine whose speed drifts: each repetition times
+    every model once, so a passing load slows all of them alike. Models are put in ``mode`` in place.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    _check_counts(batch_size, img_size, warmup, reps, threads)
+    cpu = torch.device("cpu")
+    with num_threads(threads):
+        inputs = torch.randn(batch_size, in_chans, img_size, img_size)
+        steps = {}
+        for label, model in models.items():
+            model.train(mode == "train").to(cpu, torch.float32)
+            steps[label] = _Steps(model, inputs, mode, torch.float32, cpu)
+        for _ in range(warmup):
+            for label, step in steps.items():
+                step.run(models[label])
+        seconds: dict[str, list[float]] = {label: [] for label in models}
+        for _ in range(reps):
+            for label, step in steps.items():
+                start = time.perf_counter()
+                step.run(models[label])
+                seconds[label].append(time.perf_counter() - start)
+    return seconds
+
+
 def run_benchmark(
     model_name: str,
     batch_size: int = 8,
