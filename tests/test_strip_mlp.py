@@ -97,12 +97,14 @@ def test_our_state_dict_passes_filter_unchanged():
     assert filtered.keys() == state_dict.keys()
 
 
-def test_folded_grn_matches_plain_grn_mlp_with_gradients():
+@pytest.mark.parametrize("grid_size", [8, 2])  # 64 tokens > 16 channels: GRN scales fc2's weight; 4 < 16: the input
+def test_folded_grn_matches_plain_grn_mlp_with_gradients(grid_size):
     torch.manual_seed(0)
-    mixing = ChannelMixing(16, 3).double().train()
+    mixing = ChannelMixing(16, 3, grid_size).double().train()
+    assert mixing.scale_fc2_weight == (grid_size == 8)
     for p in mixing.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(2, 16, 8, 8, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 16, grid_size, grid_size, dtype=torch.float64, requires_grad=True)
     grn = GlobalResponseNorm(48).double()
     grn.load_state_dict(mixing.grn.state_dict())
 

@@ -179,9 +179,12 @@ class TokenMixing(nn.Module):
 class ChannelMixing(nn.Module):
     """Depthwise 7x7 conv, then a channels-last LayerNorm and GRN MLP (ConvNeXt-V2 style, no residual)."""
 
-    def __init__(self, dim: int, mlp_ratio: int) -> None:
+    def __init__(self, dim: int, mlp_ratio: int, grid_size: int) -> None:
         super().__init__()
         hidden = mlp_ratio * dim
+        # GRN scales the hidden activations per sample and channel. Scaling fc2's weight instead costs
+        # dim * hidden products per sample against tokens * hidden: cheaper where the map has more tokens.
+        self.scale_fc2_weight = grid_size * grid_size > dim
         self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim, bias=False)
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, hidden)
@@ -195,15 +198,18 @@ class ChannelMixing(nn.Module):
         x = self.act(self.fc1(self.norm(x)))
         shape = x.shape
         n, h, w, hidden = shape[0], shape[1], shape[2], shape[3]
-        # GRN is x * (1 + gamma * r) + beta with a per-sample, per-channel ratio r, so it folds into a
-        # per-sample fc2 weight and a constant bias instead of another pass over the wide hidden tensor.
+        # GRN is x * (1 + gamma * r) + beta with a per-sample, per-channel ratio r; beta passes through fc2
+        # into a constant bias, and the scale goes on the hidden activations or on fc2's weight.
         x_g = x.norm(p=2, dim=(1, 2))
         ratio = x_g / (x_g.mean(dim=-1, keepdim=True) + self.grn.eps)
         scale = torch.addcmul(torch.ones_like(ratio), self.grn.weight, ratio)
-        weight = self.fc2.weight * scale.unsqueeze(1)
         bias = F.linear(self.grn.bias, self.fc2.weight, self.fc2.bias)
-        x = torch.baddbmm(bias, x.reshape(n, h * w, hidden), weight.transpose(1, 2))
-        return x.view(n, h, w, -1).permute(0, 3, 1, 2)
+        if self.scale_fc2_weight:
+            weight = self.fc2.weight * scale.unsqueeze(1)
+            x = torch.baddbmm(bias, x.reshape(n, h * w, hidden), weight.transpose(1, 2)).view(n, h, w, -1)
+        else:
+            x = F.linear(x * scale.view(n, 1, 1, hidden), self.fc2.weight, bias)
+        return x.permute(0, 3, 1, 2)
 
 
 class StripMLPBlock(nn.Module):
@@ -212,7 +218,7 @@ class StripMLPBlock(nn.Module):
     def __init__(self, dim: int, grid_size: int, mlp_ratio: int, channel_patches: int, drop_path: float) -> None:
         super().__init__()
         self.token_mixing = TokenMixing(dim, grid_size, channel_patches)
-        self.channel_mixing = ChannelMixing(dim, mlp_ratio)
+        self.channel_mixing = ChannelMixing(dim, mlp_ratio, grid_size)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
