@@ -160,13 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     names = parse_model_names(args.models)
     build_baseline = load_baseline(args.baseline) if args.baseline else None
     best_dtype = fastest_dtype(args.threads) if args.best_dtype == "auto" else args.best_dtype
-    sizes = {name: default_img_size(name) for name in names}  # before a baseline import can touch timm's registry
     results = {}
     for name in names:
         results[name] = runs = measure(name, args, best_dtype, build_baseline)
         paired = runs.get("paired_infer")
         base = f"; paired: ours {paired['ours']:.2f}, baseline {paired['baseline']:.2f}" if paired else ""
-        print(f"{name} ({sizes[name]} px): {runs['eager']['images_per_s']:.2f} img/s fp32{base}", file=sys.stderr)
+        print(f"{name} ({runs['eager']['img_size']} px): {runs['eager']['images_per_s']:.2f} img/s fp32{base}", file=sys.stderr)
     first = next(iter(results.values()))
     eager, best = first["eager"], first["best"]
     fast_path = f"{best_dtype}, deploy, channels-last" + (", compiled" if args.compile else "")

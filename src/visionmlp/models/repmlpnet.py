@@ -415,13 +415,6 @@ class RepMLPNet(nn.Module):
             if isinstance(module, RepMLPBlock):
                 module.local_inject()
 
-    def _run_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        if index > 0:
-            x = self.embeds[index - 1](x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.stages[index], x)
-        return self.stages[index](x)
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -440,10 +433,12 @@ class RepMLPNet(nn.Module):
 
         intermediates = []
         x = self.conv_embedding(x)
-        for i in range(num_run):
-            x = self._run_stage(i, x)
+        for i, (stage, embed) in enumerate(zip(self.stages[:num_run], self.embeds[:num_run])):
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing else stage(x)
             if i in take_indices:
                 intermediates.append(self.head_norm(x) if norm and i == last_index else x)
+            if i < num_run - 1:
+                x = embed(x)
         if intermediates_only:
             return intermediates
         if num_run - 1 == last_index:
