@@ -128,17 +128,26 @@ def test_any_module_side_by_side() -> None:
         assert result["gmacs"] * 1e9 == 8 * 8 * 8 * 48 + 512 * 10
 
 
-def test_interleaved_step_seconds_times_each_model_in_turn():
+def test_interleaved_step_seconds_times_each_model_in_turn(monkeypatch):
     from visionmlp import create_model
     from visionmlp.engine.benchmark import interleaved_step_seconds
 
-    models = {"a": create_model("raft_mlp_s", img_size=64), "b": create_model("vip_s7", img_size=112)}
+    fused_flags = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            fused_flags.append(kwargs.get("fused"))
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    models = {"a": create_model("raft_mlp_s", img_size=64), "b": create_model("raft_mlp_s", img_size=64)}
     with pytest.raises(ValueError, match="reps must be >= 1"):
         interleaved_step_seconds(models, 1, 64, reps=0)
-    seconds = interleaved_step_seconds({"a": models["a"]}, batch_size=2, img_size=64, mode="train", warmup=0,
-                                       reps=3, threads=1)
-    assert list(seconds) == ["a"] and len(seconds["a"]) == 3 and all(t > 0 for t in seconds["a"])
-    assert models["a"].training
+    seconds = interleaved_step_seconds(models, batch_size=2, img_size=64, mode="train", warmup=0, reps=3, threads=1,
+                                       unfused_optimizer=["b"])
+    assert list(seconds) == ["a", "b"] and all(len(t) == 3 and min(t) > 0 for t in seconds.values())
+    assert models["a"].training and models["b"].training
+    assert fused_flags == [True, False]  # "b" steps with the per-parameter loop, as the official scripts do
 
 
 def _bench_cpu():

@@ -61,6 +61,7 @@ def test_train_and_eval_on_digits(tmp_path, capsys):
     checkpoint = read_checkpoint(output / "last.pt")
     assert {"model", "optimizer", "scheduler", "scaler", "model_ema", "epoch", "rng", "config"} <= set(checkpoint)
     assert checkpoint["epoch"] == 1 and checkpoint["config"]["model"]["name"] == "vip_s7"
+    assert checkpoint["optimizer"]["param_groups"][0]["fused"] is True  # AdamW's single-kernel update
 
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(output / "last.pt"), "--json"]) == 0
@@ -99,6 +100,22 @@ def test_train_on_imagenet_folder_and_cifar(tmp_path):
     assert main(["train", "--model", "vip_s7", "--dataset", "cifar100", "--data-path", str(cifar), "--epochs", "1",
                  "--output", str(tmp_path / "b"), *TINY]) == 0
     assert read_metrics(tmp_path / "b")[0]["val_acc5"] >= 0
+
+
+def test_fused_optimizer_and_compiled_training_follow_the_plain_loop(tmp_path):
+    # (flags, config overrides); the overrides go last, after the tiny model's own
+    runs = {"plain": ([], ["train.opt_fused", "false"]), "fused": ([], []), "compiled": (["--compile"], [])}
+    records = {}
+    torch._dynamo.reset()
+    for label, (flags, opts) in runs.items():
+        output = tmp_path / label
+        assert main(["train", "--epochs", "2", "--seed", "5", "--output", str(output), *flags, *TINY, *opts]) == 0
+        records[label] = read_metrics(output)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the compiled run did compile
+    for label in ("fused", "compiled"):
+        for got, expected in zip(records[label], records["plain"], strict=True):
+            assert got["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-4), label
+            assert got["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-4), label
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
@@ -172,6 +189,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     (["--dataset", "cifar10"], "needs --data-path"),
     (["--resume", "/no/such/last.pt"], "no such checkpoint"),
     (["--opts", "train.epochz", "1"], "did you mean train.epochs"),
+    (["--opts", "train.optimizer", "adamx"], "'adamx' is not an optimizer timm knows; choose one of adabelief"),
 ])
 def test_bad_input_fails_at_once_with_a_clear_error(args, message, capsys):
     assert main(["train", *args]) == 2

@@ -13,7 +13,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +200,13 @@ class _Steps:
     """The timed step of one benchmark, and the same step counted by ``FlopCounterMode``."""
 
     def __init__(
-        self, model: nn.Module, inputs: torch.Tensor, mode: str, dtype: torch.dtype, device: torch.device
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        mode: str,
+        dtype: torch.dtype,
+        device: torch.device,
+        fused_optimizer: bool = True,
     ) -> None:
         self.model = model
         self.inputs = inputs
@@ -209,7 +215,7 @@ class _Steps:
         self.backward_counter = FlopCounterMode(display=False)
         if mode == "train":
             self.targets: torch.Tensor | None = None
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_optimizer)
             self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
             self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -269,10 +275,13 @@ def benchmark_model(
     warmup: int = 3,
     reps: int = 10,
     threads: int | None = None,
+    fused_optimizer: bool = True,
 ) -> dict[str, Any]:
     """Measure any classifier ``nn.Module`` (ours or an official one, side by side) as :func:`run_benchmark` does.
 
-    The model is moved to ``device`` (and, for ``infer``, cast to ``dtype``) in place.
+    The model is moved to ``device`` (and, for ``infer``, cast to ``dtype``) in place. Training steps use
+    AdamW's fused kernel, as ``visionmlp train`` does; ``fused_optimizer=False`` runs its per-parameter loop,
+    as the official training scripts do.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -286,7 +295,8 @@ def benchmark_model(
     with num_threads(threads):
         model.train(mode == "train").to(device=torch_device, dtype=compute_dtype, memory_format=memory_format)
         inputs = torch.randn(batch_size, in_chans, img_size, img_size, device=torch_device, dtype=compute_dtype)
-        steps = _Steps(model, inputs.contiguous(memory_format=memory_format), mode, torch_dtype, torch_device)
+        steps = _Steps(model, inputs.contiguous(memory_format=memory_format), mode, torch_dtype, torch_device,
+                       fused_optimizer)
         memory = _PeakMemory(torch_device, compile)
         memory.start_before_first_step()
         steps.run_counted()
@@ -354,11 +364,14 @@ def interleaved_step_seconds(
     warmup: int = 2,
     reps: int = 10,
     threads: int | None = None,
+    unfused_optimizer: Collection[str] = (),
 ) -> dict[str, list[float]]:
     """fp32 CPU step times of several models timed in turn, one step each per repetition.
 
     For comparing two implementations of one model on a machine whose speed drifts: each repetition times
-    every model once, so a passing load slows all of them alike. Models are put in ``mode`` in place.
+    every model once, so a passing load slows all of them alike. Models are put in ``mode`` in place. The
+    training steps of the models labelled in ``unfused_optimizer`` run AdamW's per-parameter loop instead
+    of its fused kernel (see :func:`benchmark_model`).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -369,7 +382,7 @@ def interleaved_step_seconds(
         steps = {}
         for label, model in models.items():
             model.train(mode == "train").to(cpu, torch.float32)
-            steps[label] = _Steps(model, inputs, mode, torch.float32, cpu)
+            steps[label] = _Steps(model, inputs, mode, torch.float32, cpu, label not in unfused_optimizer)
         for _ in range(warmup):
             for label, step in steps.items():
                 step.run(models[label])
@@ -400,8 +413,8 @@ def run_benchmark(
     """Time ``reps`` steps of ``model_name`` after ``warmup`` steps; return throughput, latency, memory, roofline.
 
     ``infer`` runs the model with weights and inputs in ``dtype`` under ``torch.inference_mode``; ``train`` times
-    forward, backward and an AdamW step under autocast to ``dtype`` with fp32 master weights (and a gradient scaler
-    for fp16). FLOPs are counted with ``FlopCounterMode`` on one extra, untimed eager step before the warm-up.
+    forward, backward and a fused AdamW step under autocast to ``dtype`` with fp32 master weights (and a gradient
+    scaler for fp16). FLOPs are counted with ``FlopCounterMode`` on one extra, untimed eager step before the warm-up.
     ``img_size`` defaults to the variant's own resolution. ``quantize="int8"`` times the folded model with its
     linear layers int8-quantized (dynamic, CPU) and adds its top-1 agreement with fp32 on a random batch.
     """

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, get_optimizer_class, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -61,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--use-checkpoint", action="store_true", default=None,
                         help="gradient checkpointing: less memory, more compute")
     parser.add_argument("--amp", choices=("none", "fp16", "bf16"), help="mixed precision (replaces apex O0/O1)")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the training forward and backward (evaluation stays eager)")
     parser.add_argument("--zip", action="store_true", default=None,
                         help="imagenet from train.zip/val.zip + train_map.txt/val_map.txt")
     parser.add_argument("--cache-mode", choices=("no", "part", "full"),
@@ -166,12 +170,23 @@ def resolve_resume_path(config: Config, output: Path) -> Path | None:
     return path
 
 
+def optimizer_class(opt_name: str) -> Callable[..., torch.optim.Optimizer]:
+    """The class (or partial) timm builds for ``opt_name``; a ConfigError for a name timm does not know."""
+    try:
+        return get_optimizer_class(opt_name)
+    except ValueError:
+        known = ", ".join(list_optimizers(exclude_filters=["bnb*", "fused*"]))
+        raise ConfigError(f"train.optimizer {opt_name!r} is not an optimizer timm knows; choose one of {known}") from None
+
+
 def train(config: Config) -> dict[str, Any]:
     """Run the configured training to the end; returns the last epoch's metrics."""
     ctx = setup(config["device"])
     data_cfg, train_cfg, aug = config["data"], config["train"], config["aug"]
     output = Path(config["output"] or f"runs/{config['model']['name']}-{data_cfg['dataset']}")
     seed_everything(config["seed"] + ctx.rank)
+    opt_name = train_cfg["optimizer"].lower()
+    opt_class = optimizer_class(opt_name)  # before the data: a misspelt name fails at once
     if config["threads"]:
         torch.set_num_threads(config["threads"])
 
@@ -206,8 +221,9 @@ def train(config: Config) -> dict[str, Any]:
 
     # ---- optimisation: learning rates scale with the global batch as in the recipe's official script
     base_lr, warmup_lr, min_lr, lr_scale = scaled_learning_rates(config, ctx.world_size)
-    opt_name = train_cfg["optimizer"].lower()
     opt_kwargs = {"eps": train_cfg["opt_eps"], "betas": tuple(train_cfg["opt_betas"])} if opt_name in ADAM_LIKE else {}
+    if train_cfg["opt_fused"] and "fused" in inspect.signature(opt_class).parameters:
+        opt_kwargs["fused"] = True
     optimizer = create_optimizer_v2(model, opt=opt_name, lr=base_lr, weight_decay=train_cfg["weight_decay"],
                                     momentum=train_cfg["momentum"], **opt_kwargs)
     accumulation = train_cfg["accumulation_steps"]
@@ -264,6 +280,9 @@ def train(config: Config) -> dict[str, Any]:
             log(f"resumed from {resume_path} at epoch {start_epoch}/{num_epochs}")
     if ctx.distributed:
         model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if train_cfg["compile"]:
+        # around DDP, so that its graph breaks at the gradient buckets; shares the parameters of model_without_ddp
+        model = torch.compile(model)
 
     recorder = None
     if ctx.is_main:
