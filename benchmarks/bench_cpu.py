@@ -14,6 +14,8 @@ file is yours to write.
 """
 
 import argparse
+import ctypes
+import ctypes.util
 import importlib.util
 import statistics
 import sys
@@ -58,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=6, help="timed steps (default: 6)")
     parser.add_argument("--paired-reps", type=int, default=8,
                         help="steps of ours and the baseline timed in turn for the speed-ups (default: 8)")
+    parser.add_argument("--warm-heap", action="store_true",
+                        help="glibc keeps freed memory for reuse, as a long-running process or jemalloc would "
+                             "(default: glibc's own settings, which hand large blocks back after each step)")
     return parser.parse_args(argv)
 
 
@@ -71,6 +76,21 @@ def load_baseline(path: Path) -> Callable[[str], nn.Module]:
     if not callable(getattr(module, "build", None)):
         raise SystemExit(f"--baseline {path} defines no build(name) function returning an nn.Module")
     return module.build
+
+
+def keep_freed_memory_in_heap() -> None:
+    """Make glibc serve every allocation from its heap and never shrink it.
+
+    By default glibc maps each block above a threshold (at most 32 MiB) afresh and unmaps it on free, so
+    every step pays page faults for its large temporaries; an implementation that allocates more pays more.
+    With the heap kept, allocations reuse memory already touched, as with jemalloc or tcmalloc.
+    """
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    mallopt = getattr(libc, "mallopt", None)
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+    if mallopt is None or mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+        raise SystemExit("--warm-heap needs glibc's mallopt (Linux); leave it out on this system")
 
 
 def fastest_dtype(threads: int) -> str:
@@ -161,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the measurements and print the tables."""
     args = parse_args(argv)
     names = parse_model_names(args.models)
+    if args.warm_heap:
+        keep_freed_memory_in_heap()
     build_baseline = load_baseline(args.baseline) if args.baseline else None
     best_dtype = fastest_dtype(args.threads) if args.best_dtype == "auto" else args.best_dtype
     results = {}
@@ -175,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = torch.device("cpu")
     peaks = ", ".join(f"{d} {matmul_peak_gflops(cpu, DTYPES[d], eager['threads']):.1f}" for d in DTYPES)
     print(f"CPU: {eager['device_name']}, {eager['threads']} threads, batch {args.batch_size}, torch "
-          f"{eager['torch_version']}; matmul peak (GFLOP/s) {peaks}; median of {args.reps} steps\n")
+          f"{eager['torch_version']}; matmul peak (GFLOP/s) {peaks}; median of {args.reps} steps; heap "
+          f"{'kept (--warm-heap)' if args.warm_heap else 'glibc defaults'}\n")
     with_base = build_baseline is not None
     header = ["model", "GMACs"] + (["baseline img/s", "baseline roofline"] if with_base else [])
     header += ["fp32 img/s", "fp32 roofline"] + (["speed-up", "target"] if with_base else [])

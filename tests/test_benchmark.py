@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,12 +153,13 @@ def test_interleaved_step_seconds_times_each_model_in_turn(monkeypatch):
     assert fused_flags == [True, False]  # "b" steps with the per-parameter loop, as the official scripts do
 
 
+BENCH_CPU = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
+
+
 def _bench_cpu():
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
-    spec = importlib.util.spec_from_file_location("bench_cpu", path)
+    spec = importlib.util.spec_from_file_location("bench_cpu", BENCH_CPU)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -178,3 +182,26 @@ def test_bench_cpu_against_a_baseline_file(tmp_path, capsys):
         bench_cpu.main(["--baseline", str(tmp_path / "empty.py")])
     with pytest.raises(SystemExit, match="no such file"):
         bench_cpu.main(["--baseline", str(tmp_path / "missing.py")])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_bench_cpu_warm_heap_keeps_freed_memory_for_reuse():
+    # a fresh process: the setting holds for the rest of the process's life
+    code = f"""
+import importlib.util, resource, torch
+spec = importlib.util.spec_from_file_location("bench_cpu", {str(BENCH_CPU)!r})
+bench_cpu = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_cpu)
+
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
+
+bench_cpu.keep_freed_memory_in_heap()
+before = rss_mib()
+block = torch.ones(2**24)  # 64 MiB, which glibc would otherwise map afresh and hand back on free
+del block
+print(rss_mib() - before)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.split()[-1]) > 48  # still resident after the free: reused, not faulted in again
