@@ -205,3 +205,33 @@ print(rss_mib() - before)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert float(result.stdout.split()[-1]) > 48  # still resident after the free: reused, not faulted in again
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux with glibc")
+def test_bench_cpu_training_memory_counts_the_live_tensors_of_a_step():
+    # in a fresh process: the measurement sets glibc's mapping threshold for the rest of the process
+    code = f"""
+import importlib.util, torch
+spec = importlib.util.spec_from_file_location("bench_cpu", {str(BENCH_CPU)!r})
+bench_cpu = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_cpu)
+
+class Widening(torch.nn.Module):
+    def __init__(self, copies):
+        super().__init__()
+        self.copies = copies
+        self.scale = torch.nn.Parameter(torch.ones(1))
+        self.head = torch.nn.Linear(3, 10)
+
+    def forward(self, x):
+        wide = x.repeat(1, self.copies, 1, 1) * self.scale  # 8 x 3 copies x 16 x 16 floats, kept for backward
+        return self.head(torch.relu(wide).mean((2, 3)).view(len(x), self.copies, 3).mean(1))
+
+for copies in (1, 2**12):
+    print(bench_cpu.train_step_memory_mib(Widening(copies), batch_size=8, img_size=16, fused_optimizer=True))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    narrow, wide = (float(v) for v in result.stdout.split())
+    activation_mib = 8 * 3 * 2**12 * 16 * 16 * 4 / 2**20  # 96 MiB per wide tensor
+    assert narrow < 8 and activation_mib <= wide - narrow <= 8 * activation_mib
