@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import visionmlp
-from visionmlp.models.repmlpnet import RepMLPBlock, checkpoint_filter_fn
+from visionmlp.models.repmlpnet import RepMLPBlock, checkpoint_filter_fn, pointwise_conv
 
 from synthetic_weights import relative_l2
 
@@ -220,3 +220,20 @@ def test_fx_trace_matches_eager(deploy):
         # the input-size check is kept in the graph as a leaf call
         with pytest.raises(ValueError, match="partition size"):
             fx_model(torch.randn(1, 3, SMALL + 32, SMALL))
+
+
+@pytest.mark.parametrize("size", [2, 9])  # 4 pixels: one product over all pixels; 81: one per image
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_pointwise_conv_equals_a_1x1_convolution_with_gradients(size, with_bias):
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, size, size, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(10, 6, 1, 1, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(10, dtype=torch.float64, requires_grad=True) if with_bias else None
+    out = pointwise_conv(x, weight, bias)
+    expected = F.conv2d(x, weight, bias)
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+    inputs = [x, weight] + ([bias] if with_bias else [])
+    cotangent = torch.randn_like(expected)
+    got = torch.autograd.grad(out, inputs, cotangent)
+    want = torch.autograd.grad(expected, inputs, cotangent)
+    assert all(torch.allclose(g, w, rtol=1e-12, atol=1e-12) for g, w in zip(got, want, strict=True))

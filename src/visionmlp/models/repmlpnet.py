@@ -242,13 +242,24 @@ class RepMLPBlock(nn.Module):
         self.deploy = True
 
 
-def _pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A 1x1 conv run as a matmul (much faster on CPU than an NCHW conv)."""
+@register_notrace_function  # a leaf under FX: the form depends on the (traced) map size
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 conv run as matrix products, much faster on CPU than an NCHW conv.
+
+    Maps with more pixels than the weight has rows or columns take one product per image: a single
+    product over all pixels would copy its input and its output transposed (and keep the copy for
+    backward). Smaller maps take the single product, whose weight gradient is then one matrix rather
+    than one per image.
+    """
     B, C, H, W = x.shape
-    x = torch.matmul(weight.view(weight.shape[0], C), x.reshape(B, C, H * W))
+    weight = weight.view(weight.shape[0], C)
+    if H * W > max(weight.shape[0], weight.shape[1]):
+        out = torch.bmm(weight.expand(B, -1, -1), x.reshape(B, C, H * W))
+    else:
+        out = torch.matmul(weight, x.reshape(B, C, H * W))
     if bias is not None:  # the deploy form, with the BN folded into the conv
-        x = x + bias.view(-1, 1)
-    return x.view(B, -1, H, W)
+        out = out + bias.view(-1, 1)
+    return out.view(B, -1, H, W)
 
 
 class ConvFfn(nn.Module):
@@ -260,8 +271,8 @@ class ConvFfn(nn.Module):
         self.ffn_fc2 = ConvNormAct(hidden_dim, dim, 1, apply_act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.ffn_fc1.bn(_pointwise_conv(x, self.ffn_fc1.conv.weight, self.ffn_fc1.conv.bias))
-        return self.ffn_fc2.bn(_pointwise_conv(x, self.ffn_fc2.conv.weight, self.ffn_fc2.conv.bias))
+        x = self.ffn_fc1.bn(pointwise_conv(x, self.ffn_fc1.conv.weight, self.ffn_fc1.conv.bias))
+        return self.ffn_fc2.bn(pointwise_conv(x, self.ffn_fc2.conv.weight, self.ffn_fc2.conv.bias))
 
 
 class RepMLPNetLayer(nn.Module):
