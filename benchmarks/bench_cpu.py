@@ -14,11 +14,8 @@ file is yours to write.
 """
 
 import argparse
-import ctypes
-import ctypes.util
 import importlib.util
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -33,10 +30,13 @@ from torch import nn
 from visionmlp import create_model
 from visionmlp.engine.benchmark import (
     DTYPES,
+    PROC_CLEAR_REFS,
     default_img_size,
     interleaved_step_seconds,
+    linux_libc,
     matmul_peak_gflops,
     parse_model_names,
+    proc_status_mib,
     run_benchmark,
 )
 
@@ -85,14 +85,11 @@ def load_baseline(path: Path) -> Callable[[str], nn.Module]:
 
 # mallopt parameters, from glibc's malloc.h
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-PROC_STATUS = Path("/proc/self/status")
-PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def glibc_mallopt() -> Callable[[int, int], int] | None:
-    """glibc's ``mallopt``, or None on other C libraries."""
-    name = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    """glibc's ``mallopt``, or None on other C libraries and systems."""
+    return getattr(linux_libc(), "mallopt", None)
 
 
 def keep_freed_memory_in_heap() -> None:
@@ -109,11 +106,7 @@ def keep_freed_memory_in_heap() -> None:
 
 def exact_memory_supported() -> bool:
     """Whether :func:`train_step_memory_mib` can measure here (glibc and a resettable peak resident set)."""
-    return glibc_mallopt() is not None and PROC_CLEAR_REFS.exists() and PROC_STATUS.exists()
-
-
-def _resident_mib(field: str) -> float:
-    return int(re.search(rf"{field}:\s+(\d+) kB", PROC_STATUS.read_text()).group(1)) / 1024
+    return glibc_mallopt() is not None and PROC_CLEAR_REFS.exists() and proc_status_mib("VmHWM") is not None
 
 
 def train_step_memory_mib(model: nn.Module, batch_size: int, img_size: int, fused_optimizer: bool) -> float:
@@ -137,10 +130,10 @@ def train_step_memory_mib(model: nn.Module, batch_size: int, img_size: int, fuse
         optimizer.zero_grad(set_to_none=True)
 
     step()  # creates the optimizer state, which both implementations hold alike
-    before = _resident_mib("VmRSS")
+    before = proc_status_mib("VmRSS")
     PROC_CLEAR_REFS.write_text("5")  # VmHWM restarts from the current resident set
     step()
-    return _resident_mib("VmHWM") - before
+    return proc_status_mib("VmHWM") - before
 
 
 def isolated_train_memory_mib(name: str, which: str, args: argparse.Namespace) -> float | None:
@@ -177,10 +170,11 @@ def measure(
     runs["best"] = run_benchmark(name, dtype=best_dtype, channels_last=True, deploy=True, compile=args.compile,
                                  **common)
     if args.train:
-        runs["train"] = run_benchmark(name, mode="train", **common)
         labels = ["ours", "baseline"] if build_baseline is not None else ["ours"]
         runs["train_memory_mib"] = {label: isolated_train_memory_mib(name, label, args) for label in labels}
     if build_baseline is None:
+        if args.train:  # with a baseline, the paired steps below give the training speed
+            runs["train"] = run_benchmark(name, mode="train", **common)
         return runs
     size = default_img_size(name)
     for mode in modes:
@@ -230,10 +224,11 @@ def train_row(name: str, runs: dict[str, Any]) -> str:
     """One row of the training table."""
     memory = runs["train_memory_mib"]
     cells = [name]
-    ours_ips = runs["train"]["images_per_s"]
     if "paired_train" in runs:
         ours_ips, base_ips = runs["paired_train"]["ours"], runs["paired_train"]["baseline"]
         cells += [f"{base_ips:.2f}", _mib(memory["baseline"])]
+    else:
+        ours_ips = runs["train"]["images_per_s"]
     cells += [f"{ours_ips:.2f}", _mib(memory["ours"])]
     if "paired_train" in runs:
         speedup = ours_ips / base_ips

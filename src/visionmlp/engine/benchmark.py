@@ -38,6 +38,19 @@ PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
+def linux_libc() -> ctypes.CDLL | None:
+    """The C library on Linux (for glibc's ``malloc_trim`` and ``mallopt``), else None."""
+    return ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+
+
+def proc_status_mib(field: str) -> float | None:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...) in MiB; None where there is none."""
+    if not PROC_STATUS.exists():
+        return None
+    match = re.search(rf"{field}:\s+(\d+) kB", PROC_STATUS.read_text())
+    return int(match.group(1)) / 1024 if match else None
+
+
 def default_img_size(model_name: str) -> int:
     """The resolution a variant is defined at (its pretrained config's input size)."""
     family_module(model_name)
@@ -138,7 +151,7 @@ class _PeakMemory:
 
     def __init__(self, device: torch.device, compiled: bool) -> None:
         self.device = device
-        self.libc = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+        self.libc = linux_libc()
         if device.type == "cuda":
             self.method = "CUDA max_memory_allocated during the timed steps (weights, optimizer state, activations)"
         elif PROC_CLEAR_REFS.exists():
@@ -175,10 +188,9 @@ class _PeakMemory:
 
     @staticmethod
     def _cpu_peak_mib() -> float:
-        if PROC_STATUS.exists():
-            match = re.search(r"VmHWM:\s+(\d+) kB", PROC_STATUS.read_text())
-            if match:
-                return int(match.group(1)) / 1024
+        peak = proc_status_mib("VmHWM")
+        if peak is not None:
+            return peak
         import resource  # not available on Windows, hence only here
 
         # ru_maxrss is in kilobytes on Linux, in bytes on macOS

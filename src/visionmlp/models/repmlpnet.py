@@ -445,7 +445,7 @@ class RepMLPNet(nn.Module):
         intermediates = []
         x = self.conv_embedding(x)
         for i, (stage, embed) in enumerate(zip(self.stages[:num_run], self.embeds[:num_run])):
-            x = checkpoint_seq(stage, x) if self.grad_checkpointing else stage(x)
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing and not torch.jit.is_scripting() else stage(x)
             if i in take_indices:
                 intermediates.append(self.head_norm(x) if norm and i == last_index else x)
             if i < num_run - 1:
