@@ -176,12 +176,23 @@ def test_bench_cpu_against_a_baseline_file(tmp_path, capsys):
     inference, training = out.split("Training step")
     assert re.search(r"\| raft_mlp_s \| 2\.0\d \| [\d.]+ \| \d+ % \| [\d.]+ \| \d+ % \| [\d.]+x \| 1\.5x: (not )?met \|",
                      inference)
-    assert re.search(r"\| raft_mlp_s \| [\d.]+ \| \d+ \| [\d.]+ \| \d+ \| [\d.]+x \| (not )?met \|", training)
+    assert re.search(r"\| raft_mlp_s \| [\d.]+ \| \d+\.\d \| [\d.]+ \| \d+\.\d \| [\d.]+x \| (not )?met \|", training)
     (tmp_path / "empty.py").write_text("x = 1\n")
     with pytest.raises(SystemExit, match="defines no build"):
         bench_cpu.main(["--baseline", str(tmp_path / "empty.py")])
     with pytest.raises(SystemExit, match="no such file"):
         bench_cpu.main(["--baseline", str(tmp_path / "missing.py")])
+
+
+@pytest.mark.parametrize(("ours_mib", "speedup", "verdict"), [
+    (648.2, 1.4, "met"),  # within the measurement's spread of the baseline's 648.0
+    (649.0, 1.4, "not met"),
+    (600.0, 1.2, "not met"),
+])
+def test_bench_cpu_training_verdict_needs_the_speedup_and_no_more_memory(ours_mib, speedup, verdict):
+    runs = {"train_memory_mib": {"ours": ours_mib, "baseline": 648.0},
+            "paired_train": {"ours": 2.0 * speedup, "baseline": 2.0}}
+    assert _bench_cpu().train_row("m", runs).endswith(f"| {verdict} |")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

@@ -244,13 +244,15 @@ class RepMLPBlock(nn.Module):
 
 @register_notrace_function  # a leaf under FX: the form depends on the (traced) map size
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A 1x1 conv run as matrix products, much faster on CPU than an NCHW conv.
+    """A 1x1 conv: matrix products at inference, much faster on CPU than an NCHW conv; the conv in training.
 
-    Maps with more pixels than the weight has rows or columns take one product per image: a single
-    product over all pixels would copy its input and its output transposed (and keep the copy for
-    backward). Smaller maps take the single product, whose weight gradient is then one matrix rather
-    than one per image.
+    Products over an NCHW map keep transposed copies of their operands for backward, or one weight gradient
+    per image; the conv's backward needs neither, so training keeps it (at the same speed). At inference,
+    maps with more pixels than the weight has rows or columns take one product per image, where a single
+    product over all pixels would copy its input and output transposed; smaller maps take the single product.
     """
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return F.conv2d(x, weight, bias)
     B, C, H, W = x.shape
     weight = weight.view(weight.shape[0], C)
     if H * W > max(weight.shape[0], weight.shape[1]):
