@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from visionmlp import create_model
 from visionmlp.engine.benchmark import (
     DTYPES,
     PROC_CLEAR_REFS,
+    BenchmarkSteps,
     default_img_size,
     interleaved_step_seconds,
     linux_libc,
@@ -124,18 +124,11 @@ def train_step_memory_mib(model: nn.Module, batch_size: int, img_size: int, fuse
         raise SystemExit("measuring the training memory needs Linux with glibc")
     model.train()
     inputs = torch.randn(batch_size, 3, img_size, img_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_optimizer)
-
-    def step() -> None:
-        logits = model(inputs)
-        F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()  # creates the optimizer state, which both implementations hold alike
+    steps = BenchmarkSteps(model, inputs, "train", torch.float32, torch.device("cpu"), fused_optimizer)
+    steps.run(model)  # creates the optimizer state, which both implementations hold alike
     before = proc_status_mib("VmRSS")
     PROC_CLEAR_REFS.write_text("5")  # VmHWM restarts from the current resident set
-    step()
+    steps.run(model)
     return proc_status_mib("VmHWM") - before
 
 
@@ -248,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the measurements and print the tables."""
     args = parse_args(argv)
     names = parse_model_names(args.models)
+    if args.train_memory_of == "baseline" and args.baseline is None:
+        raise SystemExit("--train-memory-of baseline needs --baseline FILE, the file whose build(name) makes it")
     if args.train_memory_of:
         model = load_baseline(args.baseline)(names[0]) if args.train_memory_of == "baseline" else create_model(names[0])
         torch.set_num_threads(args.threads)

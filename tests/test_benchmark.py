@@ -182,6 +182,8 @@ def test_bench_cpu_against_a_baseline_file(tmp_path, capsys):
         bench_cpu.main(["--baseline", str(tmp_path / "empty.py")])
     with pytest.raises(SystemExit, match="no such file"):
         bench_cpu.main(["--baseline", str(tmp_path / "missing.py")])
+    with pytest.raises(SystemExit, match="needs --baseline FILE"):
+        bench_cpu.main(["--train-memory-of", "baseline", "--models", "raft_mlp_s"])
 
 
 @pytest.mark.parametrize(("ours_mib", "speedup", "verdict"), [

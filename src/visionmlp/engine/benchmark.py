@@ -208,8 +208,8 @@ def _build_model(model_name: str, img_size: int, deploy: bool) -> tuple[nn.Modul
     return model, "folded (visionmlp.reparameterize)"
 
 
-class _Steps:
-    """The timed step of one benchmark, and the same step counted by ``FlopCounterMode``."""
+class BenchmarkSteps:
+    """One benchmark step (inference, or training with AdamW), timed as is or counted by ``FlopCounterMode``."""
 
     def __init__(
         self,
@@ -307,7 +307,7 @@ def benchmark_model(
     with num_threads(threads):
         model.train(mode == "train").to(device=torch_device, dtype=compute_dtype, memory_format=memory_format)
         inputs = torch.randn(batch_size, in_chans, img_size, img_size, device=torch_device, dtype=compute_dtype)
-        steps = _Steps(model, inputs.contiguous(memory_format=memory_format), mode, torch_dtype, torch_device,
+        steps = BenchmarkSteps(model, inputs.contiguous(memory_format=memory_format), mode, torch_dtype, torch_device,
                        fused_optimizer)
         memory = _PeakMemory(torch_device, compile)
         memory.start_before_first_step()
@@ -394,7 +394,7 @@ def interleaved_step_seconds(
         steps = {}
         for label, model in models.items():
             model.train(mode == "train").to(cpu, torch.float32)
-            steps[label] = _Steps(model, inputs, mode, torch.float32, cpu, label not in unfused_optimizer)
+            steps[label] = BenchmarkSteps(model, inputs, mode, torch.float32, cpu, label not in unfused_optimizer)
         for _ in range(warmup):
             for label, step in steps.items():
                 step.run(models[label])
