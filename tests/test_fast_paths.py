@@ -66,3 +66,25 @@ def test_compiled_model_matches_eager():
     with torch.no_grad():
         expected = model(x)
         assert relative_l2(torch.compile(model)(x), expected) <= 1e-5
+
+
+def test_strip_mlp_trains_channels_last_and_infers_nchw_with_one_result():
+    model, x = _model("strip_mlp_tiny_light"), _inputs("strip_mlp_tiny_light")
+    stem_outputs = []
+    model.stem.register_forward_hook(lambda module, args, output: stem_outputs.append(output))
+    with torch.no_grad():
+        expected = model(x)
+    logits = model(x)  # gradients enabled: the training layout
+    inference_map, training_map = stem_outputs
+    assert inference_map.is_contiguous() and not inference_map.is_contiguous(memory_format=torch.channels_last)
+    assert training_map.is_contiguous(memory_format=torch.channels_last)
+    assert relative_l2(logits.detach(), expected) <= 1e-5
+
+
+def test_raft_mlp_embeds_the_image_channels_last_into_contiguous_tokens():
+    model, x = _model("raft_mlp_s"), _inputs("raft_mlp_s")
+    tokens = []
+    model.stages[0].embed.register_forward_hook(lambda module, args, output: tokens.append(output))
+    with torch.no_grad():
+        model(x)
+    assert tokens[0].is_contiguous()
