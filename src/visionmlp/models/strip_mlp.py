@@ -5,10 +5,11 @@ Paper: `Strip-MLP: Efficient Token Interaction for Vision MLP`
     ICCV 2023, https://arxiv.org/abs/2307.11458
 Official code: https://github.com/Med-Process/Strip_MLP
 
-A four-stage NCHW network. Each block mixes tokens (a depthwise conv, then half the channels go through
-the cascaded strip MLP layers and half through local strip convs with a learned re-weighting) and then
-channels (7x7 depthwise conv, LayerNorm, MLP with global response norm). Stages 2 and 3 also feed
-strided depthwise shortcuts forward to the later stages.
+A four-stage NCHW network (channels-last while training, see `training_layout`). Each block mixes
+tokens (a depthwise conv, then half the channels go through the cascaded strip MLP layers and half
+through local strip convs with a learned re-weighting) and then channels (7x7 depthwise conv, LayerNorm,
+MLP with global response norm). Stages 2 and 3 also feed strided depthwise shortcuts forward to the
+later stages.
 
 The strip MLP layers mix whole rows and columns of the token grid with dense weights, so a model is
 built for one `img_size`. The official model re-uses one hard-coded drop-path rate of 0.1 for every
