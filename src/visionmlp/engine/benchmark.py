@@ -38,6 +38,7 @@ PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
+@functools.cache  # loaded once; every peak-memory measurement and mallopt call asks for it
 def linux_libc() -> ctypes.CDLL | None:
     """The C library on Linux (for glibc's ``malloc_trim`` and ``mallopt``), else None."""
     return ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None

@@ -396,7 +396,7 @@ class StripMLPNet(nn.Module):
         self.head = (nn.Linear(self.num_features, num_classes, device=device, dtype=dtype)
                      if num_classes > 0 else nn.Identity())
 
-    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+    def _stem_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stem(training_layout(check_input_size(x, self.img_size)))
 
     def forward_intermediates(
@@ -415,7 +415,7 @@ class StripMLPNet(nn.Module):
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
         last_idx = len(self.stages) - 1
         intermediates = []
-        x, skip = self._stem(x), None
+        x, skip = self._stem_forward(x), None
         for feat_idx, stage in enumerate(stages):
             x, skip = stage(x, skip)
             if feat_idx in take_indices:
@@ -445,7 +445,7 @@ class StripMLPNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The normalised final feature map, (B, C, H/32, W/32)."""
-        x, skip = self._stem(x), None
+        x, skip = self._stem_forward(x), None
         for stage in self.stages:
             x, skip = stage(x, skip)
         return self.norm(x)
