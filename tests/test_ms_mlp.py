@@ -53,6 +53,18 @@ def test_block_matches_per_group_roll_and_conv(mix_sizes, size):
         torch.testing.assert_close(block(x), _naive_block(block, x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("size", [(2, 3), (7, 6)])
+def test_block_gradients_match_per_group_roll_and_conv(size):
+    # The group roll has its own backward (the opposite roll); every input and weight gradient must agree
+    block = _randomize(MixShiftBlock(23, mix_sizes=(1, 3, 3, 5, 7))).double().train()
+    x = torch.randn(2, 23, *size, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 23, *size, dtype=torch.float64)
+    ours = torch.autograd.grad((block(x) * upstream).sum(), [x, *block.parameters()])
+    naive = torch.autograd.grad((_naive_block(block, x) * upstream).sum(), [x, *block.parameters()])
+    for got, expected in zip(ours, naive):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_token_slices_on_cpu_give_the_same_block_output():
     block = _randomize(MixShiftBlock(10, mix_sizes=(1, 3, 3, 5, 7))).double().eval()
     x = torch.randn(1, 10, 40, 36, dtype=torch.float64)  # 1440 tokens: more than one slice of the channel MLP

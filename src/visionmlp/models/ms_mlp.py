@@ -13,10 +13,10 @@ kernel grows with the distance, adds the two branches and follows with a channel
 The state dict keeps the official per-group depth-wise convs (``dwconv_lr.<i>`` / ``dwconv_td.<i>``).
 The forward pass computes the same sums with fewer, larger ops than the official code: groups that
 share a kernel size share one conv call per branch (kernels concatenated on the fly), 1x1 groups are a
-per-channel affine, the rolls are slice copies, and on CPU the channel MLP runs over cache-sized slices
-of tokens. Activations stay channels-last between blocks. ``checkpoint_filter_fn`` maps official
-checkpoints onto this layout (patch merging moves to the start of the next stage, the final norm and
-classifier into ``head``).
+per-channel affine, the rolls are slice copies (one autograd node each, whose gradient is the
+opposite roll), and on CPU the channel MLP runs over cache-sized slices of tokens. Activations stay
+channels-last between blocks. ``checkpoint_filter_fn`` maps official checkpoints onto this layout
+(patch merging moves to the start of the next stage, the final norm and classifier into ``head``).
 """
 import re
 from functools import partial
@@ -76,9 +76,38 @@ def check_input_size(x: torch.Tensor, total_stride: int, patch_size: int) -> tor
 @register_notrace_function  # a leaf under FX: the slice bounds depend on the (traced) map size
 def roll_groups(x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int) -> torch.Tensor:
     """A channels-last copy of ``x`` with each channel group cyclically rolled by its own shift along ``dim``."""
-    out = torch.empty_like(x, memory_format=torch.channels_last)
-    _roll_groups_into(out, x, group_sizes, shifts, dim)
-    return out
+    if torch.jit.is_scripting():
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        _roll_groups_into(out, x, group_sizes, shifts, dim)
+        return out
+    return _roll_groups_autograd(x, group_sizes, shifts, dim)
+
+
+class _RollGroups(torch.autograd.Function):
+    """The group roll as one autograd node, whose gradient is the opposite roll: one copy.
+
+    Recorded slice by slice instead, autograd would zero-fill and accumulate a gradient the size of ``x``
+    for every slice copied, about twenty per block.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int) -> torch.Tensor:
+        ctx.roll = (group_sizes, [-shift for shift in shifts], dim)
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        _roll_groups_into(out, x, group_sizes, shifts, dim)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None, None]:
+        group_sizes, opposite_shifts, dim = ctx.roll
+        grad_x = torch.empty_like(grad, memory_format=torch.channels_last)
+        _roll_groups_into(grad_x, grad, group_sizes, opposite_shifts, dim)
+        return grad_x, None, None, None
+
+
+@torch.jit.unused  # TorchScript cannot compile autograd Functions; scripted models take the plain copy above
+def _roll_groups_autograd(x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int) -> torch.Tensor:
+    return _RollGroups.apply(x, group_sizes, shifts, dim)
 
 
 def _roll_groups_into(out: torch.Tensor, x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int):
@@ -168,6 +197,7 @@ class MixShiftBlock(nn.Module):
         self.group_starts = [sum(self.group_sizes[:i]) for i in range(len(self.group_sizes) + 1)]
         self.shift_dists = list(shift_dists)
         self.kernel_runs = list(_kernel_runs(mix_sizes))
+        self.run_channels = [self.group_starts[last] - self.group_starts[first] for first, last, _ in self.kernel_runs]
         self.dwconv_lr = nn.ModuleList([
             nn.Conv2d(c, c, kernel_size=k, padding=k // 2, groups=c) for c, k in zip(self.group_sizes, mix_sizes)])
         self.dwconv_td = nn.ModuleList([
@@ -198,10 +228,12 @@ class MixShiftBlock(nn.Module):
         td_weights = [conv.weight for conv in self.dwconv_td]
         td_biases: List[Optional[torch.Tensor]] = [conv.bias for conv in self.dwconv_td]
         # Consecutive groups with equal kernel sizes share one conv call per branch (kernels concatenated).
+        # One split rather than a narrow per run: its gradient is one concatenation, where each narrow's
+        # would be a zero-filled tensor the size of x.
+        runs = x.split(self.run_channels, dim=1)
         mixed: List[torch.Tensor] = []
-        for first, last, k in self.kernel_runs:
-            start = self.group_starts[first]
-            run = x.narrow(1, start, self.group_starts[last] - start)
+        for i, (first, last, k) in enumerate(self.kernel_runs):
+            run = runs[i]
             lr_weight, lr_bias = torch.cat(lr_weights[first:last]), _cat_biases(lr_biases[first:last])
             td_weight, td_bias = torch.cat(td_weights[first:last]), _cat_biases(td_biases[first:last])
             lr = self._mix_run(run, lr_weight, lr_bias, first, last, k, 3)
