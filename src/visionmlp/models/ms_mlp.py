@@ -76,7 +76,7 @@ def check_input_size(x: torch.Tensor, total_stride: int, patch_size: int) -> tor
 @register_notrace_function  # a leaf under FX: the slice bounds depend on the (traced) map size
 def roll_groups(x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int) -> torch.Tensor:
     """A channels-last copy of ``x`` with each channel group cyclically rolled by its own shift along ``dim``."""
-    if torch.jit.is_scripting():
+    if torch.jit.is_scripting() or not torch.is_grad_enabled():  # no graph to record: skip the Function's overhead
         out = torch.empty_like(x, memory_format=torch.channels_last)
         _roll_groups_into(out, x, group_sizes, shifts, dim)
         return out
