@@ -28,17 +28,13 @@ from torch import nn
 
 from visionmlp import create_model
 from visionmlp.engine.benchmark import (
-    DTYPES,
-    PROC_CLEAR_REFS,
     BenchmarkSteps,
     default_img_size,
     interleaved_step_seconds,
-    linux_libc,
-    matmul_peak_gflops,
     parse_model_names,
-    proc_status_mib,
     run_benchmark,
 )
+from visionmlp.engine.machine import DTYPES, PROC_CLEAR_REFS, linux_libc, matmul_peak_gflops, proc_status_mib
 
 # Speed targets for fp32 eager inference against the baseline: 1.5x, or 85 % of the matmul roofline
 # where 1.5x would pass it; never slower.

@@ -45,15 +45,9 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from ..checkpoint import StateDict, load_pretrained_file
-from .fold import fold_bn_before
+from .fold import bn_scale_shift, fold_bn_before
 
 __all__ = ["RepMLPBlock", "RepMLPNet"]
-
-
-def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(scale, shift)`` with ``bn(x) == x * scale + shift`` in eval mode."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
 
 
 class GlobalPerceptron(nn.Module):
@@ -126,7 +120,7 @@ class PartitionConvBn(nn.Module):
 
     def fused_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The conv kernel and bias with the (eval-mode) BN folded in."""
-        scale, shift = _bn_scale_shift(self.bn)
+        scale, shift = bn_scale_shift(self.bn)
         return self.conv.weight * scale.view(-1, 1, 1, 1), shift
 
 
@@ -210,7 +204,7 @@ class RepMLPBlock(nn.Module):
         weight = self.fc3.weight.view(S, area, area)
         bias = self.fc3.bias.view(S, area) if self.fc3.bias is not None else weight.new_zeros(S, area)
         if isinstance(self.fc3_bn, nn.BatchNorm2d):
-            scale, shift = _bn_scale_shift(self.fc3_bn)
+            scale, shift = bn_scale_shift(self.fc3_bn)
             weight = weight * scale.view(S, 1, 1)
             bias = bias * scale.view(S, 1) + shift.view(S, 1)
         if self.conv_kernels:
