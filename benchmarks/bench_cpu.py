@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = runs = measure(name, args, best_dtype, build_baseline)
         paired = runs.get("paired_infer")
         base = f"; paired: ours {paired['ours']:.2f}, baseline {paired['baseline']:.2f}" if paired else ""
-        print(f"{name} ({runs['eager']['img_size']} px): {runs['eager']['images_per_s']:.2f} img/s fp32{base}", file=sys.stderr)
+        fp32 = runs["eager"]
+        print(f"{name} ({fp32['img_size']} px): {fp32['images_per_s']:.2f} img/s fp32{base}", file=sys.stderr)
     first = next(iter(results.values()))
     eager = first["eager"]
     fast_path = f"{best_dtype}, deploy, channels-last" + (", compiled" if args.compile else "")

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import atomic_save, read_checkpoint
-from ..config import ConfigError, Config, add_config_arguments, build_config, dump, flags_from_args, parse_opts
+from ..config import Config, ConfigError, add_config_arguments, build_config, dump, flags_from_args, parse_opts
 from ..data import DataError, build_dataset, build_loader, build_transform, subset_evenly
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, setup
 from .evaluate import autocast, build_model, evaluate, resolve_input_config
@@ -176,7 +176,9 @@ def optimizer_class(opt_name: str) -> Callable[..., torch.optim.Optimizer]:
         return get_optimizer_class(opt_name)
     except ValueError:
         known = ", ".join(list_optimizers(exclude_filters=["bnb*", "fused*"]))
-        raise ConfigError(f"train.optimizer {opt_name!r} is not an optimizer timm knows; choose one of {known}") from None
+        raise ConfigError(
+            f"train.optimizer {opt_name!r} is not an optimizer timm knows; choose one of {known}"
+        ) from None
 
 
 def train(config: Config) -> dict[str, Any]:
