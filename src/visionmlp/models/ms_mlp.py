@@ -77,9 +77,7 @@ def check_input_size(x: torch.Tensor, total_stride: int, patch_size: int) -> tor
 def roll_groups(x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int) -> torch.Tensor:
     """A channels-last copy of ``x`` with each channel group cyclically rolled by its own shift along ``dim``."""
     if torch.jit.is_scripting() or not torch.is_grad_enabled():  # no graph to record: skip the Function's overhead
-        out = torch.empty_like(x, memory_format=torch.channels_last)
-        _roll_groups_into(out, x, group_sizes, shifts, dim)
-        return out
+        return _rolled_copy(x, group_sizes, shifts, dim)
     return _roll_groups_autograd(x, group_sizes, shifts, dim)
 
 
@@ -93,16 +91,11 @@ class _RollGroups(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int) -> torch.Tensor:
         ctx.roll = (group_sizes, [-shift for shift in shifts], dim)
-        out = torch.empty_like(x, memory_format=torch.channels_last)
-        _roll_groups_into(out, x, group_sizes, shifts, dim)
-        return out
+        return _rolled_copy(x, group_sizes, shifts, dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None, None]:
-        group_sizes, opposite_shifts, dim = ctx.roll
-        grad_x = torch.empty_like(grad, memory_format=torch.channels_last)
-        _roll_groups_into(grad_x, grad, group_sizes, opposite_shifts, dim)
-        return grad_x, None, None, None
+        return _rolled_copy(grad, *ctx.roll), None, None, None
 
 
 @torch.jit.unused  # TorchScript cannot compile autograd Functions; scripted models take the plain copy above
@@ -110,8 +103,9 @@ def _roll_groups_autograd(x: torch.Tensor, group_sizes: List[int], shifts: List[
     return _RollGroups.apply(x, group_sizes, shifts, dim)
 
 
-def _roll_groups_into(out: torch.Tensor, x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int):
-    """Write ``x`` into ``out`` with each channel group cyclically rolled by its own shift along ``dim``."""
+def _rolled_copy(x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int) -> torch.Tensor:
+    """A new channels-last tensor holding ``x`` with each channel group cyclically rolled by its shift along ``dim``."""
+    out = torch.empty_like(x, memory_format=torch.channels_last)
     length = x.shape[dim]
     start = 0
     for size, shift in zip(group_sizes, shifts):
@@ -124,6 +118,7 @@ def _roll_groups_into(out: torch.Tensor, x: torch.Tensor, group_sizes: List[int]
             dst.narrow(dim, shift, length - shift).copy_(src.narrow(dim, 0, length - shift))
             dst.narrow(dim, 0, shift).copy_(src.narrow(dim, length - shift, shift))
         start += size
+    return out
 
 
 def _kernel_runs(mix_sizes: Sequence[int]) -> Tuple[Tuple[int, int, int], ...]:
@@ -233,7 +228,7 @@ class MixShiftBlock(nn.Module):
         runs = x.split(self.run_channels, dim=1)
         mixed: List[torch.Tensor] = []
         for i, (first, last, k) in enumerate(self.kernel_runs):
-            run = runs[i]
+            run = runs[i]  # indexed: under FX the split is one traced value that cannot be iterated
             lr_weight, lr_bias = torch.cat(lr_weights[first:last]), _cat_biases(lr_biases[first:last])
             td_weight, td_bias = torch.cat(td_weights[first:last]), _cat_biases(td_biases[first:last])
             lr = self._mix_run(run, lr_weight, lr_bias, first, last, k, 3)
