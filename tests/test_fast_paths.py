@@ -56,7 +56,7 @@ def test_ms_mlp_cache_blocked_channel_mlp_matches_plain_path():
     blocked = _model("ms_mlp_tiny")
     with set_scriptable(True):
         plain = _model("ms_mlp_tiny")
-    assert blocked.stages[0].blocks[0].chunked_mlp and not plain.stages[0].blocks[0].chunked_mlp
+    assert blocked.stages[0].blocks[0].fast_channel_mlp and not plain.stages[0].blocks[0].fast_channel_mlp
     with torch.no_grad():
         assert relative_l2(blocked(x), plain(x)) <= 1e-5
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import set_scriptable
 from torch import nn
 
 import visionmlp
@@ -53,9 +54,10 @@ def test_block_matches_per_group_roll_and_conv(mix_sizes, size):
         torch.testing.assert_close(block(x), _naive_block(block, x), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("size", [(2, 3), (7, 6)])
+@pytest.mark.parametrize("size", [(2, 3), (7, 6), (7, 7)])
 def test_block_gradients_match_per_group_roll_and_conv(size):
-    # The group roll has its own backward (the opposite roll); every input and weight gradient must agree
+    # The group roll has its own backward (the opposite roll); every input and weight gradient must agree.
+    # At 7 x 7 the batch has 98 tokens, more than fc2's 92 inputs, so the layer scale is folded into fc2.
     block = _randomize(MixShiftBlock(23, mix_sizes=(1, 3, 3, 5, 7))).double().train()
     x = torch.randn(2, 23, *size, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(2, 23, *size, dtype=torch.float64)
@@ -63,6 +65,33 @@ def test_block_gradients_match_per_group_roll_and_conv(size):
     naive = torch.autograd.grad((_naive_block(block, x) * upstream).sum(), [x, *block.parameters()])
     for got, expected in zip(ours, naive):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def _saved_bytes(block: MixShiftBlock, x: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for the block's backward, parameters excluded."""
+    params = {p.data_ptr() for p in block.parameters()}
+    saved = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in params:
+            saved[t.data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        block(x)
+    return sum(saved.values())
+
+
+def test_training_keeps_the_scaled_fc2_instead_of_its_output():
+    # 2 x 16 x 16 tokens of 10 channels: fc2's output (512 x 10) is larger than its weight (10 x 40)
+    torch.manual_seed(0)
+    fast = MixShiftBlock(10, mix_sizes=(1, 3, 3, 5, 7)).train()
+    with set_scriptable(True):
+        plain = MixShiftBlock(10, mix_sizes=(1, 3, 3, 5, 7)).train()
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 10, 16, 16, requires_grad=True)
+    fc2_output, fc2_weight = 2 * 16 * 16 * 10 * 4, 10 * 40 * 4
+    assert _saved_bytes(plain, x) - _saved_bytes(fast, x) == fc2_output - fc2_weight
 
 
 def test_token_slices_on_cpu_give_the_same_block_output():

@@ -14,8 +14,9 @@ The state dict keeps the official per-group depth-wise convs (``dwconv_lr.<i>`` 
 The forward pass computes the same sums with fewer, larger ops than the official code: groups that
 share a kernel size share one conv call per branch (kernels concatenated on the fly), 1x1 groups are a
 per-channel affine, the rolls are slice copies (one autograd node each, whose gradient is the
-opposite roll), and on CPU the channel MLP runs over cache-sized slices of tokens. Activations stay
-channels-last between blocks. ``checkpoint_filter_fn`` maps official checkpoints onto this layout
+opposite roll), on CPU the channel MLP runs over cache-sized slices of tokens, and where it runs in one
+call while gradients are recorded, the layer scale multiplies its last linear layer instead of its output.
+Activations stay channels-last between blocks. ``checkpoint_filter_fn`` maps official checkpoints onto this layout
 (patch merging moves to the start of the next stage, the final norm and classifier into ``head``).
 """
 import re
@@ -141,19 +142,23 @@ def _cat_biases(biases: List[Optional[torch.Tensor]]) -> torch.Tensor:
     return torch.cat(present)
 
 
-@register_notrace_function  # a leaf under FX: the device test and the slicing depend on the traced input
+@register_notrace_function  # a leaf under FX: it branches on the device, the grad mode and the token count
 def residual_channel_mlp(block: 'MixShiftBlock', shortcut: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``shortcut + block.channel_mlp(x)`` for channels-last (B, H, W, C) tensors.
+    """``shortcut + block.drop_path(block.channel_mlp(x))`` for channels-last (B, H, W, C) tensors, the fast way.
 
-    On CPU, large inputs run in slices of ``_CPU_TOKENS_PER_CHUNK`` tokens so that the MLP's hidden
-    activations stay in cache; the result is the same.
+    On CPU, with drop path inactive, large inputs run in slices of ``_CPU_TOKENS_PER_CHUNK`` tokens so that
+    the MLP's hidden activations stay in cache. Run in one call while gradients are recorded, on more tokens
+    than fc2 has inputs, the layer scale multiplies fc2's weight and bias instead of its output: autograd then
+    keeps that smaller, weight-sized product for the backward. The result is the same up to rounding.
     """
     num_tokens, dim = x.shape[:3].numel(), x.shape[-1]
-    if x.device.type != 'cpu' or num_tokens <= _CPU_TOKENS_PER_CHUNK:
-        return shortcut + block.channel_mlp(x)
+    drop_path_active = block.training and isinstance(block.drop_path, DropPath)
+    if drop_path_active or x.device.type != 'cpu' or num_tokens <= _CPU_TOKENS_PER_CHUNK:
+        fold_scale = torch.is_grad_enabled() and num_tokens > block.mlp.fc2.in_features
+        return shortcut + block.drop_path(block.channel_mlp(x, fold_scale=fold_scale))
     pairs = zip(shortcut.reshape(num_tokens, dim).split(_CPU_TOKENS_PER_CHUNK),
                 x.reshape(num_tokens, dim).split(_CPU_TOKENS_PER_CHUNK))
-    return torch.cat([s + block.channel_mlp(t) for s, t in pairs]).view(x.shape)
+    return torch.cat([s + block.channel_mlp(t, fold_scale=False) for s, t in pairs]).view(x.shape)
 
 
 class ConvPatchEmbed(nn.Module):
@@ -201,9 +206,9 @@ class MixShiftBlock(nn.Module):
         self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=act_layer)
         self.gamma = nn.Parameter(ls_init_value * torch.ones(dim)) if ls_init_value > 0 else None
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        # The cache-blocked channel MLP is a leaf call that takes this module, which TorchScript cannot
-        # compile; a model built under timm's set_scriptable(True) leaves it out, also from FX graphs.
-        self.chunked_mlp = not is_scriptable()
+        # The fast channel MLP (``residual_channel_mlp``) is a leaf call that takes this module, which TorchScript
+        # cannot compile; a model built under timm's set_scriptable(True) runs the plain form, also in FX graphs.
+        self.fast_channel_mlp = not is_scriptable()
 
     def _mix_run(
             self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, first: int, last: int,
@@ -236,15 +241,25 @@ class MixShiftBlock(nn.Module):
             mixed.append(lr + td)
         return mixed[0] if len(mixed) == 1 else torch.cat(mixed, dim=1)
 
-    def channel_mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """LayerNorm, MLP and layer scale over the last (channel) dim."""
-        x = self.mlp(self.norm(x))
-        return x * self.gamma if self.gamma is not None else x
+    def channel_mlp(self, x: torch.Tensor, fold_scale: bool) -> torch.Tensor:
+        """LayerNorm, MLP and layer scale over the last (channel) dim; ``fold_scale``: scale fc2, not its output."""
+        x = self.norm(x)
+        gamma = self.gamma
+        if gamma is None:
+            return self.mlp(x)
+        if not fold_scale:
+            return self.mlp(x) * gamma
+        mlp = self.mlp
+        x = mlp.norm(mlp.drop1(mlp.act(mlp.fc1(x))))
+        bias = mlp.fc2.bias
+        if bias is not None:
+            bias = bias * gamma
+        return mlp.drop2(F.linear(x, mlp.fc2.weight * gamma[:, None], bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mixed = self.mix(x).permute(0, 2, 3, 1)
-        if torch.jit.is_scripting() or not self.chunked_mlp or (self.training and isinstance(self.drop_path, DropPath)):
-            return x + self.drop_path(self.channel_mlp(mixed).permute(0, 3, 1, 2))
+        if torch.jit.is_scripting() or not self.fast_channel_mlp:
+            return x + self.drop_path(self.channel_mlp(mixed, fold_scale=False).permute(0, 3, 1, 2))
         return residual_channel_mlp(self, x.permute(0, 2, 3, 1), mixed).permute(0, 3, 1, 2)
 
 
