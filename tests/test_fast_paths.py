@@ -88,3 +88,21 @@ def test_raft_mlp_embeds_the_image_channels_last_into_contiguous_tokens():
     with torch.no_grad():
         model(x)
     assert tokens[0].is_contiguous()
+
+
+@pytest.mark.parametrize("name", ["vip_s7", "raft_mlp_s"])
+def test_training_graph_keeps_the_image_itself_not_a_channels_last_copy(name):
+    # The embedding's conv runs with a channels-last kernel, so its output is channels-last without a copy
+    # of the image, which the recorded graph would keep for the kernel's gradient
+    model, x = _model(name).train(), _inputs(name)
+    image_sized = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.shape == x.shape:
+            image_sized.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        embedded = model.patch_embed(x) if name == "vip_s7" else model.stages[0].embed(x)
+    assert embedded.is_contiguous()  # NHWC tokens
+    assert image_sized and all(t.data_ptr() == x.data_ptr() for t in image_sized)

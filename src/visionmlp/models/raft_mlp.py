@@ -91,10 +91,10 @@ class CrossScaleEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """NCHW image or map -> NHWC tokens at 1 / stride resolution."""
-        # A channels-last input (later stages pass one already) makes the conv run channels-last and its
-        # output, permuted below, contiguous tokens.
+        # A channels-last kernel makes the conv's output channels-last, so its permutation below is contiguous
+        # tokens; a recorded graph then keeps the image as it came rather than a channels-last copy of it.
         x = F.conv2d(
-            x.contiguous(memory_format=torch.channels_last), self.merged_weight(), self.proj[0].bias,
+            x, self.merged_weight().contiguous(memory_format=torch.channels_last), self.proj[0].bias,
             stride=self.stride, padding=(self.max_kernel - self.stride) // 2)
         return x.permute(0, 2, 3, 1)
 

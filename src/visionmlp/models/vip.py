@@ -29,7 +29,19 @@ from torch import nn
 
 from ..checkpoint import StateDict, load_pretrained_file
 
-__all__ = ["PermuteMlp", "PermutatorBlock", "PermutatorStage", "VisionPermutator"]
+__all__ = ["ChannelsLastConv2d", "PermuteMlp", "PermutatorBlock", "PermutatorStage", "VisionPermutator"]
+
+
+class ChannelsLastConv2d(nn.Conv2d):
+    """A Conv2d whose output is channels-last whatever the input's layout.
+
+    It convolves with a channels-last copy of its kernel rather than of its input: a recorded graph then
+    keeps the image as it came (the caller holds it anyway) instead of a channels-last copy of it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve ``x``; the result is channels-last."""
+        return self._conv_forward(x, self.weight.contiguous(memory_format=torch.channels_last), self.bias)
 
 
 class PermuteMlp(nn.Module):
@@ -193,6 +205,9 @@ class VisionPermutator(nn.Module):
             embed_dim=embed_dims[0],
             output_fmt="NHWC",
         )
+        # A channels-last conv output is read as a contiguous NHWC token map; otherwise every residual add of
+        # the first stage would keep a strided layout.
+        self.patch_embed.proj = ChannelsLastConv2d(in_chans, embed_dims[0], patch_size, stride=patch_size)
         grid_size = self.patch_embed.grid_size
         # Stochastic depth grows linearly over all blocks (plain Python: the model may be built on "meta").
         num_blocks = sum(depths)
@@ -286,7 +301,7 @@ class VisionPermutator(nn.Module):
         stages = self.stages[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
 
         intermediates = []
-        x = self._embed(x)
+        x = self.patch_embed(x)
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take_indices:
@@ -316,14 +331,9 @@ class VisionPermutator(nn.Module):
             self.reset_classifier(0, "")
         return take_indices
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        # A channels-last image makes the conv emit channels-last, so the NHWC token map it is read as
-        # is contiguous; otherwise every residual add of the first stage would keep a strided layout.
-        return self.patch_embed(x.contiguous(memory_format=torch.channels_last))
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised NHWC token map of the last stage."""
-        x = self._embed(x)
+        x = self.patch_embed(x)
         x = self.stages(x)
         return self.norm(x)
 
