@@ -15,9 +15,10 @@ The forward pass computes the same sums with fewer, larger ops than the official
 share a kernel size share one conv call per branch (kernels concatenated on the fly), 1x1 groups are a
 per-channel affine, the rolls are slice copies (one autograd node each, whose gradient is the
 opposite roll), on CPU the channel MLP runs over cache-sized slices of tokens, and where it runs in one
-call while gradients are recorded, the layer scale multiplies its last linear layer instead of its output.
-Activations stay channels-last between blocks. ``checkpoint_filter_fn`` maps official checkpoints onto this layout
-(patch merging moves to the start of the next stage, the final norm and classifier into ``head``).
+call while gradients are recorded, the layer scale multiplies its last linear layer instead of its
+output. Activations stay channels-last between blocks. ``checkpoint_filter_fn`` maps official
+checkpoints onto this layout (patch merging moves to the start of the next stage, the final norm and
+classifier into ``head``).
 """
 import re
 from functools import partial
