@@ -61,6 +61,22 @@ def test_ms_mlp_cache_blocked_channel_mlp_matches_plain_path():
         assert relative_l2(blocked(x), plain(x)) <= 1e-5
 
 
+def test_ms_mlp_training_step_matches_plain_path_fp32():
+    # At 64 px, stage 1 has 2 x 16 x 16 = 512 tokens, more than fc2's 384 inputs: its layer scale is folded
+    x = _inputs("ms_mlp_tiny")
+    fast = _model("ms_mlp_tiny", drop_path_rate=0.0).train()
+    with set_scriptable(True):
+        plain = _model("ms_mlp_tiny", drop_path_rate=0.0).train()
+    plain.load_state_dict(fast.state_dict())
+    outputs = []
+    for model in (fast, plain):
+        logits = model(x)
+        logits.square().mean().backward()
+        outputs.append([logits.detach()] + [p.grad for p in model.parameters()])
+    for got, expected in zip(*outputs):
+        assert relative_l2(got, expected) <= 1e-5
+
+
 def test_compiled_model_matches_eager():
     model, x = _model("raft_mlp_s"), _inputs("raft_mlp_s")
     with torch.no_grad():
