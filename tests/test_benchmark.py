@@ -12,8 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from visionmlp import create_model
 from visionmlp.cli import main
-from visionmlp.engine.benchmark import benchmark_model, results_markdown, results_notes, run_benchmark
+from visionmlp.engine.benchmark import (
+    benchmark_model,
+    count_batchnorms,
+    results_markdown,
+    results_notes,
+    run_benchmark,
+)
+
+from synthetic_weights import relative_l2
 
 TINY = {"batch_size": 2, "img_size": 64, "warmup": 1, "reps": 2, "threads": 1}
 POSITIVE_KEYS = (
@@ -132,7 +141,6 @@ def test_any_module_side_by_side() -> None:
 
 
 def test_interleaved_step_seconds_times_each_model_in_turn(monkeypatch):
-    from visionmlp import create_model
     from visionmlp.engine.benchmark import interleaved_step_seconds
 
     fused_flags = []
@@ -175,8 +183,10 @@ def test_bench_cpu_against_a_baseline_file(tmp_path, capsys):
     out = capsys.readouterr().out
     inference, training = out.split("Training step")
     # which target applies depends on how fast the baseline ran (see the next test)
-    row = r"\| raft_mlp_s \| 2\.0\d \| [\d.]+ \| \d+ % \| [\d.]+ \| \d+ % \| [\d.]+x \| (1\.5x|85 % roofline): (not )?met \|"
+    row = (r"\| raft_mlp_s \| 2\.0\d \| [\d.]+ \| \d+ % \| [\d.]+ \| \d+ % \| [\d.]+x "
+           r"\| (1\.5x|85 % roofline): (not )?met \| [\d.]+ \| [\d.]+x \((not )?met\) \|")
     assert re.search(row, inference)
+    assert "fast path img/s (fp32, deploy, channels-last; timed in turn with ours and the baseline)" in inference
     assert re.search(r"\| raft_mlp_s \| [\d.]+ \| \d+\.\d \| [\d.]+ \| \d+\.\d \| [\d.]+x \| (not )?met \|", training)
     (tmp_path / "empty.py").write_text("x = 1\n")
     with pytest.raises(SystemExit, match="defines no build"):
@@ -200,6 +210,29 @@ def test_bench_cpu_inference_target_is_1_5x_or_85_percent_of_the_roofline(baseli
     runs = {"eager": eager, "best": {"images_per_s": ours_ips},
             "paired_infer": {"ours": ours_ips, "baseline": baseline_ips}}
     assert f"| {verdict} |" in _bench_cpu().inference_row("m", runs)
+
+
+def test_bench_cpu_fast_path_timed_in_turn_is_compared_with_the_baseline_directly():
+    eager = {"gmacs": 0.5, "step_gflop_per_image": 1.0, "matmul_peak_gflops": 100.0, "images_per_s": 30.0}
+    runs = {"eager": eager, "best": {"images_per_s": 10.0},  # its run of its own is ignored
+            "paired_infer": {"ours": 30.0, "baseline": 20.0, "fast path": 80.0}}
+    assert _bench_cpu().inference_row("m", runs).endswith("| 80.00 | 4.00x (met) |")
+    del runs["paired_infer"]["fast path"]  # then its own run, scaled by ours' pairing: 10 / 30 * 1.5
+    assert _bench_cpu().inference_row("m", runs).endswith("| 10.00 | 0.50x (not met) |")
+
+
+def test_bench_cpu_fp32_fast_path_computes_the_plain_model():
+    bench_cpu = _bench_cpu()
+    torch.manual_seed(0)
+    plain = create_model("repmlpnet_t224", img_size=64).eval()
+    torch.manual_seed(0)
+    fast = bench_cpu.fp32_fast_path("repmlpnet_t224", img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_l2(fast(x), plain(x)) <= 1e-5
+    assert count_batchnorms(fast) < count_batchnorms(plain)  # the deploy form
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fast.parameters() if p.dim() == 4)
+    assert any(not p.is_contiguous() for p in fast.parameters() if p.dim() == 4)
 
 
 @pytest.mark.parametrize(("ours_mib", "speedup", "verdict"), [
