@@ -106,11 +106,13 @@ def test_raft_mlp_embeds_the_image_channels_last_into_contiguous_tokens():
     assert tokens[0].is_contiguous()
 
 
-@pytest.mark.parametrize("name", ["vip_s7", "raft_mlp_s"])
+@pytest.mark.parametrize("name", ["vip_s7", "strip_mlp_tiny_light", "raft_mlp_s"])
 def test_training_graph_keeps_the_image_itself_not_a_channels_last_copy(name):
     # The embedding's conv runs with a channels-last kernel, so its output is channels-last without a copy
     # of the image, which the recorded graph would keep for the kernel's gradient
     model, x = _model(name).train(), _inputs(name)
+    paths = {"vip_s7": "patch_embed", "strip_mlp_tiny_light": "stem", "raft_mlp_s": "stages.0.embed"}
+    embed = model.get_submodule(paths[name])
     image_sized = []
 
     def keep(t: torch.Tensor) -> torch.Tensor:
@@ -119,6 +121,7 @@ def test_training_graph_keeps_the_image_itself_not_a_channels_last_copy(name):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        embedded = model.patch_embed(x) if name == "vip_s7" else model.stages[0].embed(x)
-    assert embedded.is_contiguous()  # NHWC tokens
+        embedded = embed(x)
+    nchw = embedded if name == "strip_mlp_tiny_light" else embedded.permute(0, 3, 1, 2)  # the others give NHWC
+    assert nchw.is_contiguous(memory_format=torch.channels_last)
     assert image_sized and all(t.data_ptr() == x.data_ptr() for t in image_sized)

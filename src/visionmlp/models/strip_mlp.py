@@ -56,11 +56,23 @@ def check_input_size(x: torch.Tensor, img_size: tuple[int, int]) -> torch.Tensor
 def training_layout(x: torch.Tensor) -> torch.Tensor:
     """``x`` in channels-last where gradients are taken, else as it is.
 
-    Fed to the stem, this sets the layout of every block. The depthwise convs' weight gradients, the
-    slowest part of an NCHW training step on CPU, run several times faster in channels-last; their forward
-    runs faster in NCHW, so inference keeps that.
+    Applied to the stem's kernel (see ``StemConv2d``), this sets the layout of every block. The depthwise
+    convs' weight gradients, the slowest part of an NCHW training step on CPU, run several times faster in
+    channels-last; their forward runs faster in NCHW, so inference keeps that.
     """
     return x.contiguous(memory_format=torch.channels_last) if torch.is_grad_enabled() else x
+
+
+class StemConv2d(nn.Conv2d):
+    """The patchify conv, whose output takes the layout that ``training_layout`` gives its kernel.
+
+    The layout comes from the kernel rather than the image, so a recorded graph keeps the image as it
+    came instead of a channels-last copy of it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Patchify ``x``: channels-last where gradients are taken, NCHW otherwise."""
+        return self._conv_forward(x, training_layout(self.weight), self.bias)
 
 
 def _conv1x1_of_concat(
@@ -347,7 +359,7 @@ class StripMLPNet(nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.drop_rate = drop_rate
 
-        self.stem = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size, bias=False)
+        self.stem = StemConv2d(in_chans, embed_dim, patch_size, stride=patch_size, bias=False)
         grid_size = img_size[0] // patch_size
         self.stages = nn.ModuleList()
         self.feature_info = []
@@ -397,7 +409,7 @@ class StripMLPNet(nn.Module):
                      if num_classes > 0 else nn.Identity())
 
     def _stem_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stem(training_layout(check_input_size(x, self.img_size)))
+        return self.stem(check_input_size(x, self.img_size))
 
     def forward_intermediates(
         self,
