@@ -226,7 +226,7 @@ def test_bench_cpu_fp32_fast_path_computes_the_plain_model():
     torch.manual_seed(0)
     plain = create_model("repmlpnet_t224", img_size=64).eval()
     torch.manual_seed(0)
-    fast = bench_cpu.fp32_fast_path("repmlpnet_t224", img_size=64).eval()
+    fast = bench_cpu.fp32_fast_path("repmlpnet_t224", 64).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert relative_l2(fast(x), plain(x)) <= 1e-5

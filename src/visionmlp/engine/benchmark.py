@@ -49,7 +49,8 @@ def has_deploy_form(model: nn.Module) -> bool:
     return any(hasattr(module, "local_inject") for module in model.modules())
 
 
-def _build_model(model_name: str, img_size: int, deploy: bool) -> tuple[nn.Module, str]:
+def build_benchmark_model(model_name: str, img_size: int, deploy: bool) -> tuple[nn.Module, str]:
+    """``model_name`` at ``img_size``, in its deploy form if asked, and what deploying did to it."""
     model = create_model(model_name, img_size=img_size)
     if not deploy:
         return model, "not requested"
@@ -293,7 +294,7 @@ def run_benchmark(
     if quantize is not None and (mode != "infer" or dtype != "fp32" or resolve_device(device).type != "cpu"):
         raise ValueError("--quantize int8 is dynamic quantization for CPU inference: use --mode infer --dtype fp32 "
                          "--device cpu")
-    model, deploy_form = _build_model(model_name, img_size, deploy or quantize is not None)
+    model, deploy_form = build_benchmark_model(model_name, img_size, deploy or quantize is not None)
     quantization: dict[str, Any] = {}
     if quantize is not None:
         # quantize the folded model, as the RepMLP authors recommend, and compare it with its fp32 self

@@ -5,11 +5,13 @@ Paper: `Strip-MLP: Efficient Token Interaction for Vision MLP`
     ICCV 2023, https://arxiv.org/abs/2307.11458
 Official code: https://github.com/Med-Process/Strip_MLP
 
-A four-stage NCHW network (channels-last while training, see `training_layout`). Each block mixes
-tokens (a depthwise conv, then half the channels go through the cascaded strip MLP layers and half
-through local strip convs with a learned re-weighting) and then channels (7x7 depthwise conv, LayerNorm,
-MLP with global response norm). Stages 2 and 3 also feed strided depthwise shortcuts forward to the
-later stages.
+A four-stage NCHW network, channels-last while training: the stem is a ``ChannelsLastConv2d`` with
+``training_only``. The depthwise convs' weight gradients, the slowest part of an NCHW training step on
+CPU, run several times faster in channels-last; their forward runs faster in NCHW, so inference keeps
+that. Each block mixes tokens (a depthwise conv, then half the channels go through the cascaded strip
+MLP layers and half through local strip convs with a learned re-weighting) and then channels (7x7
+depthwise conv, LayerNorm, MLP with global response norm). Stages 2 and 3 also feed strided depthwise
+shortcuts forward to the later stages.
 
 The strip MLP layers mix whole rows and columns of the token grid with dense weights, so a model is
 built for one `img_size`. The official model re-uses one hard-coded drop-path rate of 0.1 for every
@@ -30,6 +32,7 @@ from torch import nn
 
 from ..checkpoint import load_pretrained_file
 from .fold import fold_bn_after
+from .layers import ChannelsLastConv2d
 
 __all__ = ["StripMLPNet"]
 
@@ -50,29 +53,6 @@ def check_input_size(x: torch.Tensor, img_size: tuple[int, int]) -> torch.Tensor
             "build the model with the input's size"
         )
     return x
-
-
-@register_notrace_function  # an FX leaf, so that traced graphs keep the run-time choice
-def training_layout(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in channels-last where gradients are taken, else as it is.
-
-    Applied to the stem's kernel (see ``StemConv2d``), this sets the layout of every block. The depthwise
-    convs' weight gradients, the slowest part of an NCHW training step on CPU, run several times faster in
-    channels-last; their forward runs faster in NCHW, so inference keeps that.
-    """
-    return x.contiguous(memory_format=torch.channels_last) if torch.is_grad_enabled() else x
-
-
-class StemConv2d(nn.Conv2d):
-    """The patchify conv, whose output takes the layout that ``training_layout`` gives its kernel.
-
-    The layout comes from the kernel rather than the image, so a recorded graph keeps the image as it
-    came instead of a channels-last copy of it.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Patchify ``x``: channels-last where gradients are taken, NCHW otherwise."""
-        return self._conv_forward(x, training_layout(self.weight), self.bias)
 
 
 def _conv1x1_of_concat(
@@ -359,7 +339,8 @@ class StripMLPNet(nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.drop_rate = drop_rate
 
-        self.stem = StemConv2d(in_chans, embed_dim, patch_size, stride=patch_size, bias=False)
+        self.stem = ChannelsLastConv2d(
+            in_chans, embed_dim, patch_size, stride=patch_size, bias=False, training_only=True)
         grid_size = img_size[0] // patch_size
         self.stages = nn.ModuleList()
         self.feature_info = []

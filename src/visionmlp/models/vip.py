@@ -28,20 +28,9 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from ..checkpoint import StateDict, load_pretrained_file
+from .layers import ChannelsLastConv2d
 
-__all__ = ["ChannelsLastConv2d", "PermuteMlp", "PermutatorBlock", "PermutatorStage", "VisionPermutator"]
-
-
-class ChannelsLastConv2d(nn.Conv2d):
-    """A Conv2d whose output is channels-last whatever the input's layout.
-
-    It convolves with a channels-last copy of its kernel rather than of its input: a recorded graph then
-    keeps the image as it came (the caller holds it anyway) instead of a channels-last copy of it.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Convolve ``x``; the result is channels-last."""
-        return self._conv_forward(x, self.weight.contiguous(memory_format=torch.channels_last), self.bias)
+__all__ = ["PermuteMlp", "PermutatorBlock", "PermutatorStage", "VisionPermutator"]
 
 
 class PermuteMlp(nn.Module):
