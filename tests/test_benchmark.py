@@ -17,6 +17,7 @@ from visionmlp.cli import main
 from visionmlp.engine.benchmark import (
     benchmark_model,
     count_batchnorms,
+    fp32_agreement,
     results_markdown,
     results_notes,
     run_benchmark,
@@ -51,6 +52,7 @@ def test_infer_report() -> None:
     assert 0.1 < result["gmacs"] < 0.3
     assert result["step_gflop_per_image"] == pytest.approx(2 * result["gmacs"])
     assert result["deploy_form"] == "not requested" and result["precision"] == "fp32 weights and activations"
+    assert "fp32_top1_agreement" not in result  # plain fp32 eager is the reference itself
 
 
 def test_train_mode_counts_backward_too() -> None:
@@ -80,6 +82,33 @@ def test_bf16_channels_last_infer() -> None:
     check_sane(result)
     assert result["dtype"] == "bf16" and result["channels_last"]
     assert "| vip_s7 | infer | bf16+channels_last | 1 | 28 |" in results_markdown([result])
+    # bf16 rounds the logits: close to fp32, not equal
+    assert result["fp32_top1_agreement"] in (0.0, 100.0) and 0 < result["fp32_max_rel_logit_diff"] < 0.1
+    assert result["agreement_images"] == "1 random" and result["weights"] == "random init"
+    assert "vip_s7 (random init weights): same top-1 as the plain fp32 model for" in results_notes([result])
+
+
+def test_fp32_agreement_counts_each_image_once_over_chunks() -> None:
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)).eval()
+
+    class NegateFirstOfEachChunk(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = reference(x).clone()
+            logits[0] = -logits[0]  # its top-1 becomes the reference's lowest class
+            return logits
+
+    images = torch.randn(4, 3, 2, 2)
+    same = fp32_agreement(reference, reference, images, batch_size=4, dtype=torch.float32)
+    assert same == {"top1_agreement": 100.0, "max_rel_logit_diff": 0.0}
+    with torch.no_grad():
+        logits = reference(images)
+    for batch_size, expected in ((4, 75.0), (2, 50.0)):
+        result = fp32_agreement(NegateFirstOfEachChunk(), reference, images, batch_size, torch.float32)
+        assert result["top1_agreement"] == expected
+        negated = logits[::batch_size]
+        assert result["max_rel_logit_diff"] == pytest.approx(
+            (2 * negated.abs().max() / logits.abs().max()).item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -184,7 +213,7 @@ def test_bench_cpu_against_a_baseline_file(tmp_path, capsys):
     inference, training = out.split("Training step")
     # which target applies depends on how fast the baseline ran (see the next test)
     row = (r"\| raft_mlp_s \| 2\.0\d \| [\d.]+ \| \d+ % \| [\d.]+ \| \d+ % \| [\d.]+x "
-           r"\| (1\.5x|85 % roofline): (not )?met \| [\d.]+ \| [\d.]+x \((not )?met\) \|")
+           r"\| (1\.5x|85 % roofline): (not )?met \| [\d.]+ \| 100\.0 % \| [\d.]+x \((not )?met\) \|")
     assert re.search(row, inference)
     assert "fast path img/s (fp32, deploy, channels-last; timed in turn with ours and the baseline)" in inference
     assert re.search(r"\| raft_mlp_s \| [\d.]+ \| \d+\.\d \| [\d.]+ \| \d+\.\d \| [\d.]+x \| (not )?met \|", training)
@@ -207,26 +236,24 @@ def test_bench_cpu_against_a_baseline_file(tmp_path, capsys):
 def test_bench_cpu_inference_target_is_1_5x_or_85_percent_of_the_roofline(baseline_ips, ours_ips, verdict):
     # 1 GFLOP per image against a 100 GFLOP/s peak: 100 images/s is the roofline
     eager = {"gmacs": 0.5, "step_gflop_per_image": 1.0, "matmul_peak_gflops": 100.0, "images_per_s": ours_ips}
-    runs = {"eager": eager, "best": {"images_per_s": ours_ips},
+    runs = {"eager": eager, "best": {"images_per_s": ours_ips, "fp32_top1_agreement": 100.0},
             "paired_infer": {"ours": ours_ips, "baseline": baseline_ips}}
     assert f"| {verdict} |" in _bench_cpu().inference_row("m", runs)
 
 
 def test_bench_cpu_fast_path_timed_in_turn_is_compared_with_the_baseline_directly():
     eager = {"gmacs": 0.5, "step_gflop_per_image": 1.0, "matmul_peak_gflops": 100.0, "images_per_s": 30.0}
-    runs = {"eager": eager, "best": {"images_per_s": 10.0},  # its run of its own is ignored
-            "paired_infer": {"ours": 30.0, "baseline": 20.0, "fast path": 80.0}}
-    assert _bench_cpu().inference_row("m", runs).endswith("| 80.00 | 4.00x (met) |")
+    runs = {"eager": eager, "best": {"images_per_s": 10.0, "fp32_top1_agreement": 87.5},  # ignored when paired
+            "paired_infer": {"ours": 30.0, "baseline": 20.0, "fast path": 80.0}, "fast_path_top1_agreement": 100.0}
+    assert _bench_cpu().inference_row("m", runs).endswith("| 80.00 | 100.0 % | 4.00x (met) |")
     del runs["paired_infer"]["fast path"]  # then its own run, scaled by ours' pairing: 10 / 30 * 1.5
-    assert _bench_cpu().inference_row("m", runs).endswith("| 10.00 | 0.50x (not met) |")
+    assert _bench_cpu().inference_row("m", runs).endswith("| 10.00 | 87.5 % | 0.50x (not met) |")
 
 
 def test_bench_cpu_fp32_fast_path_computes_the_plain_model():
     bench_cpu = _bench_cpu()
-    torch.manual_seed(0)
     plain = create_model("repmlpnet_t224", img_size=64).eval()
-    torch.manual_seed(0)
-    fast = bench_cpu.fp32_fast_path("repmlpnet_t224", 64).eval()
+    fast = bench_cpu.fp32_fast_path(plain).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert relative_l2(fast(x), plain(x)) <= 1e-5

@@ -152,7 +152,8 @@ def test_predict_gives_five_imagenet_labels(repmlpnet_checkpoint, tmp_path, caps
 
 def test_benchmark_int8_reports_agreement():
     result = run_benchmark("raft_mlp_s", img_size=SIZE, batch_size=2, warmup=1, reps=1, quantize="int8")
-    assert result["quantized_linear_layers"] > 0 and 0 <= result["top1_agreement"] <= 100
+    assert result["quantized_linear_layers"] > 0 and 0 <= result["fp32_top1_agreement"] <= 100
+    assert 0 < result["fp32_max_rel_logit_diff"] < 0.5  # int8 rounding, far from a broken model
     assert "int8 dynamic quantization" in results_notes([result])
     with pytest.raises(ValueError, match="CPU inference"):
         run_benchmark("raft_mlp_s", img_size=SIZE, mode="train", quantize="int8")
@@ -188,3 +189,36 @@ def test_convert_official_repmlpnet_deploy_checkpoint_folds_the_rest(tmp_path, c
         assert relative_l2(model(reference_input(224).float()), logits) < 1e-5
     code, _, err = run_cli(capsys, "convert", "--model", "repmlpnet_t224", "--checkpoint", str(official), "--check")
     assert code == 2 and "deploy" in err  # check mode needs a training-form checkpoint
+
+
+def test_benchmark_checks_a_fast_path_on_validation_images(repmlpnet_checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(5):  # two class folders, as in ImageNet's val/
+        folder = tmp_path / "val" / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (70 + i, 90, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "val" / "notes.txt").write_text("not an image")
+    common = ["benchmark", "--model", "repmlpnet_t224", "--img-size", str(SIZE), "--batch-size", "2",
+              "--warmup", "0", "--reps", "1", "--threads", "1", "--json"]
+    code, out, _ = run_cli(capsys, *common, "--checkpoint", repmlpnet_checkpoint, "--deploy", "--channels-last",
+                           "--val-data", str(tmp_path / "val"), "--val-images", "3")
+    result = json.loads(out)
+    assert code == 0 and result["weights"] == repmlpnet_checkpoint
+    assert result["agreement_images"] == f"3 from {tmp_path / 'val'}"
+    # the fp32 deploy form computes the training form's outputs
+    assert result["fp32_top1_agreement"] == 100.0 and result["fp32_max_rel_logit_diff"] <= 1e-5
+
+    (tmp_path / "empty").mkdir()
+    for extra, message in [
+        (["--val-data", str(tmp_path / "missing")], "is not a directory"),
+        (["--val-data", str(tmp_path / "empty")], "holds no image files"),
+        (["--val-data", str(tmp_path / "val"), "--val-images", "0"], "--val-images must be >= 1"),
+        (["--val-data", str(tmp_path / "val"), "--mode", "train"], "use it with --mode infer"),
+        (["--checkpoint", str(tmp_path / "missing.pth")], "missing.pth"),
+    ]:
+        code, _, err = run_cli(capsys, *common, "--dtype", "bf16", *extra)
+        assert code == 2 and message in err, (extra, err)
+    code, _, err = run_cli(capsys, *common, "--model", "repmlpnet_b224", "--checkpoint", repmlpnet_checkpoint)
+    assert code == 2 and "does not fit" in err

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Collection
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +20,7 @@ from timm.models import get_pretrained_cfg_value
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..data.datasets import IMG_EXTENSIONS, subset_evenly
 from ..models import MODEL_NAMES, count_batchnorms, create_model, family_module, reparameterize
 from .machine import (
     DTYPES,
@@ -28,7 +32,8 @@ from .machine import (
     resolve_dtype,
     synchronize,
 )
-from .quantize import QUANTIZATION_DTYPES, compare_with_fp32, quantize_dynamic_int8
+from .predict import eval_transform, load_image
+from .quantize import QUANTIZATION_DTYPES, quantize_dynamic_int8
 
 MODES = ("infer", "train")
 
@@ -49,16 +54,49 @@ def has_deploy_form(model: nn.Module) -> bool:
     return any(hasattr(module, "local_inject") for module in model.modules())
 
 
-def build_benchmark_model(model_name: str, img_size: int, deploy: bool) -> tuple[nn.Module, str]:
-    """``model_name`` at ``img_size``, in its deploy form if asked, and what deploying did to it."""
-    model = create_model(model_name, img_size=img_size)
-    if not deploy:
-        return model, "not requested"
+def fold_for_deploy(model: nn.Module) -> str:
+    """Fold ``model`` in place into its deploy form (:func:`visionmlp.reparameterize`); what that did to it."""
     branches, batchnorms = has_deploy_form(model), count_batchnorms(model)
     reparameterize(model)
     if not branches and count_batchnorms(model) == batchnorms:
-        return model, "none: this model has no re-parameterizable branches or foldable BatchNorms and runs as is"
-    return model, "folded (visionmlp.reparameterize)"
+        return "none: this model has no re-parameterizable branches or foldable BatchNorms and runs as is"
+    return "folded (visionmlp.reparameterize)"
+
+
+def validation_batch(path: str | os.PathLike, count: int, model: nn.Module, img_size: int) -> torch.Tensor:
+    """``count`` images spread evenly over the image files under ``path``, preprocessed for ``model``."""
+    if count < 1:
+        raise ValueError(f"--val-images must be >= 1, got {count}")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"--val-data {str(root)!r} is not a directory; give a folder of validation images "
+                         "(searched recursively, e.g. ImageNet's val/)")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"--val-data {str(root)!r} holds no image files ({', '.join(IMG_EXTENSIONS)})")
+    transform = eval_transform(model, img_size)
+    return torch.stack([transform(load_image(file)) for file in subset_evenly(files, count)])
+
+
+@torch.inference_mode()
+def fp32_agreement(
+    model: nn.Module, reference: nn.Module, images: torch.Tensor, batch_size: int, dtype: torch.dtype,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> dict[str, float]:
+    """Top-1 agreement (percent) of ``model``, fed ``dtype`` in ``memory_format``, with fp32 ``reference``.
+
+    Also the largest logit difference relative to the reference's largest logit. Both run on the device of
+    ``reference`` in chunks of ``batch_size`` images.
+    """
+    device = next(reference.parameters()).device
+    agreeing, largest_diff, largest_logit = 0, 0.0, 0.0
+    for chunk in images.split(batch_size):
+        expected = reference(chunk.to(device)).float()
+        logits = model(chunk.to(device, dtype).contiguous(memory_format=memory_format)).float()
+        agreeing += int((logits.argmax(1) == expected.argmax(1)).sum())
+        largest_diff = max(largest_diff, (logits - expected).abs().max().item())
+        largest_logit = max(largest_logit, expected.abs().max().item())
+    return {"top1_agreement": 100.0 * agreeing / len(images), "max_rel_logit_diff": largest_diff / largest_logit}
 
 
 class BenchmarkSteps:
@@ -141,15 +179,20 @@ def benchmark_model(
     reps: int = 10,
     threads: int | None = None,
     fused_optimizer: bool = True,
+    reference: nn.Module | None = None,
+    reference_images: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Measure any classifier ``nn.Module`` (ours or an official one, side by side) as :func:`run_benchmark` does.
 
     The model is moved to ``device`` (and, for ``infer``, cast to ``dtype``) in place. Training steps use
     AdamW's fused kernel, as ``visionmlp train`` does; ``fused_optimizer=False`` runs its per-parameter loop,
-    as the official training scripts do.
+    as the official training scripts do. Given an fp32 ``reference`` (inference only), the timed module's
+    top-1 agreement with it on ``reference_images`` (fp32, NCHW) is added (:func:`fp32_agreement`).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if reference is not None and (mode != "infer" or reference_images is None):
+        raise ValueError("a reference model compares inference outputs: it needs mode='infer' and reference_images")
     _check_counts(batch_size, img_size, warmup, reps, threads)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -180,6 +223,11 @@ def benchmark_model(
         peak_memory_mib = memory.peak_mib()
         used_threads = torch.get_num_threads()
         peak_gflops = matmul_peak_gflops(torch_device, torch_dtype, used_threads)
+        agreement = {}
+        if reference is not None:
+            reference = reference.eval().to(device=torch_device, dtype=torch.float32)
+            agreement = fp32_agreement(timed_model, reference, reference_images, batch_size, torch_dtype,
+                                       memory_format)
 
     forward_flops = steps.forward_counter.get_total_flops()
     step_flops = forward_flops + steps.backward_counter.get_total_flops()
@@ -217,6 +265,7 @@ def benchmark_model(
         "achieved_gflops": achieved_gflops,
         "roofline_fraction": achieved_gflops / peak_gflops,
         "torch_version": torch.__version__,
+        **{f"fp32_{key}": value for key, value in agreement.items()},
     }
 
 
@@ -274,6 +323,9 @@ def run_benchmark(
     reps: int = 10,
     threads: int | None = None,
     quantize: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    val_data: str | os.PathLike | None = None,
+    val_images: int = 100,
 ) -> dict[str, Any]:
     """Time ``reps`` steps of ``model_name`` after ``warmup`` steps; return throughput, latency, memory, roofline.
 
@@ -281,7 +333,11 @@ def run_benchmark(
     forward, backward and a fused AdamW step under autocast to ``dtype`` with fp32 master weights (and a gradient
     scaler for fp16). FLOPs are counted with ``FlopCounterMode`` on one extra, untimed eager step before the warm-up.
     ``img_size`` defaults to the variant's own resolution. ``quantize="int8"`` times the folded model with its
-    linear layers int8-quantized (dynamic, CPU) and adds its top-1 agreement with fp32 on a random batch.
+    linear layers int8-quantized (dynamic, CPU).
+
+    Any inference path other than plain fp32 eager (another dtype, channels-last, compiled, folded or quantized)
+    also reports its top-1 agreement with the plain fp32 model of the same weights (``checkpoint``, else random):
+    on ``val_images`` images from the folder ``val_data``, else on one batch of random images.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -294,28 +350,36 @@ def run_benchmark(
     if quantize is not None and (mode != "infer" or dtype != "fp32" or resolve_device(device).type != "cpu"):
         raise ValueError("--quantize int8 is dynamic quantization for CPU inference: use --mode infer --dtype fp32 "
                          "--device cpu")
-    model, deploy_form = build_benchmark_model(model_name, img_size, deploy or quantize is not None)
+    if val_data is not None and mode != "infer":
+        raise ValueError("--val-data checks inference outputs against fp32: use it with --mode infer")
+    in_chans = get_pretrained_cfg_value(model_name, "input_size")[0]
+    model = create_model(model_name, img_size=img_size, checkpoint_path=checkpoint)
+    plain_fp32 = mode == "infer" and dtype == "fp32" and not (channels_last or compile or deploy or quantize)
+    reference = None if mode != "infer" or plain_fp32 else copy.deepcopy(model)
+    if val_data is not None:
+        images, image_source = validation_batch(val_data, val_images, model, img_size), f"from {val_data}"
+    else:
+        images, image_source = torch.randn(batch_size, in_chans, img_size, img_size), "random"
+    deploy_form = fold_for_deploy(model) if deploy or quantize is not None else "not requested"
     quantization: dict[str, Any] = {}
     if quantize is not None:
-        # quantize the folded model, as the RepMLP authors recommend, and compare it with its fp32 self
-        images = torch.randn(batch_size, get_pretrained_cfg_value(model_name, "input_size")[0], img_size, img_size)
-        fp32_model = model.eval()
-        model, layers = quantize_dynamic_int8(fp32_model, images[:1])
-        agreement = compare_with_fp32(fp32_model, model, images, reps=1)
-        quantization = {"quantized_linear_layers": len(layers), "top1_agreement": agreement["top1_agreement"],
-                        "max_abs_logit_diff": agreement["max_abs_logit_diff"],
-                        "fp32_images_per_s": batch_size / agreement["fp32_ms_per_batch"] * 1000}
+        # quantize the folded model, as the RepMLP authors recommend
+        model, layers = quantize_dynamic_int8(model, images[:1])
+        quantization = {"quantized_linear_layers": len(layers)}
     try:
         measured = benchmark_model(
-            model, batch_size, img_size, get_pretrained_cfg_value(model_name, "input_size")[0], device, dtype,
-            mode, channels_last, compile, warmup, reps, threads,
+            model, batch_size, img_size, in_chans, device, dtype, mode, channels_last, compile, warmup, reps, threads,
+            reference=reference, reference_images=images if reference is not None else None,
         )
     except RuntimeError as error:
         if img_size == native_size:
             raise
         raise ValueError(f"{model_name} does not run at img_size {img_size}: {error}") from error
+    if reference is not None:
+        measured["agreement_images"] = f"{len(images)} {image_source}"
     return {"model": model_name, "family": family_name(model_name), **measured, "deploy": deploy,
-            "deploy_form": deploy_form, "quantize": quantize, **quantization}
+            "deploy_form": deploy_form, "quantize": quantize, **quantization,
+            "weights": str(checkpoint) if checkpoint is not None else "random init"}
 
 
 def _percentile(sorted_values: list[float], percent: float) -> float:
@@ -363,10 +427,15 @@ def results_notes(results: list[dict[str, Any]]) -> str:
         notes.append("a roofline above 100 % means the machine was busier while its peak was measured: rerun idle")
     notes += [f"{r['model']}: deploy form {r['deploy_form']}" for r in results if r["deploy_form"].startswith("none")]
     notes += [
-        f"{r['model']}: int8 dynamic quantization of {r['quantized_linear_layers']} linear layers; top-1 agreement "
-        f"with fp32 {r['top1_agreement']:.1f} % on a random batch, largest logit difference "
-        f"{r['max_abs_logit_diff']:.2e}; params and GMACs count the fp32 layers only"
+        f"{r['model']}: int8 dynamic quantization of {r['quantized_linear_layers']} linear layers; params and GMACs "
+        "count the fp32 layers only"
         for r in results if r.get("quantize")
+    ]
+    notes += [
+        f"{r['model']} ({r['weights']} weights): same top-1 as the plain fp32 model for "
+        f"{r['fp32_top1_agreement']:.1f} % of {r['agreement_images']} images; largest logit difference "
+        f"{r['fp32_max_rel_logit_diff']:.1e} of the largest logit"
+        for r in results if "fp32_top1_agreement" in r
     ]
     return "\n".join(f"- {note}" for note in notes)
 
@@ -403,6 +472,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: each model's own)")
     parser.add_argument("--mode", choices=MODES, default="infer", help="infer, or train: forward+backward+AdamW")
     add_benchmark_options(parser)
+    parser.add_argument("--checkpoint", default=None, metavar="FILE",
+                        help="official or visionmlp weights for the fp32 agreement check (default: random init)")
+    parser.add_argument("--val-data", default=None, metavar="DIR",
+                        help="a folder of validation images (e.g. ImageNet's val/) for the fp32 agreement check of "
+                             "any path other than plain fp32 eager (default: one batch of random images)")
+    parser.add_argument("--val-images", type=int, default=100, metavar="N",
+                        help="images taken evenly from --val-data (default: 100)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
 
 
@@ -441,9 +517,12 @@ def run(args: argparse.Namespace) -> int:
             progress=None if len(names) == 1 else lambda line: print(line, file=sys.stderr),
             img_size=args.img_size,
             mode=args.mode,
+            checkpoint=args.checkpoint,
+            val_data=args.val_data,
+            val_images=args.val_images,
             **benchmark_kwargs(args),
         )
-    except ValueError as error:
+    except (FileNotFoundError, ValueError) as error:
         print(f"visionmlp benchmark: error: {error}", file=sys.stderr)
         return 2
     if args.json:

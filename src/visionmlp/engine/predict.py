@@ -30,14 +30,19 @@ def load_image(path: str | Path) -> Any:
         raise ValueError(f"could not read image {str(path)!r}: {exc}") from None
 
 
+def eval_transform(model: nn.Module, img_size: int | None = None) -> Any:
+    """The model's evaluation preprocessing as its ``pretrained_cfg`` says, at ``img_size`` if given."""
+    data_config = resolve_data_config(model=model)
+    if img_size:  # the model was built for another resolution than its pretrained_cfg records
+        data_config["input_size"] = (data_config["input_size"][0], img_size, img_size)
+    return create_transform(**data_config)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, paths: list[str], top_k: int = 5, img_size: int | None = None) -> list[dict[str, Any]]:
     """Top-``k`` classes of each image, preprocessed as the model's ``pretrained_cfg`` says (at ``img_size``)."""
     model.eval()
-    data_config = resolve_data_config(model=model)
-    if img_size:  # the model was built for another resolution than its pretrained_cfg records
-        data_config["input_size"] = (3, img_size, img_size)
-    transform = create_transform(**data_config)
+    transform = eval_transform(model, img_size)
     # class names exist only for a 1000-way ImageNet head
     info = ImageNetInfo() if getattr(model, "num_classes", None) == 1000 else None
     results = []
