@@ -216,6 +216,7 @@ def test_benchmark_checks_a_fast_path_on_validation_images(repmlpnet_checkpoint,
         (["--val-data", str(tmp_path / "empty")], "holds no image files"),
         (["--val-data", str(tmp_path / "val"), "--val-images", "0"], "--val-images must be >= 1"),
         (["--val-data", str(tmp_path / "val"), "--mode", "train"], "use it with --mode infer"),
+        (["--val-data", str(tmp_path / "val"), "--dtype", "fp32"], "at least one of --dtype bf16|fp16, --deploy"),
         (["--checkpoint", str(tmp_path / "missing.pth")], "missing.pth"),
     ]:
         code, _, err = run_cli(capsys, *common, "--dtype", "bf16", *extra)

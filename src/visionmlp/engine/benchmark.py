@@ -350,12 +350,13 @@ def run_benchmark(
     if quantize is not None and (mode != "infer" or dtype != "fp32" or resolve_device(device).type != "cpu"):
         raise ValueError("--quantize int8 is dynamic quantization for CPU inference: use --mode infer --dtype fp32 "
                          "--device cpu")
-    if val_data is not None and mode != "infer":
-        raise ValueError("--val-data checks inference outputs against fp32: use it with --mode infer")
+    checked = mode == "infer" and (dtype != "fp32" or channels_last or compile or deploy or quantize is not None)
+    if val_data is not None and not checked:
+        raise ValueError("--val-data checks an inference path against plain fp32 eager: use it with --mode infer and "
+                         "at least one of --dtype bf16|fp16, --deploy, --channels-last, --compile, --quantize")
     in_chans = get_pretrained_cfg_value(model_name, "input_size")[0]
     model = create_model(model_name, img_size=img_size, checkpoint_path=checkpoint)
-    plain_fp32 = mode == "infer" and dtype == "fp32" and not (channels_last or compile or deploy or quantize)
-    reference = None if mode != "infer" or plain_fp32 else copy.deepcopy(model)
+    reference = copy.deepcopy(model) if checked else None
     if val_data is not None:
         images, image_source = validation_batch(val_data, val_images, model, img_size), f"from {val_data}"
     else:
