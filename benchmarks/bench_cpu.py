@@ -32,12 +32,12 @@ from visionmlp.engine.benchmark import (
     BenchmarkSteps,
     default_img_size,
     fold_for_deploy,
-    fp32_agreement,
     interleaved_step_seconds,
     parse_model_names,
     run_benchmark,
 )
 from visionmlp.engine.machine import DTYPES, PROC_CLEAR_REFS, linux_libc, matmul_peak_gflops, proc_status_mib
+from visionmlp.engine.quantize import fp32_agreement
 
 # Speed targets for fp32 eager inference against the baseline: 1.5x, or 85 % of the matmul roofline
 # where 1.5x would pass it; never slower.

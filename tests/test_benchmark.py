@@ -17,11 +17,11 @@ from visionmlp.cli import main
 from visionmlp.engine.benchmark import (
     benchmark_model,
     count_batchnorms,
-    fp32_agreement,
     results_markdown,
     results_notes,
     run_benchmark,
 )
+from visionmlp.engine.quantize import fp32_agreement
 
 from synthetic_weights import relative_l2
 
@@ -100,7 +100,7 @@ def test_fp32_agreement_counts_each_image_once_over_chunks() -> None:
 
     images = torch.randn(4, 3, 2, 2)
     same = fp32_agreement(reference, reference, images, batch_size=4, dtype=torch.float32)
-    assert same == {"top1_agreement": 100.0, "max_rel_logit_diff": 0.0}
+    assert same == {"top1_agreement": 100.0, "max_abs_logit_diff": 0.0, "max_rel_logit_diff": 0.0}
     with torch.no_grad():
         logits = reference(images)
     for batch_size, expected in ((4, 75.0), (2, 50.0)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import statistics
@@ -33,7 +34,7 @@ from .machine import (
     synchronize,
 )
 from .predict import eval_transform, load_image
-from .quantize import QUANTIZATION_DTYPES, quantize_dynamic_int8
+from .quantize import QUANTIZATION_DTYPES, fp32_agreement, quantize_dynamic_int8
 
 MODES = ("infer", "train")
 
@@ -67,36 +68,21 @@ def validation_batch(path: str | os.PathLike, count: int, model: nn.Module, img_
     """``count`` images spread evenly over the image files under ``path``, preprocessed for ``model``."""
     if count < 1:
         raise ValueError(f"--val-images must be >= 1, got {count}")
-    root = Path(path).expanduser()
+    files = image_files(Path(path).expanduser())
+    transform = eval_transform(model, img_size)
+    return torch.stack([transform(load_image(file)) for file in subset_evenly(list(files), count)])
+
+
+@functools.cache  # listed once for all the models of a run: ImageNet's val/ holds 50,000 files
+def image_files(root: Path) -> tuple[Path, ...]:
+    """The image files under ``root``, searched recursively, sorted; a ValueError if there are none."""
     if not root.is_dir():
         raise ValueError(f"--val-data {str(root)!r} is not a directory; give a folder of validation images "
                          "(searched recursively, e.g. ImageNet's val/)")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    files = tuple(sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()))
     if not files:
         raise ValueError(f"--val-data {str(root)!r} holds no image files ({', '.join(IMG_EXTENSIONS)})")
-    transform = eval_transform(model, img_size)
-    return torch.stack([transform(load_image(file)) for file in subset_evenly(files, count)])
-
-
-@torch.inference_mode()
-def fp32_agreement(
-    model: nn.Module, reference: nn.Module, images: torch.Tensor, batch_size: int, dtype: torch.dtype,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> dict[str, float]:
-    """Top-1 agreement (percent) of ``model``, fed ``dtype`` in ``memory_format``, with fp32 ``reference``.
-
-    Also the largest logit difference relative to the reference's largest logit. Both run on the device of
-    ``reference`` in chunks of ``batch_size`` images.
-    """
-    device = next(reference.parameters()).device
-    agreeing, largest_diff, largest_logit = 0, 0.0, 0.0
-    for chunk in images.split(batch_size):
-        expected = reference(chunk.to(device)).float()
-        logits = model(chunk.to(device, dtype).contiguous(memory_format=memory_format)).float()
-        agreeing += int((logits.argmax(1) == expected.argmax(1)).sum())
-        largest_diff = max(largest_diff, (logits - expected).abs().max().item())
-        largest_logit = max(largest_logit, expected.abs().max().item())
-    return {"top1_agreement": 100.0 * agreeing / len(images), "max_rel_logit_diff": largest_diff / largest_logit}
+    return files
 
 
 class BenchmarkSteps:
@@ -356,11 +342,13 @@ def run_benchmark(
                          "at least one of --dtype bf16|fp16, --deploy, --channels-last, --compile, --quantize")
     in_chans = get_pretrained_cfg_value(model_name, "input_size")[0]
     model = create_model(model_name, img_size=img_size, checkpoint_path=checkpoint)
-    reference = copy.deepcopy(model) if checked else None
-    if val_data is not None:
-        images, image_source = validation_batch(val_data, val_images, model, img_size), f"from {val_data}"
-    else:
-        images, image_source = torch.randn(batch_size, in_chans, img_size, img_size), "random"
+    reference = images = None
+    if checked:
+        reference = copy.deepcopy(model)
+        if val_data is not None:
+            images, image_source = validation_batch(val_data, val_images, model, img_size), f"from {val_data}"
+        else:
+            images, image_source = torch.randn(batch_size, in_chans, img_size, img_size), "random"
     deploy_form = fold_for_deploy(model) if deploy or quantize is not None else "not requested"
     quantization: dict[str, Any] = {}
     if quantize is not None:
@@ -370,7 +358,7 @@ def run_benchmark(
     try:
         measured = benchmark_model(
             model, batch_size, img_size, in_chans, device, dtype, mode, channels_last, compile, warmup, reps, threads,
-            reference=reference, reference_images=images if reference is not None else None,
+            reference=reference, reference_images=images,
         )
     except RuntimeError as error:
         if img_size == native_size:
