@@ -14,8 +14,6 @@ file is yours to write.
 """
 
 import argparse
-import copy
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -28,14 +26,8 @@ import torch
 from torch import nn
 
 from visionmlp import create_model
-from visionmlp.engine.benchmark import (
-    BenchmarkSteps,
-    default_img_size,
-    fold_for_deploy,
-    interleaved_step_seconds,
-    parse_model_names,
-    run_benchmark,
-)
+from visionmlp.engine.benchmark import BenchmarkSteps, default_img_size, parse_model_names, run_benchmark
+from visionmlp.engine.comparison import fast_path_copy, interleaved_step_seconds, load_builder
 from visionmlp.engine.machine import DTYPES, PROC_CLEAR_REFS, linux_libc, matmul_peak_gflops, proc_status_mib
 from visionmlp.engine.quantize import fp32_agreement
 
@@ -74,15 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_baseline(path: Path) -> Callable[[str], nn.Module]:
-    """The ``build(name) -> nn.Module`` function of the file at ``path``."""
-    if not path.is_file():
-        raise SystemExit(f"--baseline {path}: no such file; pass a Python file that defines build(name)")
-    spec = importlib.util.spec_from_file_location("visionmlp_benchmark_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "build", None)):
-        raise SystemExit(f"--baseline {path} defines no build(name) function returning an nn.Module")
-    return module.build
+    """The ``build(name) -> nn.Module`` function of the file at ``path``; exits with the reason if there is none."""
+    try:
+        return load_builder(path)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 # mallopt parameters, from glibc's malloc.h
@@ -145,25 +133,6 @@ def isolated_train_memory_mib(name: str, which: str, args: argparse.Namespace) -
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-class ChannelsLastInput(nn.Module):
-    """``model`` fed a channels-last copy of its input, as the fast path's own runs feed it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The wrapped model's output for ``x`` in channels-last."""
-        return self.model(x.contiguous(memory_format=torch.channels_last))
-
-
-def fp32_fast_path(model: nn.Module) -> nn.Module:
-    """Our fp32 fast path of ``model`` (a copy), as a module that takes NCHW images: deploy form, channels-last."""
-    fast = copy.deepcopy(model)
-    fold_for_deploy(fast)
-    return ChannelsLastInput(fast.to(memory_format=torch.channels_last))
-
-
 def fastest_dtype(threads: int) -> str:
     """The dtype with this CPU's highest matmul peak (bf16 only pays where the CPU computes in it natively)."""
     cpu = torch.device("cpu")
@@ -197,7 +166,7 @@ def measure(
     for mode in modes:
         models = {"ours": create_model(name), "baseline": build_baseline(name)}
         if mode == "infer" and pair_fast_path:
-            models["fast path"] = fp32_fast_path(models["ours"]).eval()
+            models["fast path"] = fast_path_copy(models["ours"]).eval()
             images = torch.randn(args.batch_size, 3, size, size)
             runs["fast_path_top1_agreement"] = fp32_agreement(
                 models["fast path"], models["ours"].eval(), images, args.batch_size, torch.float32)["top1_agreement"]

@@ -170,7 +170,7 @@ def test_any_module_side_by_side() -> None:
 
 
 def test_interleaved_step_seconds_times_each_model_in_turn(monkeypatch):
-    from visionmlp.engine.benchmark import interleaved_step_seconds
+    from visionmlp.engine.comparison import interleaved_step_seconds
 
     fused_flags = []
 
@@ -250,16 +250,71 @@ def test_bench_cpu_fast_path_timed_in_turn_is_compared_with_the_baseline_directl
     assert _bench_cpu().inference_row("m", runs).endswith("| 10.00 | 87.5 % | 0.50x (not met) |")
 
 
-def test_bench_cpu_fp32_fast_path_computes_the_plain_model():
-    bench_cpu = _bench_cpu()
+def test_fp32_fast_path_computes_the_plain_model():
+    from visionmlp.engine.comparison import fast_path_copy
+
     plain = create_model("repmlpnet_t224", img_size=64).eval()
-    fast = bench_cpu.fp32_fast_path(plain).eval()
+    fast = fast_path_copy(plain).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert relative_l2(fast(x), plain(x)) <= 1e-5
     assert count_batchnorms(fast) < count_batchnorms(plain)  # the deploy form
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fast.parameters() if p.dim() == 4)
     assert any(not p.is_contiguous() for p in fast.parameters() if p.dim() == 4)
+
+
+BENCH_GPU = BENCH_CPU.with_name("bench_gpu.py")
+
+
+def _bench_gpu():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH_GPU)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_gpu_against_a_baseline_under_autocast(tmp_path, capsys, monkeypatch):
+    # the GPU script runs on CPU too (slowly: this CPU has no bf16 arithmetic), which is how it is tried here
+    bench_gpu = _bench_gpu()
+    autocast_dtypes = []
+    baseline = tmp_path / "builders.py"
+    baseline.write_text("import visionmlp\n\ndef build(name):\n    return visionmlp.create_model(name)\n")
+    real_autocast = torch.autocast
+
+    def recording_autocast(device_type, dtype=None, enabled=True):
+        autocast_dtypes.append(dtype if enabled else None)
+        return real_autocast(device_type, dtype=dtype, enabled=enabled)
+
+    monkeypatch.setattr(torch, "autocast", recording_autocast)
+    args = ["--device", "cpu", "--models", "raft_mlp_s", "--batch-size", "1", "--warmup", "0", "--reps", "1",
+            "--baseline", str(baseline), "--peak-tflops", "0.02"]
+    assert bench_gpu.main(args) == 0
+    out = capsys.readouterr().out
+    assert "MFU over a bf16 matmul peak of 20 GFLOP/s (given)" in out
+    assert ("| baseline img/s (fp32 weights, bf16 autocast) | baseline MFU "
+            "| ours (bf16, deploy, channels-last) img/s | ours MFU | speed-up | target 2x |") in out
+    assert re.search(r"\| raft_mlp_s \| 2\.0\d \| [\d.]+ \| [\d.]+ % \| [\d.]+ \| [\d.]+ % \| [\d.]+x \| (not )?met "
+                     r"\| 100\.0 % \|", out)
+    assert autocast_dtypes == [None, torch.bfloat16]  # ours runs in bf16 itself; the baseline autocasts
+    with pytest.raises(SystemExit, match="reps must be >= 1"):
+        bench_gpu.main(["--device", "cpu", "--reps", "0"])
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(SystemExit, match="defines no build"):
+        bench_gpu.main(["--device", "cpu", "--baseline", str(tmp_path / "empty.py")])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA is not available"):  # cuda is the default device
+        bench_gpu.main(["--models", "raft_mlp_s"])
+
+
+@pytest.mark.parametrize(("baseline_ips", "ours_ips", "verdict"), [(100.0, 200.0, "met"), (100.0, 199.0, "not met")])
+def test_bench_gpu_target_is_twice_the_baseline_and_mfu_uses_our_flop_count(baseline_ips, ours_ips, verdict):
+    result = {"gmacs": 2.0, "gflop_per_image": 4.0, "top1_agreement": 98.4,
+              "images_per_s": {"ours": ours_ips, "baseline": baseline_ips}}
+    row = _bench_gpu().result_row("m", result, peak_gflops=1000.0)  # 100 img/s x 4 GFLOP = 40 % of 1 TFLOP/s
+    ours = f"{ours_ips:.1f} | {0.4 * ours_ips:.1f} % | {ours_ips / 100:.2f}x"
+    assert row == f"| m | 2.00 | 100.0 | 40.0 % | {ours} | {verdict} | 98.4 % |"
 
 
 @pytest.mark.parametrize(("ours_mib", "speedup", "verdict"), [

@@ -11,7 +11,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +142,8 @@ class BenchmarkSteps:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def _check_counts(batch_size: int, img_size: int, warmup: int, reps: int, threads: int | None) -> None:
+def check_counts(batch_size: int, img_size: int, warmup: int, reps: int, threads: int | None) -> None:
+    """Raise a ValueError naming the first count below its minimum (one image, one timed step, ...)."""
     counts = {"batch_size": (batch_size, 1), "img_size": (img_size, 1), "warmup": (warmup, 0), "reps": (reps, 1)}
     if threads is not None:
         counts["threads"] = (threads, 1)
@@ -179,7 +180,7 @@ def benchmark_model(
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     if reference is not None and (mode != "infer" or reference_images is None):
         raise ValueError("a reference model compares inference outputs: it needs mode='infer' and reference_images")
-    _check_counts(batch_size, img_size, warmup, reps, threads)
+    check_counts(batch_size, img_size, warmup, reps, threads)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -255,46 +256,6 @@ def benchmark_model(
     }
 
 
-def interleaved_step_seconds(
-    models: dict[str, nn.Module],
-    batch_size: int = 8,
-    img_size: int = 224,
-    in_chans: int = 3,
-    mode: str = "infer",
-    warmup: int = 2,
-    reps: int = 10,
-    threads: int | None = None,
-    unfused_optimizer: Collection[str] = (),
-) -> dict[str, list[float]]:
-    """fp32 CPU step times of several models timed in turn, one step each per repetition.
-
-    For comparing two implementations of one model on a machine whose speed drifts: each repetition times
-    every model once, so a passing load slows all of them alike. Models are put in ``mode`` in place. The
-    training steps of the models labelled in ``unfused_optimizer`` run AdamW's per-parameter loop instead
-    of its fused kernel (see :func:`benchmark_model`).
-    """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
-    _check_counts(batch_size, img_size, warmup, reps, threads)
-    cpu = torch.device("cpu")
-    with num_threads(threads):
-        inputs = torch.randn(batch_size, in_chans, img_size, img_size)
-        steps = {}
-        for label, model in models.items():
-            model.train(mode == "train").to(cpu, torch.float32)
-            steps[label] = BenchmarkSteps(model, inputs, mode, torch.float32, cpu, label not in unfused_optimizer)
-        for _ in range(warmup):
-            for label, step in steps.items():
-                step.run(models[label])
-        seconds: dict[str, list[float]] = {label: [] for label in models}
-        for _ in range(reps):
-            for label, step in steps.items():
-                start = time.perf_counter()
-                step.run(models[label])
-                seconds[label].append(time.perf_counter() - start)
-    return seconds
-
-
 def run_benchmark(
     model_name: str,
     batch_size: int = 8,
@@ -331,7 +292,7 @@ def run_benchmark(
         raise ValueError("--deploy folds branches for inference; it cannot be combined with --mode train")
     native_size = default_img_size(model_name)
     img_size = native_size if img_size is None else img_size
-    _check_counts(batch_size, img_size, warmup, reps, threads)
+    check_counts(batch_size, img_size, warmup, reps, threads)
     resolve_dtype(dtype, resolve_device(device))
     if quantize is not None and (mode != "infer" or dtype != "fp32" or resolve_device(device).type != "cpu"):
         raise ValueError("--quantize int8 is dynamic quantization for CPU inference: use --mode infer --dtype fp32 "
