@@ -16,7 +16,7 @@ from timm.layers import DropPath
 from timm.layers.grn import GlobalResponseNorm
 
 import visionmlp
-from visionmlp.models.strip_mlp import ChannelMixing, StripMLPBlock, StripMLPNet
+from visionmlp.models.strip_mlp import ChannelMixing, StripMLPBlock, StripMLPNet, spatial_l2_norm
 
 SMALL = 64  # smallest size with a 2x2 last-stage grid; keeps these tests fast
 
@@ -115,9 +115,21 @@ def test_folded_grn_matches_plain_grn_mlp_with_gradients(grid_size):
 
     ours, ref = mixing(x), plain(x)
     torch.testing.assert_close(ours, ref)
-    (g_ours,) = torch.autograd.grad(ours.square().sum(), mixing.grn.weight)
-    (g_ref,) = torch.autograd.grad(ref.square().sum(), grn.weight)
+    g_ours = torch.autograd.grad(ours.square().sum(), [mixing.grn.weight, x])
+    g_ref = torch.autograd.grad(ref.square().sum(), [grn.weight, x])
     torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_spatial_l2_norm_gradient_equals_tensor_norms():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    x[1, :, :, 2] = 0  # a zero norm: its gradient is zero, as Tensor.norm's is
+    x.requires_grad_(True)
+    torch.autograd.gradcheck(spatial_l2_norm, (torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True),))
+    grad = torch.randn(2, 5, dtype=torch.float64)
+    ours, ref = spatial_l2_norm(x), x.norm(p=2, dim=(1, 2))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, grad), torch.autograd.grad(ref, x, grad))
+    assert spatial_l2_norm(x).grad_fn is not None and spatial_l2_norm(x.detach()).grad_fn is None
 
 
 def test_forward_stores_no_state():

@@ -55,6 +55,34 @@ def check_input_size(x: torch.Tensor, img_size: tuple[int, int]) -> torch.Tensor
     return x
 
 
+class _SpatialL2Norm(torch.autograd.Function):
+    """L2 norm over H and W of an NHWC map, with a backward of one pass over the map.
+
+    ``Tensor.norm``'s backward makes three (a division, a mask for zero norms, a product); here the
+    division and the mask act on the small (N, C) result, leaving one product with the map.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(x, dim=(1, 2))
+        ctx.save_for_backward(x, norm)
+        return norm
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        x, norm = ctx.saved_tensors
+        scale = torch.where(norm > 0, grad / norm, 0.0)
+        return x * scale[:, None, None, :]
+
+
+@register_notrace_function
+def spatial_l2_norm(x: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of an (N, H, W, C) map over H and W, (N, C); an FX leaf function."""
+    if torch.jit.is_scripting() or not x.requires_grad:
+        return x.norm(p=2, dim=(1, 2))
+    return _SpatialL2Norm.apply(x)
+
+
 def _conv1x1_of_concat(
     a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -204,7 +232,7 @@ class ChannelMixing(nn.Module):
         n, h, w, hidden = shape[0], shape[1], shape[2], shape[3]
         # GRN is x * (1 + gamma * r) + beta with a per-sample, per-channel ratio r; beta passes through fc2
         # into a constant bias, and the scale goes on the hidden activations or on fc2's weight.
-        x_g = x.norm(p=2, dim=(1, 2))
+        x_g = spatial_l2_norm(x)
         ratio = x_g / (x_g.mean(dim=-1, keepdim=True) + self.grn.eps)
         scale = torch.addcmul(torch.ones_like(ratio), self.grn.weight, ratio)
         bias = F.linear(self.grn.bias, self.fc2.weight, self.fc2.bias)
