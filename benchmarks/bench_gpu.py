@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the measurements and print the table."""
     args = parse_args(argv)
     try:
-        check_counts(args.batch_size, 1, args.warmup, args.reps, None)
+        check_counts(args.batch_size, img_size=1, warmup=args.warmup, reps=args.reps, threads=None)  # own sizes
         names = parse_model_names(args.models)
         device = resolve_device(args.device)
         build_baseline = load_builder(args.baseline) if args.baseline else None
