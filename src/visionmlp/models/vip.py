@@ -65,12 +65,15 @@ class PermuteMlp(nn.Module):
 
         # Mean over tokens of (h + w + c), without materialising the sum.
         pooled = (h.sum((1, 2)) + w.sum((1, 2)) + c.sum((1, 2))).view(B, C) / (H * W)
-        weights = self.reweight(pooled).view(B, 1, 1, G, S, 3).softmax(dim=-1)
+        # Each branch's weights made contiguous (a small copy): as strided slices of the softmax output they
+        # would keep the products below from running vectorised.
+        weights = self.reweight(pooled).view(B, G, S, 3).softmax(dim=-1).permute(3, 0, 1, 2).contiguous()
+        weights = weights.view(3, B, 1, 1, G, S)
         # Out-of-place addcmul: same kernel and rounding as the in-place form, but an in-place op whose result
         # is unused would be dropped as dead code when the model is symbolically traced (torch.fx).
-        out = torch.mul(c, weights[..., 2])
-        out = torch.addcmul(out, h, weights[..., 0])
-        out = torch.addcmul(out, w, weights[..., 1])
+        out = torch.mul(c, weights[2])
+        out = torch.addcmul(out, h, weights[0])
+        out = torch.addcmul(out, w, weights[1])
         return self.proj(out.view(B, H, W, C))
 
 
