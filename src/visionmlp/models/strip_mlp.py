@@ -179,9 +179,12 @@ class LocalStripMixing(nn.Module):
         x_col = self.conv_col(x)
         # The pooled sum of the three branches is the sum of their pooled means.
         pooled = x_col.mean((2, 3), keepdim=True) + x_row.mean((2, 3), keepdim=True) + x.mean((2, 3), keepdim=True)
-        weights = self.reweight(pooled).view(n, c, 3, 1, 1).softmax(dim=2)
+        # Each branch's weights made contiguous (a small copy): as strided slices of the softmax output they
+        # would keep the channels-last products of training from running vectorised.
+        weights = self.reweight(pooled).view(n, c, 3).softmax(dim=2).permute(2, 0, 1).contiguous()
+        weights = weights.view(3, n, c, 1, 1)
         # Chained so that every in-place op feeds the output (FX dead-code elimination drops unused results).
-        return (x_col * weights[:, :, 0]).addcmul_(x_row, weights[:, :, 1]).addcmul_(x, weights[:, :, 2])
+        return (x_col * weights[0]).addcmul_(x_row, weights[1]).addcmul_(x, weights[2])
 
 
 class TokenMixing(nn.Module):
