@@ -132,6 +132,13 @@ def test_spatial_l2_norm_gradient_equals_tensor_norms():
     assert spatial_l2_norm(x).grad_fn is not None and spatial_l2_norm(x.detach()).grad_fn is None
 
 
+def test_spatial_l2_norm_of_a_half_map_does_not_overflow():
+    x = torch.full((1, 56, 56, 2), 10.0, dtype=torch.float16)  # squares sum to 313,600, past fp16's 65,504
+    for requires_grad in (False, True):
+        norm = spatial_l2_norm(x.clone().requires_grad_(requires_grad))
+        assert norm.dtype == torch.float16 and torch.equal(norm, torch.full((1, 2), 560.0, dtype=torch.float16))
+
+
 def test_forward_stores_no_state():
     model = _tiny_net().eval()
 
