@@ -20,10 +20,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from visionmlp import create_model
-from visionmlp.engine.benchmark import check_counts, default_img_size, parse_model_names
+from visionmlp.engine.benchmark import BenchmarkSteps, check_counts, default_img_size, parse_model_names
 from visionmlp.engine.comparison import fast_path_copy, load_builder, seconds_in_turn
 from visionmlp.engine.machine import matmul_peak_gflops, resolve_device, resolve_dtype
 from visionmlp.engine.quantize import fp32_agreement
@@ -63,14 +62,6 @@ def inference_step(model: nn.Module, images: torch.Tensor, autocast_dtype: torch
     return step
 
 
-def forward_flops(model: nn.Module, images: torch.Tensor) -> int:
-    """FLOPs of one forward pass of ``model`` on ``images``, counted per operator by ``FlopCounterMode``."""
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        model(images)
-    return counter.get_total_flops()
-
-
 def measure(
     name: str,
     args: argparse.Namespace,
@@ -82,7 +73,9 @@ def measure(
     size = default_img_size(name)
     images = torch.randn(args.batch_size, 3, size, size, device=device)
     plain = create_model(name).eval().to(device)
-    flops = forward_flops(plain, images)
+    counted = BenchmarkSteps(plain, images, "infer", torch.float32, device)
+    counted.run_counted()
+    flops = counted.forward_counter.get_total_flops()
     fast = fast_path_copy(plain, dtype).eval()
     timed = torch.compile(fast) if args.compile else fast
     steps = {"ours": inference_step(timed, images, None)}

@@ -191,15 +191,24 @@ def test_interleaved_step_seconds_times_each_model_in_turn(monkeypatch):
 
 
 BENCH_CPU = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
+BENCH_GPU = BENCH_CPU.with_name("bench_gpu.py")
 
 
-def _bench_cpu():
+def _load_script(path: Path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_cpu", BENCH_CPU)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench_cpu():
+    return _load_script(BENCH_CPU)
+
+
+def _bench_gpu():
+    return _load_script(BENCH_GPU)
 
 
 def test_bench_cpu_against_a_baseline_file(tmp_path, capsys):
@@ -261,18 +270,6 @@ def test_fp32_fast_path_computes_the_plain_model():
     assert count_batchnorms(fast) < count_batchnorms(plain)  # the deploy form
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fast.parameters() if p.dim() == 4)
     assert any(not p.is_contiguous() for p in fast.parameters() if p.dim() == 4)
-
-
-BENCH_GPU = BENCH_CPU.with_name("bench_gpu.py")
-
-
-def _bench_gpu():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH_GPU)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_bench_gpu_against_a_baseline_under_autocast(tmp_path, capsys, monkeypatch):
