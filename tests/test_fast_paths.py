@@ -2,9 +2,12 @@
 
 import pytest
 import torch
-from timm.layers import set_scriptable
+from timm.layers import DropPath, set_scriptable
+from torch import nn
 
 import visionmlp
+from visionmlp.models.layers import drop_path_residual
+from visionmlp.models.ms_mlp import MixShiftBlock
 from synthetic_weights import relative_l2
 
 # The smallest variant of each family at a small resolution; batch 2 so that batch-dependent paths show.
@@ -73,6 +76,80 @@ def test_ms_mlp_training_step_matches_plain_path_fp32():
         logits = model(x)
         logits.square().mean().backward()
         outputs.append([logits.detach()] + [p.grad for p in model.parameters()])
+    for got, expected in zip(*outputs):
+        assert relative_l2(got, expected) <= 1e-5
+
+
+class _LinearBranchBlock(nn.Module):
+    """A residual block whose branch is one linear layer, recording the batch sizes it runs on."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.drop_path = DropPath(drop_prob)
+        self.branch_batches: list[int] = []
+
+    def residual_branch(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        self.branch_batches.append(x.shape[0])
+        return self.linear(x) * scale
+
+
+@pytest.mark.parametrize("drop_prob", [0.0, 0.5, 1.0])
+def test_drop_path_residual_equals_timm_drop_path_and_skips_dropped_samples(drop_prob):
+    block = _LinearBranchBlock(drop_prob).train()
+    x = torch.randn(64, 3, 4)
+    torch.manual_seed(3)
+    expected = x + block.drop_path(block.linear(x))
+    kept = int((expected != x).any(-1).any(-1).sum())
+    torch.manual_seed(3)
+    got = drop_path_residual(block, x)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+    assert block.branch_batches == [kept]
+    assert {0.0: kept == 64, 0.5: 0 < kept < 64, 1.0: kept == 0}[drop_prob]
+    # every sample dropped: zero gradients, as under DropPath, not none (which optimizers skip)
+    got.sum().backward()
+    assert all(p.grad is not None for p in block.linear.parameters())
+
+
+def test_ms_mlp_training_with_drop_path_skips_dropped_samples_and_matches_plain_path(monkeypatch):
+    # Drop path 0.5 over batch 2 under one seed: blocks that keep both samples, one, or none (an empty batch)
+    x = _inputs("ms_mlp_tiny")
+    fast = _model("ms_mlp_tiny", drop_path_rate=0.5).train()
+    with set_scriptable(True):
+        plain = _model("ms_mlp_tiny", drop_path_rate=0.5).train()
+    plain.load_state_dict(fast.state_dict())
+    branch_batches = []
+    branch = MixShiftBlock.residual_branch
+    monkeypatch.setattr(MixShiftBlock, "residual_branch",
+                        lambda self, x, scale: branch_batches.append(x.shape[0]) or branch(self, x, scale))
+    outputs = []
+    for model in (fast, plain):
+        torch.manual_seed(7)
+        logits = model(x)
+        logits.square().mean().backward()
+        outputs.append([logits.detach()] + [p.grad if p.grad is not None else torch.zeros_like(p)
+                                            for p in model.parameters()])
+    assert {0, 1, 2} <= set(branch_batches)
+    for got, expected in zip(*outputs):
+        assert relative_l2(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["vip_s7", "raft_mlp_s"])
+def test_training_with_drop_path_matches_drop_path_applied_to_every_sample(name, monkeypatch):
+    x = _inputs(name)
+    fast = _model(name, drop_path_rate=0.5).train()
+    reference = _model(name, drop_path_rate=0.5).train()
+    module = {"vip_s7": visionmlp.models.vip, "raft_mlp_s": visionmlp.models.raft_mlp}[name]
+    outputs = []
+    for model in (fast, reference):
+        if model is reference:  # the plain sum, timm's DropPath multiplying the branch of every sample
+            monkeypatch.setattr(module, "drop_path_residual",
+                                lambda block, x, branch: x + block.drop_path(getattr(block, branch)(x, 1.)))
+        torch.manual_seed(7)
+        logits = model(x)
+        logits.square().mean().backward()
+        outputs.append([logits.detach()] + [p.grad if p.grad is not None else torch.zeros_like(p)
+                                            for p in model.parameters()])
     for got, expected in zip(*outputs):
         assert relative_l2(got, expected) <= 1e-5
 

@@ -1,10 +1,11 @@
-"""Layers shared by several families: a patchify conv whose output layout comes from its kernel."""
+"""Layers shared by several families: a patchify conv whose output layout comes from its kernel, and a
+stochastic-depth residual that computes its branch only for the samples it keeps."""
 
 import torch
-from timm.layers import register_notrace_function
+from timm.layers import DropPath, register_notrace_function
 from torch import nn
 
-__all__ = ["ChannelsLastConv2d", "training_layout"]
+__all__ = ["ChannelsLastConv2d", "drop_path_residual", "training_layout"]
 
 
 @register_notrace_function  # an FX leaf, so that traced graphs keep the run-time choice
@@ -30,3 +31,29 @@ class ChannelsLastConv2d(nn.Conv2d):
         if self.training_only:
             return self._conv_forward(x, training_layout(self.weight), self.bias)
         return self._conv_forward(x, self.weight.contiguous(memory_format=torch.channels_last), self.bias)
+
+
+@register_notrace_function  # an FX leaf: which samples run is decided at run time
+def drop_path_residual(block: nn.Module, x: torch.Tensor, branch: str = "residual_branch") -> torch.Tensor:
+    """``x + block.drop_path(f(x))`` in training, with the branch ``f`` computed only for the samples that drop
+    path keeps.
+
+    ``block.drop_path`` is a timm ``DropPath``; ``getattr(block, branch)(x, scale)`` returns ``f(x) * scale``, so
+    that the branch can fold drop path's rescaling into a weight. The mask is drawn as ``DropPath`` draws it
+    (one Bernoulli per sample, same shape, dtype and generator), so the same seed drops the same samples,
+    whose branch ``DropPath`` would only multiply by zero. The branch must treat samples independently
+    (no batch statistics).
+    """
+    drop_path: DropPath = block.drop_path
+    branch_fn = getattr(block, branch)
+    if torch.compiler.is_compiling():  # a compiled graph would break at the data-dependent batch; it fuses this
+        return x + drop_path(branch_fn(x, 1.))
+    keep_prob = 1. - drop_path.drop_prob
+    scale = 1. / keep_prob if drop_path.scale_by_keep and keep_prob > 0. else 1.
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    kept = mask.view(-1).nonzero().view(-1)
+    if kept.numel() == x.shape[0]:
+        return x + branch_fn(x, scale)
+    # With every sample dropped the branch still runs, on an empty batch: its parameters then get zero
+    # gradients, as under DropPath, rather than none, which optimizers would treat as "skip this parameter".
+    return x.index_add(0, kept, branch_fn(x.index_select(0, kept), scale))

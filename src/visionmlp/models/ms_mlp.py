@@ -16,7 +16,7 @@ share a kernel size share one conv call per branch (kernels concatenated on the 
 per-channel affine, the rolls are slice copies (one autograd node each, whose gradient is the
 opposite roll), on CPU the channel MLP runs over cache-sized slices of tokens, and where it runs in one
 call while gradients are recorded, the layer scale multiplies its last linear layer instead of its
-output. Activations stay channels-last between blocks. ``checkpoint_filter_fn`` maps official
+output. In training, a block's residual branch runs only for the samples its drop path keeps. Activations stay channels-last between blocks. ``checkpoint_filter_fn`` maps official
 checkpoints onto this layout (patch merging moves to the start of the next stage, the final norm and
 classifier into ``head``).
 """
@@ -35,6 +35,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..checkpoint import load_pretrained_file
+from .layers import drop_path_residual
 
 __all__ = ['MsMlp', 'MixShiftBlock', 'checkpoint_filter_fn']
 
@@ -143,20 +144,25 @@ def _cat_biases(biases: List[Optional[torch.Tensor]]) -> torch.Tensor:
     return torch.cat(present)
 
 
+def _fold_scale_pays(block: 'MixShiftBlock', x: torch.Tensor) -> bool:
+    """Whether to scale fc2's weight rather than its output: while gradients are recorded, autograd then keeps
+    that weight-sized product instead of the output, which is larger when there are more tokens than fc2 has
+    inputs."""
+    return torch.is_grad_enabled() and x.shape[:3].numel() > block.mlp.fc2.in_features
+
+
 @register_notrace_function  # a leaf under FX: it branches on the device, the grad mode and the token count
 def residual_channel_mlp(block: 'MixShiftBlock', shortcut: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``shortcut + block.drop_path(block.channel_mlp(x))`` for channels-last (B, H, W, C) tensors, the fast way.
+    """``shortcut + block.channel_mlp(x)`` for channels-last (B, H, W, C) tensors, the fast way (no active drop
+    path: ``drop_path_residual`` takes that case).
 
-    On CPU, with drop path inactive, large inputs run in slices of ``_CPU_TOKENS_PER_CHUNK`` tokens so that
-    the MLP's hidden activations stay in cache. Run in one call while gradients are recorded, on more tokens
-    than fc2 has inputs, the layer scale multiplies fc2's weight and bias instead of its output: autograd then
-    keeps that smaller, weight-sized product for the backward. The result is the same up to rounding.
+    On CPU, large inputs run in slices of ``_CPU_TOKENS_PER_CHUNK`` tokens so that the MLP's hidden activations
+    stay in cache. Run in one call, the layer scale multiplies fc2's weight where that pays
+    (``_fold_scale_pays``). The result is the same up to rounding.
     """
     num_tokens, dim = x.shape[:3].numel(), x.shape[-1]
-    drop_path_active = block.training and isinstance(block.drop_path, DropPath)
-    if drop_path_active or x.device.type != 'cpu' or num_tokens <= _CPU_TOKENS_PER_CHUNK:
-        fold_scale = torch.is_grad_enabled() and num_tokens > block.mlp.fc2.in_features
-        return shortcut + block.drop_path(block.channel_mlp(x, fold_scale=fold_scale))
+    if x.device.type != 'cpu' or num_tokens <= _CPU_TOKENS_PER_CHUNK:
+        return shortcut + block.channel_mlp(x, fold_scale=_fold_scale_pays(block, x))
     pairs = zip(shortcut.reshape(num_tokens, dim).split(_CPU_TOKENS_PER_CHUNK),
                 x.reshape(num_tokens, dim).split(_CPU_TOKENS_PER_CHUNK))
     return torch.cat([s + block.channel_mlp(t, fold_scale=False) for s, t in pairs]).view(x.shape)
@@ -242,12 +248,15 @@ class MixShiftBlock(nn.Module):
             mixed.append(lr + td)
         return mixed[0] if len(mixed) == 1 else torch.cat(mixed, dim=1)
 
-    def channel_mlp(self, x: torch.Tensor, fold_scale: bool) -> torch.Tensor:
-        """LayerNorm, MLP and layer scale over the last (channel) dim; ``fold_scale``: scale fc2, not its output."""
+    def channel_mlp(self, x: torch.Tensor, fold_scale: bool, scale: float = 1.) -> torch.Tensor:
+        """LayerNorm, MLP and layer scale (times ``scale``) over the last (channel) dim; ``fold_scale``: scale
+        fc2, not its output."""
         x = self.norm(x)
         gamma = self.gamma
         if gamma is None:
-            return self.mlp(x)
+            return self.mlp(x) if scale == 1. else self.mlp(x) * scale
+        if scale != 1.:
+            gamma = gamma * scale
         if not fold_scale:
             return self.mlp(x) * gamma
         mlp = self.mlp
@@ -257,10 +266,20 @@ class MixShiftBlock(nn.Module):
             bias = bias * gamma
         return mlp.drop2(F.linear(x, mlp.fc2.weight * gamma[:, None], bias))
 
+    @torch.jit.unused
+    def residual_branch(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """The block's residual branch on channels-last (B, H, W, C) tokens, times ``scale`` (for
+        ``drop_path_residual``)."""
+        mixed = self.mix(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.channel_mlp(mixed, fold_scale=_fold_scale_pays(self, mixed), scale=scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mixed = self.mix(x).permute(0, 2, 3, 1)
         if torch.jit.is_scripting() or not self.fast_channel_mlp:
+            mixed = self.mix(x).permute(0, 2, 3, 1)
             return x + self.drop_path(self.channel_mlp(mixed, fold_scale=False).permute(0, 3, 1, 2))
+        if self.training and isinstance(self.drop_path, DropPath):
+            return drop_path_residual(self, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        mixed = self.mix(x).permute(0, 2, 3, 1)
         return residual_channel_mlp(self, x.permute(0, 2, 3, 1), mixed).permute(0, 3, 1, 2)
 
 

@@ -17,6 +17,7 @@ Differences from the official implementation (same maths, same weights after con
     zero-padded per-scale kernels, instead of one unfold per scale followed by a linear layer.
   * activations stay channels-last between blocks and each token-mixing MLP needs one permute in and
     one out.
+  * in training, a residual branch runs only for the samples its drop path keeps.
 """
 import math
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
@@ -31,6 +32,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..checkpoint import StateDict, load_pretrained_file
+from .layers import drop_path_residual
 
 __all__ = ['RaftMLP', 'checkpoint_filter_fn']
 
@@ -135,25 +137,47 @@ class RaftBlock(nn.Module):
         self.mlp_channels = Mlp(dim, int(dim * channel_mlp_ratio), drop=proj_drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
+    def vertical_branch(self, x: torch.Tensor, scale: float = 1.) -> torch.Tensor:
+        """The vertical token-mixing branch, times ``scale``, of raft-shaped ``x`` (B, H, W, r, g); raft-shaped."""
+        B, H, W = x.shape[:3]
+        # (B, H, W, r, g) -> (B, W, g, r, H): the vertical MLP's inputs become the last dim
+        y = self.norm_vertical(x.flatten(3)).reshape(x.shape).permute(0, 2, 4, 3, 1)
+        y = self.mlp_vertical(y.reshape(B, W, self.groups, self.raft_size * H))
+        if scale != 1.:
+            y = y * scale
+        return y.reshape(B, W, self.groups, self.raft_size, H).permute(0, 4, 1, 3, 2)
+
+    def horizontal_branch(self, x: torch.Tensor, scale: float = 1.) -> torch.Tensor:
+        """The horizontal token-mixing branch, times ``scale``, of raft-shaped ``x`` (B, H, W, r, g); raft-shaped."""
+        B, H, W = x.shape[:3]
+        # (B, H, W, r, g) -> (B, H, g, r, W)
+        y = self.norm_horizontal(x.flatten(3)).reshape(x.shape).permute(0, 1, 4, 3, 2)
+        y = self.mlp_horizontal(y.reshape(B, H, self.groups, self.raft_size * W))
+        if scale != 1.:
+            y = y * scale
+        return y.reshape(B, H, self.groups, self.raft_size, W).permute(0, 1, 4, 3, 2)
+
+    def channel_branch(self, x: torch.Tensor, scale: float = 1.) -> torch.Tensor:
+        """The channel-MLP branch of NHWC ``x``, times ``scale``."""
+        y = self.mlp_channels(self.norm_channels(x))
+        return y * scale if scale != 1. else y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """NHWC in, NHWC out."""
         B, C = x.shape[0], x.shape[-1]
         H, W = self.grid_size
+        # The token-mixing branches work on rafts (B, H, W, r, g) and return permuted views of that shape,
+        # which the residual sums take as they are, without a copy.
         rafts = (B, H, W, self.raft_size, self.groups)
-        rafts_h = self.raft_size * H
-        rafts_w = self.raft_size * W
-
-        # (B, H, W, r, g) -> (B, W, g, r, H): the vertical MLP's inputs become the last dim
-        y = self.norm_vertical(x).reshape(rafts).permute(0, 2, 4, 3, 1).reshape(B, W, self.groups, rafts_h)
-        y = self.mlp_vertical(y).reshape(B, W, self.groups, self.raft_size, H).permute(0, 4, 1, 3, 2)
-        x = (x.reshape(rafts) + self.drop_path(y)).reshape(B, H, W, C)
-
-        # (B, H, W, r, g) -> (B, H, g, r, W)
-        y = self.norm_horizontal(x).reshape(rafts).permute(0, 1, 4, 3, 2).reshape(B, H, self.groups, rafts_w)
-        y = self.mlp_horizontal(y).reshape(B, H, self.groups, self.raft_size, W).permute(0, 1, 4, 3, 2)
-        x = (x.reshape(rafts) + self.drop_path(y)).reshape(B, H, W, C)
-
-        return x + self.drop_path(self.mlp_channels(self.norm_channels(x)))
+        x = x.reshape(rafts)
+        if torch.jit.is_scripting() or not (self.training and isinstance(self.drop_path, DropPath)):
+            x = x + self.drop_path(self.vertical_branch(x))
+            x = (x + self.drop_path(self.horizontal_branch(x))).reshape(B, H, W, C)
+            return x + self.drop_path(self.channel_branch(x))
+        # in training, each branch runs only for the samples its drop path keeps
+        x = drop_path_residual(self, x, 'vertical_branch')
+        x = drop_path_residual(self, x, 'horizontal_branch').reshape(B, H, W, C)
+        return drop_path_residual(self, x, 'channel_branch')
 
 
 class RaftStage(nn.Module):

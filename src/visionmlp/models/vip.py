@@ -9,8 +9,8 @@ Official code: https://github.com/houqb/VisionPermutator
 The Permute-MLP mixes each channel segment along the height and along the width with fully connected
 layers whose width is (tokens along that axis) x (channels per segment), so a model is built for one
 input size. Here the three branch outputs are combined through strided views instead of being permuted
-back into place, and the pooled descriptor is summed branch by branch; the maths and the official
-parameter layout are unchanged (official ``network.N`` keys are mapped onto ``stages`` on load).
+back into place, the pooled descriptor is summed branch by branch, and in training a residual branch
+runs only for the samples its drop path keeps; the maths and the official parameter layout are unchanged (official ``network.N`` keys are mapped onto ``stages`` on load).
 """
 
 
@@ -28,7 +28,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from ..checkpoint import StateDict, load_pretrained_file
-from .layers import ChannelsLastConv2d
+from .layers import ChannelsLastConv2d, drop_path_residual
 
 __all__ = ["PermuteMlp", "PermutatorBlock", "PermutatorStage", "VisionPermutator"]
 
@@ -98,11 +98,24 @@ class PermutatorBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
 
+    @torch.jit.unused
+    def token_branch(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """The Permute-MLP residual branch times ``scale`` (for ``drop_path_residual``)."""
+        return self.attn(self.norm1(x)) * scale
+
+    @torch.jit.unused
+    def channel_branch(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """The channel-MLP residual branch times ``scale`` (for ``drop_path_residual``)."""
+        return self.mlp(self.norm2(x)) * scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """NHWC tokens in, NHWC tokens out."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+        if torch.jit.is_scripting() or not (self.training and isinstance(self.drop_path, DropPath)):
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        # in training, each branch runs only for the samples its drop path keeps
+        x = drop_path_residual(self, x, "token_branch")
+        return drop_path_residual(self, x, "channel_branch")
 
 
 class PermutatorStage(nn.Module):
