@@ -16,8 +16,9 @@ share a kernel size share one conv call per branch (kernels concatenated on the 
 per-channel affine, the rolls are slice copies (one autograd node each, whose gradient is the
 opposite roll), on CPU the channel MLP runs over cache-sized slices of tokens, and where it runs in one
 call while gradients are recorded, the layer scale multiplies its last linear layer instead of its
-output. In training, a block's residual branch runs only for the samples its drop path keeps. Activations stay channels-last between blocks. ``checkpoint_filter_fn`` maps official
-checkpoints onto this layout (patch merging moves to the start of the next stage, the final norm and
+output. In training, a block's residual branch runs only for the samples its drop path keeps.
+Activations stay channels-last between blocks. ``checkpoint_filter_fn`` maps official checkpoints onto
+this layout (patch merging moves to the start of the next stage, the final norm and
 classifier into ``head``).
 """
 import re
