@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from visionmlp import create_model
+from visionmlp.config import family_recipe, load_recipe
 from visionmlp.engine.benchmark import BenchmarkSteps, default_img_size, parse_model_names, run_benchmark
 from visionmlp.engine.comparison import fast_path_copy, interleaved_step_seconds, load_builder
 from visionmlp.engine.machine import DTYPES, PROC_CLEAR_REFS, linux_libc, matmul_peak_gflops, proc_status_mib
@@ -47,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="all", help="'all' (default) or a comma-separated list of variants")
     parser.add_argument("--baseline", type=Path, help="Python file whose build(name) returns the baseline model")
-    parser.add_argument("--train", action="store_true", help="also time the fp32 training step (AdamW)")
+    parser.add_argument("--train", action="store_true",
+                        help="also time the fp32 training step (AdamW); ours at its recipe's drop-path rate")
     parser.add_argument("--threads", type=int, default=2, help="CPU intra-op threads (default: 2)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default: 8)")
     parser.add_argument("--best-dtype", choices=["auto", *DTYPES], default="auto",
@@ -63,6 +65,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="glibc keeps freed memory for reuse, as a long-running process or jemalloc would "
                              "(default: glibc's own settings, which hand large blocks back after each step)")
     return parser.parse_args(argv)
+
+
+def recipe_model(name: str) -> nn.Module:
+    """Our variant with the stochastic-depth rate its family's recipe trains it with, as the baseline should be.
+
+    Drop path changes no inference, but in training ours computes a residual branch only for the samples
+    its drop path keeps, so both sides of a training comparison need the rate the official scripts use.
+    """
+    recipe = family_recipe(name)
+    rates = load_recipe(recipe).get("model", {}).get("drop_path_by_variant", {}) if recipe else {}
+    return create_model(name, drop_path_rate=float(rates[name])) if name in rates else create_model(name)
 
 
 def load_baseline(path: Path) -> Callable[[str], nn.Module]:
@@ -164,7 +177,7 @@ def measure(
         return runs
     size = default_img_size(name)
     for mode in modes:
-        models = {"ours": create_model(name), "baseline": build_baseline(name)}
+        models = {"ours": recipe_model(name), "baseline": build_baseline(name)}
         if mode == "infer" and pair_fast_path:
             models["fast path"] = fast_path_copy(models["ours"]).eval()
             images = torch.randn(args.batch_size, 3, size, size)
@@ -245,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_memory_of == "baseline" and args.baseline is None:
         raise SystemExit("--train-memory-of baseline needs --baseline FILE, the file whose build(name) makes it")
     if args.train_memory_of:
-        model = load_baseline(args.baseline)(names[0]) if args.train_memory_of == "baseline" else create_model(names[0])
+        model = load_baseline(args.baseline)(names[0]) if args.train_memory_of == "baseline" else recipe_model(names[0])
         torch.set_num_threads(args.threads)
         print(json.dumps(train_step_memory_mib(model, args.batch_size, default_img_size(names[0]),
                                                fused_optimizer=args.train_memory_of == "ours")))

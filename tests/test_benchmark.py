@@ -235,6 +235,19 @@ def test_bench_cpu_against_a_baseline_file(tmp_path, capsys):
         bench_cpu.main(["--train-memory-of", "baseline", "--models", "raft_mlp_s"])
 
 
+def test_bench_cpu_builds_ours_with_the_drop_path_rate_of_the_family_recipe():
+    from timm.layers import DropPath
+
+    def largest_drop_path(model):
+        return max((m.drop_prob for m in model.modules() if isinstance(m, DropPath)), default=0.0)
+
+    bench_cpu = _bench_cpu()
+    vip = bench_cpu.recipe_model("vip_s7")  # the model's own default is no drop path; the recipe's is 0.1
+    assert largest_drop_path(create_model("vip_s7")) == 0.0
+    assert largest_drop_path(vip) == pytest.approx(0.1)
+    assert largest_drop_path(bench_cpu.recipe_model("repmlpnet_t224")) == 0.0  # the family has none
+
+
 @pytest.mark.parametrize(("baseline_ips", "ours_ips", "verdict"), [
     (20.0, 30.0, "1.5x: met"),  # the baseline at 20 % of the roofline: 1.5x stays below 85 %
     (20.0, 29.0, "1.5x: not met"),
