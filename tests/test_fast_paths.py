@@ -109,6 +109,13 @@ def test_drop_path_residual_equals_timm_drop_path_and_skips_dropped_samples(drop
     # every sample dropped: zero gradients, as under DropPath, not none (which optimizers skip)
     got.sum().backward()
     assert all(p.grad is not None for p in block.linear.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 branch added to an fp32 residual
+        torch.manual_seed(3)
+        expected = x + block.drop_path(block.linear(x))
+        torch.manual_seed(3)
+        got = drop_path_residual(block, x)
+    assert got.dtype == expected.dtype == torch.float32
+    assert torch.allclose(got, expected, rtol=1e-2, atol=1e-2)
 
 
 def test_ms_mlp_training_with_drop_path_skips_dropped_samples_and_matches_plain_path(monkeypatch):

@@ -35,8 +35,8 @@ class ChannelsLastConv2d(nn.Conv2d):
 
 @register_notrace_function  # an FX leaf: which samples run is decided at run time
 def drop_path_residual(block: nn.Module, x: torch.Tensor, branch: str = "residual_branch") -> torch.Tensor:
-    """``x + block.drop_path(f(x))`` in training, with the branch ``f`` computed only for the samples that drop
-    path keeps.
+    """``x + block.drop_path(f(x))`` in training, with the branch ``f`` computed (on CPU) only for the samples
+    that drop path keeps.
 
     ``block.drop_path`` is a timm ``DropPath``; ``getattr(block, branch)(x, scale)`` returns ``f(x) * scale``, so
     that the branch can fold drop path's rescaling into a weight. The mask is drawn as ``DropPath`` draws it
@@ -46,7 +46,9 @@ def drop_path_residual(block: nn.Module, x: torch.Tensor, branch: str = "residua
     """
     drop_path: DropPath = block.drop_path
     branch_fn = getattr(block, branch)
-    if torch.compiler.is_compiling():  # a compiled graph would break at the data-dependent batch; it fuses this
+    # Choosing the samples reads the mask on the host: on a GPU that is a synchronization per branch (not
+    # measured yet, so GPUs keep the plain form), and a compiled graph would break there (it fuses the plain form).
+    if x.device.type != 'cpu' or torch.compiler.is_compiling():
         return x + drop_path(branch_fn(x, 1.))
     keep_prob = 1. - drop_path.drop_prob
     scale = 1. / keep_prob if drop_path.scale_by_keep and keep_prob > 0. else 1.
@@ -56,4 +58,6 @@ def drop_path_residual(block: nn.Module, x: torch.Tensor, branch: str = "residua
         return x + branch_fn(x, scale)
     # With every sample dropped the branch still runs, on an empty batch: its parameters then get zero
     # gradients, as under DropPath, rather than none, which optimizers would treat as "skip this parameter".
-    return x.index_add(0, kept, branch_fn(x.index_select(0, kept), scale))
+    kept_branch = branch_fn(x.index_select(0, kept), scale)
+    dtype = torch.promote_types(x.dtype, kept_branch.dtype)  # under autocast the branch may be in bf16
+    return x.to(dtype).index_add(0, kept, kept_branch.to(dtype))
