@@ -42,6 +42,14 @@ def _inputs(name: str) -> torch.Tensor:
     return torch.randn(2, 3, CASES[name], CASES[name], generator=torch.Generator().manual_seed(1))
 
 
+def _logits_and_gradients(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
+    """The logits of one training forward and the gradients of their mean square (zeros for unused ones)."""
+    torch.manual_seed(seed)
+    logits = model(x)
+    logits.square().mean().backward()
+    return [logits.detach()] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_channels_last_and_deploy_match_plain_fp32(name):
     model, x = _model(name), _inputs(name)
@@ -71,12 +79,7 @@ def test_ms_mlp_training_step_matches_plain_path_fp32():
     with set_scriptable(True):
         plain = _model("ms_mlp_tiny", drop_path_rate=0.0).train()
     plain.load_state_dict(fast.state_dict())
-    outputs = []
-    for model in (fast, plain):
-        logits = model(x)
-        logits.square().mean().backward()
-        outputs.append([logits.detach()] + [p.grad for p in model.parameters()])
-    for got, expected in zip(*outputs):
+    for got, expected in zip(_logits_and_gradients(fast, x), _logits_and_gradients(plain, x)):
         assert relative_l2(got, expected) <= 1e-5
 
 
@@ -129,13 +132,7 @@ def test_ms_mlp_training_with_drop_path_skips_dropped_samples_and_matches_plain_
     branch = MixShiftBlock.residual_branch
     monkeypatch.setattr(MixShiftBlock, "residual_branch",
                         lambda self, x, scale: branch_batches.append(x.shape[0]) or branch(self, x, scale))
-    outputs = []
-    for model in (fast, plain):
-        torch.manual_seed(7)
-        logits = model(x)
-        logits.square().mean().backward()
-        outputs.append([logits.detach()] + [p.grad if p.grad is not None else torch.zeros_like(p)
-                                            for p in model.parameters()])
+    outputs = [_logits_and_gradients(fast, x, seed=7), _logits_and_gradients(plain, x, seed=7)]
     assert {0, 1, 2} <= set(branch_batches)
     for got, expected in zip(*outputs):
         assert relative_l2(got, expected) <= 1e-5
@@ -147,17 +144,11 @@ def test_training_with_drop_path_matches_drop_path_applied_to_every_sample(name,
     fast = _model(name, drop_path_rate=0.5).train()
     reference = _model(name, drop_path_rate=0.5).train()
     module = {"vip_s7": visionmlp.models.vip, "raft_mlp_s": visionmlp.models.raft_mlp}[name]
-    outputs = []
-    for model in (fast, reference):
-        if model is reference:  # the plain sum, timm's DropPath multiplying the branch of every sample
-            monkeypatch.setattr(module, "drop_path_residual",
-                                lambda block, x, branch: x + block.drop_path(getattr(block, branch)(x, 1.)))
-        torch.manual_seed(7)
-        logits = model(x)
-        logits.square().mean().backward()
-        outputs.append([logits.detach()] + [p.grad if p.grad is not None else torch.zeros_like(p)
-                                            for p in model.parameters()])
-    for got, expected in zip(*outputs):
+    got_outputs = _logits_and_gradients(fast, x, seed=7)
+    # the reference: the plain sum, timm's DropPath multiplying the branch of every sample
+    monkeypatch.setattr(module, "drop_path_residual",
+                        lambda block, x, branch: x + block.drop_path(getattr(block, branch)(x, 1.)))
+    for got, expected in zip(got_outputs, _logits_and_gradients(reference, x, seed=7)):
         assert relative_l2(got, expected) <= 1e-5
 
 
