@@ -137,30 +137,25 @@ class RaftBlock(nn.Module):
         self.mlp_channels = Mlp(dim, int(dim * channel_mlp_ratio), drop=proj_drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
-    def _token_mixing(
-            self, x: torch.Tensor, norm: nn.Module, mlp: nn.Module, to_rows: Tuple[int, ...],
-            from_rows: Tuple[int, ...], scale: float,
-    ) -> torch.Tensor:
-        """One token-mixing branch, times ``scale``, of raft-shaped ``x`` (B, H, W, r, g), raft-shaped.
-
-        ``to_rows`` permutes the rafts to (B, A, g, r, L) with the mixed axis L last, so that each MLP row holds
-        the r x L values of one raft; ``from_rows`` is its inverse.
-        """
-        y = norm(x.flatten(3)).reshape(x.shape).permute(to_rows)
-        rows = y.shape
-        y = mlp(y.reshape(rows[0], rows[1], rows[2], rows[3] * rows[4]))
+    def vertical_branch(self, x: torch.Tensor, scale: float = 1.) -> torch.Tensor:
+        """The vertical token-mixing branch, times ``scale``, of raft-shaped ``x`` (B, H, W, r, g); raft-shaped."""
+        B, H, W = x.shape[:3]
+        # (B, H, W, r, g) -> (B, W, g, r, H): the vertical MLP's inputs become the last dim
+        y = self.norm_vertical(x.flatten(3)).reshape(x.shape).permute(0, 2, 4, 3, 1)
+        y = self.mlp_vertical(y.reshape(B, W, self.groups, self.raft_size * H))
         if scale != 1.:
             y = y * scale
-        return y.reshape(rows).permute(from_rows)
-
-    def vertical_branch(self, x: torch.Tensor, scale: float = 1.) -> torch.Tensor:
-        """The vertical token-mixing branch of raft-shaped ``x``: (B, H, W, r, g) -> (B, W, g, r, H) rows."""
-        return self._token_mixing(x, self.norm_vertical, self.mlp_vertical, (0, 2, 4, 3, 1), (0, 4, 1, 3, 2), scale)
+        return y.reshape(B, W, self.groups, self.raft_size, H).permute(0, 4, 1, 3, 2)
 
     def horizontal_branch(self, x: torch.Tensor, scale: float = 1.) -> torch.Tensor:
-        """The horizontal token-mixing branch of raft-shaped ``x``: (B, H, W, r, g) -> (B, H, g, r, W) rows."""
-        return self._token_mixing(
-            x, self.norm_horizontal, self.mlp_horizontal, (0, 1, 4, 3, 2), (0, 1, 4, 3, 2), scale)
+        """The horizontal token-mixing branch, times ``scale``, of raft-shaped ``x`` (B, H, W, r, g); raft-shaped."""
+        B, H, W = x.shape[:3]
+        # (B, H, W, r, g) -> (B, H, g, r, W)
+        y = self.norm_horizontal(x.flatten(3)).reshape(x.shape).permute(0, 1, 4, 3, 2)
+        y = self.mlp_horizontal(y.reshape(B, H, self.groups, self.raft_size * W))
+        if scale != 1.:
+            y = y * scale
+        return y.reshape(B, H, self.groups, self.raft_size, W).permute(0, 1, 4, 3, 2)
 
     def channel_branch(self, x: torch.Tensor, scale: float = 1.) -> torch.Tensor:
         """The channel-MLP branch of NHWC ``x``, times ``scale``."""
