@@ -162,6 +162,11 @@ class RaftBlock(nn.Module):
         y = self.mlp_channels(self.norm_channels(x))
         return y * scale if scale != 1. else y
 
+    @torch.jit.unused  # TorchScript knows no DropPath type; scripted models take the plain form
+    def skips_dropped_samples(self) -> bool:
+        """Whether the residual branches run only for the samples drop path keeps (training, CPU or not)."""
+        return self.training and isinstance(self.drop_path, DropPath)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """NHWC in, NHWC out."""
         B, C = x.shape[0], x.shape[-1]
@@ -170,7 +175,7 @@ class RaftBlock(nn.Module):
         # which the residual sums take as they are, without a copy.
         rafts = (B, H, W, self.raft_size, self.groups)
         x = x.reshape(rafts)
-        if torch.jit.is_scripting() or not (self.training and isinstance(self.drop_path, DropPath)):
+        if torch.jit.is_scripting() or not self.skips_dropped_samples():
             x = x + self.drop_path(self.vertical_branch(x))
             x = (x + self.drop_path(self.horizontal_branch(x))).reshape(B, H, W, C)
             return x + self.drop_path(self.channel_branch(x))

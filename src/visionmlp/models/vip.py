@@ -109,9 +109,14 @@ class PermutatorBlock(nn.Module):
         """The channel-MLP residual branch times ``scale`` (for ``drop_path_residual``)."""
         return self.mlp(self.norm2(x)) * scale
 
+    @torch.jit.unused  # TorchScript knows no DropPath type; scripted models take the plain form
+    def skips_dropped_samples(self) -> bool:
+        """Whether the residual branches run only for the samples drop path keeps (training, CPU or not)."""
+        return self.training and isinstance(self.drop_path, DropPath)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """NHWC tokens in, NHWC tokens out."""
-        if torch.jit.is_scripting() or not (self.training and isinstance(self.drop_path, DropPath)):
+        if torch.jit.is_scripting() or not self.skips_dropped_samples():
             x = x + self.drop_path(self.attn(self.norm1(x)))
             return x + self.drop_path(self.mlp(self.norm2(x)))
         # in training, each branch runs only for the samples its drop path keeps
