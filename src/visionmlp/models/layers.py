@@ -5,7 +5,7 @@ import torch
 from timm.layers import DropPath, register_notrace_function
 from torch import nn
 
-__all__ = ["ChannelsLastConv2d", "drop_path_residual", "training_layout"]
+__all__ = ["ChannelsLastConv2d", "SkipsDroppedSamples", "drop_path_residual", "training_layout"]
 
 
 @register_notrace_function  # an FX leaf, so that traced graphs keep the run-time choice
@@ -31,6 +31,15 @@ class ChannelsLastConv2d(nn.Conv2d):
         if self.training_only:
             return self._conv_forward(x, training_layout(self.weight), self.bias)
         return self._conv_forward(x, self.weight.contiguous(memory_format=torch.channels_last), self.bias)
+
+
+class SkipsDroppedSamples:
+    """Mixin for blocks whose residual branches go through :func:`drop_path_residual` in training."""
+
+    @torch.jit.unused  # TorchScript knows no DropPath type; scripted models take the plain form
+    def skips_dropped_samples(self) -> bool:
+        """Whether the residual branches run only for the samples drop path keeps (training with a DropPath)."""
+        return self.training and isinstance(self.drop_path, DropPath)
 
 
 @register_notrace_function  # an FX leaf: which samples run is decided at run time

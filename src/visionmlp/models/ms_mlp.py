@@ -36,7 +36,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..checkpoint import load_pretrained_file
-from .layers import drop_path_residual
+from .layers import SkipsDroppedSamples, drop_path_residual
 
 __all__ = ['MsMlp', 'MixShiftBlock', 'checkpoint_filter_fn']
 
@@ -181,7 +181,7 @@ class ConvPatchEmbed(nn.Module):
         return self.norm(self.proj(x))
 
 
-class MixShiftBlock(nn.Module):
+class MixShiftBlock(SkipsDroppedSamples, nn.Module):
     """Grouped shift + depth-wise mixing along width and height, then a channel MLP with layer scale."""
 
     def __init__(
@@ -278,7 +278,7 @@ class MixShiftBlock(nn.Module):
         if torch.jit.is_scripting() or not self.fast_channel_mlp:
             mixed = self.mix(x).permute(0, 2, 3, 1)
             return x + self.drop_path(self.channel_mlp(mixed, fold_scale=False).permute(0, 3, 1, 2))
-        if self.training and isinstance(self.drop_path, DropPath):
+        if self.skips_dropped_samples():
             return drop_path_residual(self, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         mixed = self.mix(x).permute(0, 2, 3, 1)
         return residual_channel_mlp(self, x.permute(0, 2, 3, 1), mixed).permute(0, 3, 1, 2)

@@ -32,7 +32,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..checkpoint import StateDict, load_pretrained_file
-from .layers import drop_path_residual
+from .layers import SkipsDroppedSamples, drop_path_residual
 
 __all__ = ['RaftMLP', 'checkpoint_filter_fn']
 
@@ -101,7 +101,7 @@ class CrossScaleEmbed(nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
-class RaftBlock(nn.Module):
+class RaftBlock(SkipsDroppedSamples, nn.Module):
     """Vertical raft mixing, horizontal raft mixing, channel mixing; each a pre-norm residual MLP.
 
     Channels are ordered (raft, group): channel ``c = r * (dim // raft_size) + g``. A raft is the set
@@ -161,11 +161,6 @@ class RaftBlock(nn.Module):
         """The channel-MLP branch of NHWC ``x``, times ``scale``."""
         y = self.mlp_channels(self.norm_channels(x))
         return y * scale if scale != 1. else y
-
-    @torch.jit.unused  # TorchScript knows no DropPath type; scripted models take the plain form
-    def skips_dropped_samples(self) -> bool:
-        """Whether the residual branches run only for the samples drop path keeps (training, CPU or not)."""
-        return self.training and isinstance(self.drop_path, DropPath)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """NHWC in, NHWC out."""

@@ -29,7 +29,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from ..checkpoint import StateDict, load_pretrained_file
-from .layers import ChannelsLastConv2d, drop_path_residual
+from .layers import ChannelsLastConv2d, SkipsDroppedSamples, drop_path_residual
 
 __all__ = ["PermuteMlp", "PermutatorBlock", "PermutatorStage", "VisionPermutator"]
 
@@ -78,7 +78,7 @@ class PermuteMlp(nn.Module):
         return self.proj(out.view(B, H, W, C))
 
 
-class PermutatorBlock(nn.Module):
+class PermutatorBlock(SkipsDroppedSamples, nn.Module):
     """Pre-norm residual block: Permute-MLP token mixing, then a channel MLP."""
 
     def __init__(
@@ -108,11 +108,6 @@ class PermutatorBlock(nn.Module):
     def channel_branch(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         """The channel-MLP residual branch times ``scale`` (for ``drop_path_residual``)."""
         return self.mlp(self.norm2(x)) * scale
-
-    @torch.jit.unused  # TorchScript knows no DropPath type; scripted models take the plain form
-    def skips_dropped_samples(self) -> bool:
-        """Whether the residual branches run only for the samples drop path keeps (training, CPU or not)."""
-        return self.training and isinstance(self.drop_path, DropPath)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """NHWC tokens in, NHWC tokens out."""
