@@ -6,6 +6,7 @@ from timm.layers import DropPath, set_scriptable
 from torch import nn
 
 import visionmlp
+from visionmlp.models import layers
 from visionmlp.models.layers import drop_path_residual
 from visionmlp.models.ms_mlp import MixShiftBlock
 from synthetic_weights import relative_l2
@@ -150,6 +151,29 @@ def test_training_with_drop_path_matches_drop_path_applied_to_every_sample(name,
                         lambda block, x, branch: x + block.drop_path(getattr(block, branch)(x, 1.)))
     for got, expected in zip(got_outputs, _logits_and_gradients(reference, x, seed=7)):
         assert relative_l2(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["vip_s7", "raft_mlp_s"])
+def test_inference_over_batch_slices_matches_one_call(name, monkeypatch):
+    model, x = _model(name), torch.cat([_inputs(name)] * 2)
+    batches = []
+    for stage in model.stages:
+        stage.blocks[0].register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    with torch.no_grad():  # at these sizes a batch of 4 fits the default slice in one call
+        expected = model(x)
+    assert batches == [4] * len(model.stages)
+    batches.clear()
+    monkeypatch.setattr(layers, "_CPU_INFERENCE_SLICE_BYTES", 1)  # one sample per slice
+    with torch.inference_mode():
+        got = model(x)
+    assert batches == [1] * 4 * len(model.stages)
+    assert relative_l2(got, expected) <= 1e-5
+    batches.clear()
+    model(x)  # recording gradients: one call, whatever the size
+    assert batches == [4] * len(model.stages)
+    with torch.no_grad():  # a trace keeps one call, so it runs at other batch sizes too
+        traced = torch.jit.trace(model, x, check_trace=False)
+        assert relative_l2(traced(x[:3]), expected[:3]) <= 1e-5
 
 
 def test_compiled_model_matches_eager():

@@ -1,11 +1,17 @@
-"""Layers shared by several families: a patchify conv whose output layout comes from its kernel, and a
-stochastic-depth residual that computes its branch only for the samples it keeps."""
+"""Layers shared by several families: a patchify conv whose output layout comes from its kernel, a
+stochastic-depth residual that computes its branch only for the samples it keeps, and blocks run over
+cache-sized slices of the batch at CPU inference."""
 
 import torch
 from timm.layers import DropPath, register_notrace_function
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_tracing
 
-__all__ = ["ChannelsLastConv2d", "SkipsDroppedSamples", "drop_path_residual", "training_layout"]
+__all__ = ["ChannelsLastConv2d", "SkipsDroppedSamples", "blocks_in_batch_slices", "drop_path_residual", "training_layout"]
+
+# Activation bytes per batch slice at CPU inference (two samples of RaftMLP-S's first stage): the blocks'
+# intermediates, up to 4x wider, then stay in the last-level cache rather than stream through memory.
+_CPU_INFERENCE_SLICE_BYTES = 2 * 2**20
 
 
 @register_notrace_function  # an FX leaf, so that traced graphs keep the run-time choice
@@ -70,3 +76,20 @@ def drop_path_residual(block: nn.Module, x: torch.Tensor, branch: str = "residua
     kept_branch = branch_fn(x.index_select(0, kept), scale)
     dtype = torch.promote_types(x.dtype, kept_branch.dtype)  # under autocast the branch may be in bf16
     return x.to(dtype).index_add(0, kept, kept_branch.to(dtype))
+
+
+def blocks_in_batch_slices(blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``blocks(x)``; at inference on CPU, over slices of the batch small enough for the cache.
+
+    The blocks must treat samples independently (no batch statistics), which holds in eval mode for
+    LayerNorm models. Training keeps one call: its activations are saved for the backward anyway. So do
+    tracing, export and compilation, whose graphs would fix the slicing to the example's batch size.
+    """
+    if (torch.jit.is_tracing() or is_fx_tracing() or torch.compiler.is_compiling() or torch.is_grad_enabled()
+            or blocks.training or x.device.type != 'cpu'):
+        return blocks(x)
+    sample_bytes = max(1, x.shape[1:].numel() * x.element_size())
+    slice_size = max(1, _CPU_INFERENCE_SLICE_BYTES // sample_bytes)
+    if slice_size >= x.shape[0]:
+        return blocks(x)
+    return torch.cat([blocks(part) for part in x.split(slice_size)])

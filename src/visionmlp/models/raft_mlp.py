@@ -17,7 +17,8 @@ Differences from the official implementation (same maths, same weights after con
     zero-padded per-scale kernels, instead of one unfold per scale followed by a linear layer.
   * activations stay channels-last between blocks and each token-mixing MLP needs one permute in and
     one out.
-  * in training, a residual branch runs only for the samples its drop path keeps.
+  * in training, a residual branch runs only for the samples its drop path keeps; at inference on CPU
+    the blocks run over cache-sized slices of the batch.
 """
 import math
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
@@ -32,7 +33,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..checkpoint import StateDict, load_pretrained_file
-from .layers import SkipsDroppedSamples, drop_path_residual
+from .layers import SkipsDroppedSamples, blocks_in_batch_slices, drop_path_residual
 
 __all__ = ['RaftMLP', 'checkpoint_filter_fn']
 
@@ -212,9 +213,11 @@ class RaftStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed an NCHW map and mix; returns NHWC."""
         x = self.embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if torch.jit.is_scripting():
+            return self.blocks(x)
+        if self.grad_checkpointing:
             return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        return blocks_in_batch_slices(self.blocks, x)
 
 
 class RaftMLP(nn.Module):

@@ -9,9 +9,10 @@ Official code: https://github.com/houqb/VisionPermutator
 The Permute-MLP mixes each channel segment along the height and along the width with fully connected
 layers whose width is (tokens along that axis) x (channels per segment), so a model is built for one
 input size. Here the three branch outputs are combined through strided views instead of being permuted
-back into place, the pooled descriptor is summed branch by branch, and in training a residual branch
-runs only for the samples its drop path keeps; the maths and the official parameter layout are
-unchanged (official ``network.N`` keys are mapped onto ``stages`` on load).
+back into place, the pooled descriptor is summed branch by branch, in training a residual branch
+runs only for the samples its drop path keeps, and at inference on CPU the blocks run over cache-sized
+slices of the batch; the maths and the official parameter layout are unchanged (official
+``network.N`` keys are mapped onto ``stages`` on load).
 """
 
 
@@ -29,7 +30,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from ..checkpoint import StateDict, load_pretrained_file
-from .layers import ChannelsLastConv2d, SkipsDroppedSamples, drop_path_residual
+from .layers import ChannelsLastConv2d, SkipsDroppedSamples, blocks_in_batch_slices, drop_path_residual
 
 __all__ = ["PermuteMlp", "PermutatorBlock", "PermutatorStage", "VisionPermutator"]
 
@@ -161,9 +162,11 @@ class PermutatorStage(nn.Module):
         # Tokens are NHWC; the NCHW view of a contiguous NHWC tensor is channels-last, so the conv keeps
         # that layout and the permute back is free.
         x = self.downsample(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if torch.jit.is_scripting():
+            return self.blocks(x)
+        if self.grad_checkpointing:
             return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        return blocks_in_batch_slices(self.blocks, x)
 
 
 class VisionPermutator(nn.Module):
