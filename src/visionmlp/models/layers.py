@@ -7,7 +7,9 @@ from timm.layers import DropPath, register_notrace_function
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
 
-__all__ = ["ChannelsLastConv2d", "SkipsDroppedSamples", "blocks_in_batch_slices", "drop_path_residual", "training_layout"]
+__all__ = [
+    "ChannelsLastConv2d", "SkipsDroppedSamples", "blocks_in_batch_slices", "drop_path_residual", "training_layout",
+]
 
 # Activation bytes per batch slice at CPU inference (two samples of RaftMLP-S's first stage): the blocks'
 # intermediates, up to 4x wider, then stay in the last-level cache rather than stream through memory.
