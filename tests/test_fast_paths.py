@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from timm.layers import DropPath, set_scriptable
+from timm.layers import DropPath, get_notrace_functions, get_notrace_modules, set_scriptable
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
 import visionmlp
 from visionmlp.models import layers
@@ -171,9 +172,12 @@ def test_inference_over_batch_slices_matches_one_call(name, monkeypatch):
     batches.clear()
     model(x)  # recording gradients: one call, whatever the size
     assert batches == [4] * len(model.stages)
-    with torch.no_grad():  # a trace keeps one call, so it runs at other batch sizes too
+    with torch.no_grad():  # traced graphs keep one call, so they run at other batch sizes too
         traced = torch.jit.trace(model, x, check_trace=False)
         assert relative_l2(traced(x[:3]), expected[:3]) <= 1e-5
+        tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+        graph_module = create_feature_extractor(model, return_nodes=["head"], tracer_kwargs=tracer_kwargs)
+        assert relative_l2(graph_module(x[:3])["head"], expected[:3]) <= 1e-5
 
 
 def test_compiled_model_matches_eager():

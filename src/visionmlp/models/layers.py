@@ -5,7 +5,6 @@ cache-sized slices of the batch at CPU inference."""
 import torch
 from timm.layers import DropPath, register_notrace_function
 from torch import nn
-from torch.fx._symbolic_trace import is_fx_tracing
 
 __all__ = [
     "ChannelsLastConv2d", "SkipsDroppedSamples", "blocks_in_batch_slices", "drop_path_residual", "training_layout",
@@ -87,8 +86,8 @@ def blocks_in_batch_slices(blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
     LayerNorm models. Training keeps one call: its activations are saved for the backward anyway. So do
     tracing, export and compilation, whose graphs would fix the slicing to the example's batch size.
     """
-    if (torch.jit.is_tracing() or is_fx_tracing() or torch.compiler.is_compiling() or torch.is_grad_enabled()
-            or blocks.training or x.device.type != 'cpu'):
+    if (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch.is_grad_enabled() or blocks.training or x.device.type != 'cpu'):
         return blocks(x)
     sample_bytes = max(1, x.shape[1:].numel() * x.element_size())
     slice_size = max(1, _CPU_INFERENCE_SLICE_BYTES // sample_bytes)
