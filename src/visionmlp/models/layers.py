@@ -1,6 +1,6 @@
 """Layers shared by several families: a patchify conv whose output layout comes from its kernel, a
 stochastic-depth residual that computes its branch only for the samples it keeps, and blocks run over
-cache-sized slices of the batch at CPU inference."""
+small slices of the batch at CPU inference."""
 
 import torch
 from timm.layers import DropPath, register_notrace_function
@@ -10,8 +10,9 @@ __all__ = [
     "ChannelsLastConv2d", "SkipsDroppedSamples", "blocks_in_batch_slices", "drop_path_residual", "training_layout",
 ]
 
-# Activation bytes per batch slice at CPU inference (two samples of RaftMLP-S's first stage): the blocks'
-# intermediates, up to 4x wider, then stay in the last-level cache rather than stream through memory.
+# Activation bytes per batch slice at CPU inference (two samples of RaftMLP-S's first stage). The blocks'
+# intermediates, up to 4x wider, are then small enough for glibc's default heap to reuse them rather than
+# map and page in fresh memory for each (with the heap kept, both forms run alike), and for the cache.
 _CPU_INFERENCE_SLICE_BYTES = 2 * 2**20
 
 
@@ -80,7 +81,7 @@ def drop_path_residual(block: nn.Module, x: torch.Tensor, branch: str = "residua
 
 
 def blocks_in_batch_slices(blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``blocks(x)``; at inference on CPU, over slices of the batch small enough for the cache.
+    """``blocks(x)``; at inference on CPU, over slices of the batch whose temporaries the heap reuses.
 
     The blocks must treat samples independently (no batch statistics), which holds in eval mode for
     LayerNorm models. Training keeps one call: its activations are saved for the backward anyway. So do

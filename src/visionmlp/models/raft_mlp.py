@@ -18,7 +18,7 @@ Differences from the official implementation (same maths, same weights after con
   * activations stay channels-last between blocks and each token-mixing MLP needs one permute in and
     one out.
   * in training, a residual branch runs only for the samples its drop path keeps; at inference on CPU
-    the blocks run over cache-sized slices of the batch.
+    the blocks run over small slices of the batch.
 """
 import math
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
