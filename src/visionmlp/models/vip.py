@@ -100,21 +100,21 @@ class PermutatorBlock(SkipsDroppedSamples, nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
 
-    @torch.jit.unused
-    def token_branch(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        """The Permute-MLP residual branch times ``scale`` (for ``drop_path_residual``)."""
-        return self.attn(self.norm1(x)) * scale
+    def token_branch(self, x: torch.Tensor, scale: float = 1.) -> torch.Tensor:
+        """The Permute-MLP residual branch, times ``scale``."""
+        y = self.attn(self.norm1(x))
+        return y * scale if scale != 1. else y
 
-    @torch.jit.unused
-    def channel_branch(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        """The channel-MLP residual branch times ``scale`` (for ``drop_path_residual``)."""
-        return self.mlp(self.norm2(x)) * scale
+    def channel_branch(self, x: torch.Tensor, scale: float = 1.) -> torch.Tensor:
+        """The channel-MLP residual branch, times ``scale``."""
+        y = self.mlp(self.norm2(x))
+        return y * scale if scale != 1. else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """NHWC tokens in, NHWC tokens out."""
         if torch.jit.is_scripting() or not self.skips_dropped_samples():
-            x = x + self.drop_path(self.attn(self.norm1(x)))
-            return x + self.drop_path(self.mlp(self.norm2(x)))
+            x = x + self.drop_path(self.token_branch(x))
+            return x + self.drop_path(self.channel_branch(x))
         # in training, each branch runs only for the samples its drop path keeps
         x = drop_path_residual(self, x, "token_branch")
         return drop_path_residual(self, x, "channel_branch")
