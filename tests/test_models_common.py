@@ -31,6 +31,10 @@ SMALL_IMG.update({n: 112 for n in MODEL_NAMES if n.startswith("vip")})  # ViP's 
 SMALL_IMG.update({n: 64 for n in MODEL_NAMES if n.startswith("repmlpnet")})
 
 
+# The smallest variant of each family.
+SMALLEST_OF_EACH_FAMILY = ["ms_mlp_tiny", "vip_s7", "strip_mlp_tiny_light", "raft_mlp_s", "repmlpnet_t224"]
+
+
 def small_model(name: str, **kwargs) -> torch.nn.Module:
     """Variant ``name`` built for its small test resolution."""
     if visionmlp.models.family_module(name).__name__.endswith("ms_mlp"):
@@ -170,7 +174,38 @@ def test_grid_bound_families_reject_impossible_sizes(name):
         create_model(name, img_size=SMALL_IMG[name] + 3)
 
 
-@pytest.mark.parametrize("name", ["ms_mlp_tiny", "vip_s7", "strip_mlp_tiny_light", "raft_mlp_s", "repmlpnet_t224"])
+@pytest.mark.parametrize("name", ["vip_s7", "strip_mlp_tiny_light", "raft_mlp_s", "repmlpnet_t224"])
+def test_input_of_another_size_is_refused_with_the_fix(name):
+    model = small_model(name).eval()
+    other = SMALL_IMG[name] - 16  # a valid size for a model built for it, but not this one's
+    with pytest.raises(ValueError, match=r"(img_size=\(\d+, \d+\)|img_size set to the input's size)"):
+        model(torch.randn(1, 3, other, other))
+
+
+@pytest.mark.parametrize("name", SMALLEST_OF_EACH_FAMILY)
+def test_plain_fx_and_jit_traces_match_eager(name):
+    # torch.fx.symbolic_trace with no tracer arguments, as torchvision's feature extractor uses it by default;
+    # the size checks stay in the graph.
+    torch.manual_seed(0)
+    img = SMALL_IMG[name]
+    x = torch.randn(2, 3, img, img)
+    model = small_model(name, drop_path_rate=0.1).eval()
+    graph_module = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(graph_module(x), expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(torch.jit.trace(model, x)(x), expected, rtol=1e-6, atol=1e-6)
+    if not name.startswith("ms_mlp"):
+        with pytest.raises(ValueError, match="img_size"):
+            graph_module(torch.randn(1, 3, img - 16, img - 16))
+    # in training the drop-path residuals are leaves too; a graph traced in train mode trains
+    model.train()
+    trained_graph = torch.fx.symbolic_trace(model)
+    trained_graph(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", SMALLEST_OF_EACH_FAMILY)
 def test_checkpoint_files_load_through_converter(name, tmp_path):
     kwargs = {} if name.startswith("ms_mlp") else {"img_size": SMALL_IMG[name]}
     x = torch.randn(1, 3, SMALL_IMG[name], SMALL_IMG[name])
@@ -214,11 +249,8 @@ def test_default_resolution_matches_pretrained_cfg(name):
         assert unpooled(x).shape == unpooled_shape
 
 
-# The smallest variant of each family, plus RepMLPNet's deploy form (its blocks have no conv branches).
-SCRIPTED = ["ms_mlp_tiny", "vip_s7", "strip_mlp_tiny_light", "raft_mlp_s", "repmlpnet_t224"]
-
-
-@pytest.mark.parametrize(("name", "deploy"), [(n, False) for n in SCRIPTED] + [("repmlpnet_t224", True)])
+# RepMLPNet's deploy form has no conv branches in its blocks, so it is scripted as well.
+@pytest.mark.parametrize(("name", "deploy"), [(n, False) for n in SMALLEST_OF_EACH_FAMILY] + [("repmlpnet_t224", True)])
 def test_torchscript_and_fx_torchscript_match_eager(name, deploy):
     # As timm's test-suite does: built under set_scriptable, scripted directly and after FX tracing.
     from timm.layers import set_scriptable

@@ -1,13 +1,19 @@
-"""Layers shared by several families: a patchify conv whose output layout comes from its kernel, a
-stochastic-depth residual that computes its branch only for the samples it keeps, and blocks run over
-small slices of the batch at CPU inference."""
+"""Layers shared by several families: the input-size check of models built for one image size, a patchify
+conv whose output layout comes from its kernel, a stochastic-depth residual that computes its branch only for
+the samples it keeps, and blocks run over small slices of the batch at CPU inference.
+
+The functions that branch on run-time values are FX leaves twice over: registered with timm (whose feature
+extractor passes them to the tracer) and wrapped with ``torch.fx.wrap`` for plain ``symbolic_trace``. That
+wrapping binds a module's global name, so a model file calling one of them wraps its own imported name too.
+"""
 
 import torch
 from timm.layers import DropPath, register_notrace_function
 from torch import nn
 
 __all__ = [
-    "ChannelsLastConv2d", "SkipsDroppedSamples", "blocks_in_batch_slices", "drop_path_residual", "training_layout",
+    "ChannelsLastConv2d", "SkipsDroppedSamples", "blocks_in_batch_slices", "check_input_size", "drop_path_residual",
+    "training_layout",
 ]
 
 # Activation bytes per batch slice at CPU inference (two samples of RaftMLP-S's first stage). The blocks'
@@ -16,7 +22,24 @@ __all__ = [
 _CPU_INFERENCE_SLICE_BYTES = 2 * 2**20
 
 
+@register_notrace_function
+def check_input_size(x: torch.Tensor, img_size: tuple[int, int], multiple: int) -> torch.Tensor:
+    """``x``, or a ValueError naming the fix unless its height and width are ``img_size``.
+
+    For models whose token-mixing weights are sized for the token grid at ``img_size``; ``multiple`` is the
+    step of the sizes such a model can be built for. Returning ``x`` keeps the check in traced graphs.
+    """
+    height, width = x.shape[-2], x.shape[-1]
+    if height != img_size[0] or width != img_size[1]:
+        raise ValueError(
+            f"input is {height}x{width} but the model was built for img_size=({img_size[0]}, {img_size[1]}): its "
+            f"token-mixing weights are sized for that token grid. Resize the input to {img_size[0]}x{img_size[1]}, "
+            f"or build the model with img_size=({height}, {width}) if each side is a multiple of {multiple}")
+    return x
+
+
 @register_notrace_function  # an FX leaf, so that traced graphs keep the run-time choice
+@torch.fx.wrap
 def training_layout(x: torch.Tensor) -> torch.Tensor:
     """``x`` in channels-last where gradients are taken, else as it is."""
     return x.contiguous(memory_format=torch.channels_last) if torch.is_grad_enabled() else x

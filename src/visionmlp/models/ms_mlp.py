@@ -38,6 +38,8 @@ from timm.models._manipulate import checkpoint_seq
 from ..checkpoint import load_pretrained_file
 from .layers import SkipsDroppedSamples, drop_path_residual
 
+torch.fx.wrap('drop_path_residual')
+
 __all__ = ['MsMlp', 'MixShiftBlock', 'checkpoint_filter_fn']
 
 StateDict = Dict[str, torch.Tensor]
@@ -68,9 +70,10 @@ def _check_size(height: int, width: int, total_stride: int, patch_size: int, wha
             f'(patch size {patch_size} times 2 per patch merging); got {what} {height}x{width}')
 
 
-# The FX leaf functions below (``register_notrace_function``) have public names on purpose: torch.fx only
-# auto-wraps module globals whose names do not start with an underscore.
+# The FX leaf functions below have public names on purpose: timm's feature extractor has torch.fx auto-wrap
+# them, which it does only for module globals whose names do not start with an underscore.
 @register_notrace_function  # a leaf under FX: the check branches on the input's (traced) size
+@torch.fx.wrap
 def check_input_size(x: torch.Tensor, total_stride: int, patch_size: int) -> torch.Tensor:
     """Check an NCHW input's spatial size (see ``_check_size``) and return it unchanged."""
     _check_size(x.shape[-2], x.shape[-1], total_stride, patch_size, 'input')
@@ -78,6 +81,7 @@ def check_input_size(x: torch.Tensor, total_stride: int, patch_size: int) -> tor
 
 
 @register_notrace_function  # a leaf under FX: the slice bounds depend on the (traced) map size
+@torch.fx.wrap
 def roll_groups(x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int) -> torch.Tensor:
     """A channels-last copy of ``x`` with each channel group cyclically rolled by its own shift along ``dim``."""
     if torch.jit.is_scripting() or not torch.is_grad_enabled():  # no graph to record: skip the Function's overhead
@@ -153,6 +157,7 @@ def _fold_scale_pays(block: 'MixShiftBlock', x: torch.Tensor) -> bool:
 
 
 @register_notrace_function  # a leaf under FX: it branches on the device, the grad mode and the token count
+@torch.fx.wrap
 def residual_channel_mlp(block: 'MixShiftBlock', shortcut: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``shortcut + block.channel_mlp(x)`` for channels-last (B, H, W, C) tensors, the fast way (no active drop
     path: ``drop_path_residual`` takes that case).

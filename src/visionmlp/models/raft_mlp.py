@@ -27,29 +27,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, get_device_dtype, register_notrace_function, to_2tuple
+from timm.layers import DropPath, Mlp, get_device_dtype, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..checkpoint import StateDict, load_pretrained_file
-from .layers import SkipsDroppedSamples, blocks_in_batch_slices, drop_path_residual
+from .layers import SkipsDroppedSamples, blocks_in_batch_slices, check_input_size, drop_path_residual
 
 __all__ = ['RaftMLP', 'checkpoint_filter_fn']
 
 
-@register_notrace_function
-def _check_input_size(x: torch.Tensor, img_size: Tuple[int, int]) -> None:
-    """Raise a ValueError unless ``x`` has the spatial size the model was built for."""
-    height, width = x.shape[-2], x.shape[-1]
-    if height != img_size[0] or width != img_size[1]:
-        raise ValueError(
-            f'input is {height}x{width} but the model was built for img_size=({img_size[0]}, {img_size[1]}); '
-            f'the token-mixing weights depend on the grid, so build the model with img_size=({height}, '
-            f'{width}) (each side a multiple of the total stride)')
-
-
-torch.fx.wrap('_check_input_size')
+torch.fx.wrap('check_input_size')
+torch.fx.wrap('drop_path_residual')
 
 
 class CrossScaleEmbed(nn.Module):
@@ -265,10 +255,11 @@ class RaftMLP(nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        assert global_pool in ('', 'avg'), 'Only avg pooling (or none) is supported.'
+        if global_pool not in ('', 'avg'):
+            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
         self.img_size = to_2tuple(img_size)
         strides = [min(k) for k in embed_kernels]
-        total_stride = math.prod(strides)
+        total_stride = self.size_multiple = math.prod(strides)
         if any(side <= 0 or side % total_stride for side in self.img_size):
             raise ValueError(
                 f'img_size must be a multiple of {total_stride} on each side (e.g. {7 * total_stride} or '
@@ -327,7 +318,8 @@ class RaftMLP(nn.Module):
         dd = get_device_dtype(self)
         self.num_classes = num_classes
         if global_pool is not None:
-            assert global_pool in ('', 'avg'), 'Only avg pooling (or none) is supported.'
+            if global_pool not in ('', 'avg'):
+                raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
@@ -351,8 +343,9 @@ class RaftMLP(nn.Module):
             output_fmt: Only 'NCHW'.
             intermediates_only: Return only the intermediates.
         """
-        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
-        _check_input_size(x, self.img_size)
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        x = check_input_size(x, self.img_size, self.size_multiple)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
@@ -393,7 +386,7 @@ class RaftMLP(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised final feature map, NCHW."""
-        _check_input_size(x, self.img_size)
+        x = check_input_size(x, self.img_size, self.size_multiple)
         for stage in self.stages:
             x = stage(x).permute(0, 3, 1, 2)
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

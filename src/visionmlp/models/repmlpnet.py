@@ -125,6 +125,7 @@ class PartitionConvBn(nn.Module):
 
 
 @register_notrace_function
+@torch.fx.wrap
 def partition_grid(x: torch.Tensor, h: int, w: int) -> tuple[int, int]:
     """Partition rows and columns of ``x`` (``(B, C, H, W)``); raises if ``H``, ``W`` are off the ``h x w`` grid.
 
@@ -132,7 +133,10 @@ def partition_grid(x: torch.Tensor, h: int, w: int) -> tuple[int, int]:
     """
     H, W = x.shape[-2:]
     if H % h or W % w:
-        raise ValueError(f"RepMLPBlock input size {H}x{W} is not a multiple of the partition size {h}x{w}")
+        raise ValueError(
+            f"RepMLPBlock input size {H}x{W} is not a multiple of the partition size {h}x{w}: RepMLPNet takes images "
+            "whose height and width are multiples of its img_size; resize the input, or build the model with "
+            "img_size set to the input's size")
     return H // h, W // w
 
 
@@ -237,6 +241,7 @@ class RepMLPBlock(nn.Module):
 
 
 @register_notrace_function  # a leaf under FX: the form depends on the (traced) map size
+@torch.fx.wrap
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A 1x1 conv: matrix products at inference, much faster on CPU than an NCHW conv; the conv in training.
 

@@ -32,27 +32,13 @@ from torch import nn
 
 from ..checkpoint import load_pretrained_file
 from .fold import fold_bn_after
-from .layers import ChannelsLastConv2d
+from .layers import ChannelsLastConv2d, check_input_size
 
 __all__ = ["StripMLPNet"]
 
 _NUM_STAGES = 4
 
-
-@register_notrace_function
-def check_input_size(x: torch.Tensor, img_size: tuple[int, int]) -> torch.Tensor:
-    """Return ``x``, raising if it is not the size the model was built for.
-
-    An FX leaf function (FX only wraps names without a leading underscore); it passes ``x`` through so
-    that the check stays in traced graphs instead of being dropped as dead code.
-    """
-    height, width = x.shape[-2], x.shape[-1]
-    if height != img_size[0] or width != img_size[1]:
-        raise ValueError(
-            f"input is ({height}, {width}) but this Strip-MLP was built for img_size=({img_size[0]}, {img_size[1]}); "
-            "build the model with the input's size"
-        )
-    return x
+torch.fx.wrap("check_input_size")
 
 
 def _spatial_norm_forward(x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +70,7 @@ class _SpatialL2Norm(torch.autograd.Function):
 
 
 @register_notrace_function
+@torch.fx.wrap
 def spatial_l2_norm(x: torch.Tensor) -> torch.Tensor:
     """The L2 norm of an (N, H, W, C) map over H and W, (N, C); an FX leaf function."""
     if torch.jit.is_scripting() or not x.requires_grad:
@@ -373,6 +360,7 @@ class StripMLPNet(nn.Module):
         if len(channel_patches) != _NUM_STAGES:
             raise ValueError(f"channel_patches must be an int or have 4 entries, got {channel_patches}")
         self.img_size = img_size
+        self.size_multiple = multiple
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = dims[-1]
@@ -429,7 +417,7 @@ class StripMLPNet(nn.Module):
                      if num_classes > 0 else nn.Identity())
 
     def _stem_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stem(check_input_size(x, self.img_size))
+        return self.stem(check_input_size(x, self.img_size, self.size_multiple))
 
     def forward_intermediates(
         self,

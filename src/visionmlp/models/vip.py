@@ -30,9 +30,18 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from ..checkpoint import StateDict, load_pretrained_file
-from .layers import ChannelsLastConv2d, SkipsDroppedSamples, blocks_in_batch_slices, drop_path_residual
+from .layers import (
+    ChannelsLastConv2d,
+    SkipsDroppedSamples,
+    blocks_in_batch_slices,
+    check_input_size,
+    drop_path_residual,
+)
 
 __all__ = ["PermuteMlp", "PermutatorBlock", "PermutatorStage", "VisionPermutator"]
+
+torch.fx.wrap("check_input_size")
+torch.fx.wrap("drop_path_residual")
 
 
 class PermuteMlp(nn.Module):
@@ -195,6 +204,8 @@ class VisionPermutator(nn.Module):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         img_size = to_2tuple(img_size)
         total_stride = patch_size * math.prod(stage_strides)
+        self.img_size = img_size
+        self.size_multiple = total_stride
         if any(s <= 0 or s % total_stride for s in img_size):
             raise ValueError(
                 f"img_size must be a positive multiple of {total_stride} in height and width (patch size "
@@ -310,7 +321,7 @@ class VisionPermutator(nn.Module):
         stages = self.stages[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
 
         intermediates = []
-        x = self.patch_embed(x)
+        x = self.patch_embed(check_input_size(x, self.img_size, self.size_multiple))
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take_indices:
@@ -342,7 +353,7 @@ class VisionPermutator(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised NHWC token map of the last stage."""
-        x = self.patch_embed(x)
+        x = self.patch_embed(check_input_size(x, self.img_size, self.size_multiple))
         x = self.stages(x)
         return self.norm(x)
 
