@@ -84,7 +84,7 @@ def test_bf16_channels_last_infer() -> None:
     assert "| vip_s7 | infer | bf16+channels_last | 1 | 28 |" in results_markdown([result])
     # bf16 rounds the logits: close to fp32, not equal
     assert result["fp32_top1_agreement"] in (0.0, 100.0) and 0 < result["fp32_max_rel_logit_diff"] < 0.1
-    assert result["agreement_images"] == "1 random" and result["weights"] == "random init"
+    assert result["agreement_images"] == "1 random images" and result["weights"] == "random init"
     assert "vip_s7 (random init weights): same top-1 as the plain fp32 model for" in results_notes([result])
 
 

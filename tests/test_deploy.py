@@ -206,7 +206,7 @@ def test_benchmark_checks_a_fast_path_on_validation_images(repmlpnet_checkpoint,
                            "--val-data", str(tmp_path / "val"), "--val-images", "3")
     result = json.loads(out)
     assert code == 0 and result["weights"] == repmlpnet_checkpoint
-    assert result["agreement_images"] == f"3 from {tmp_path / 'val'}"
+    assert result["agreement_images"] == f"3 images from {tmp_path / 'val'}"
     # the fp32 deploy form computes the training form's outputs
     assert result["fp32_top1_agreement"] == 100.0 and result["fp32_max_rel_logit_diff"] <= 1e-5
 

@@ -214,6 +214,38 @@ def test_throughput_hands_over_to_the_benchmark(capsys):
     assert json.loads(capsys.readouterr().out)["images_per_s"] > 0
 
 
+def test_other_commands_build_the_model_a_run_checkpoint_records(tmp_path, capsys):
+    # benchmark, convert and predict need no --model for a checkpoint of visionmlp train: it records the
+    # reduced architecture, the 10 digit classes and the 14-pixel input, none of them vip_s7's defaults
+    output = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--output", str(output), *TINY]) == 0
+    checkpoint = str(output / "last.pt")
+    capsys.readouterr()
+    assert main(["benchmark", "--checkpoint", checkpoint, "--dtype", "bf16", "--val-images", "8", "--batch-size", "2",
+                 "--warmup", "0", "--reps", "1", "--threads", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == "vip_s7" and result["img_size"] == 14 and result["params"] < 100_000
+    assert result["agreement_images"] == "8 images of the run's digits validation set"
+    assert result["weights"] == checkpoint and 0 <= result["fp32_top1_agreement"] <= 100
+
+    deployed = tmp_path / "deployed.pt"
+    assert main(["convert", "--checkpoint", checkpoint, "--deploy", "--output", str(deployed)]) == 0
+    image = tmp_path / "digit.png"
+    image_tensor, _ = visionmlp.data.build_dataset("digits", "val", None, img_size=14)[0]
+    image_tensor.save(image)
+    capsys.readouterr()
+    # the converted file keeps the record, and predict preprocesses as the run evaluated
+    assert main(["predict", "--checkpoint", str(deployed), "--deploy", "--top-k", "3", "--json", str(image)]) == 0
+    (prediction,) = json.loads(capsys.readouterr().out)
+    assert len(prediction["top"]) == 3 and all(0 <= entry["index"] < 10 for entry in prediction["top"])
+
+    for flags, message in [(["--model", "vip_m7"], "holds vip_s7"), (["--num-classes", "5"], "10-class vip_s7")]:
+        assert main(["convert", "--checkpoint", checkpoint, "--check", *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["benchmark", "--model", "raft_mlp_s", "--checkpoint", checkpoint]) == 2
+    assert "holds vip_s7" in capsys.readouterr().err
+
+
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(capsys):
     assert main(["eval", "--model", "vip_s7", "--checkpoint", "/no/such.pt"]) == 2
     assert "does not exist" in capsys.readouterr().err

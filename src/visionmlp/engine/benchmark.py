@@ -11,7 +11,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,11 @@ from timm.models import get_pretrained_cfg_value
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..checkpoint import read_checkpoint, unwrap_state_dict
+from ..data import DataError, build_dataset
 from ..data.datasets import IMG_EXTENSIONS, subset_evenly
 from ..models import MODEL_NAMES, count_batchnorms, create_model, family_module, reparameterize
+from .evaluate import recorded_config, recorded_model, transformed_for
 from .machine import (
     DTYPES,
     PeakMemory,
@@ -71,6 +74,42 @@ def validation_batch(path: str | os.PathLike, count: int, model: nn.Module, img_
     files = image_files(Path(path).expanduser())
     transform = eval_transform(model, img_size)
     return torch.stack([transform(load_image(file)) for file in subset_evenly(list(files), count)])
+
+
+def checkpoint_model(
+    model_name: str | None, checkpoint: str | os.PathLike | None
+) -> tuple[str, Mapping[str, Any] | None, dict[str, Any]]:
+    """The variant to build, the run configuration ``checkpoint`` records (if any) and its constructor arguments."""
+    stored = read_checkpoint(checkpoint) if checkpoint is not None else None
+    config = recorded_config(stored)
+    if config is None:
+        if model_name is None:
+            raise ValueError(f"--model is needed: {checkpoint} does not record which model it holds")
+        family_module(model_name)
+        return model_name, None, {}
+    name, kwargs = recorded_model(config, unwrap_state_dict(stored))
+    if name not in MODEL_NAMES:
+        raise ValueError(f"{checkpoint} holds the timm model {name!r}; visionmlp benchmark times its own variants")
+    if model_name not in (None, name):
+        raise ValueError(f"{checkpoint} holds {name} (recorded by visionmlp train), not {model_name}; "
+                         "leave out --model to use the recorded one")
+    return name, config, kwargs
+
+
+def run_validation_batch(config: Mapping[str, Any], count: int, model: nn.Module, img_size: int) -> torch.Tensor | None:
+    """``count`` images spread evenly over the validation set of a recorded run, preprocessed as it evaluated
+    them; ``None`` if that data set is not on this machine."""
+    data = config["data"]
+    try:
+        dataset = build_dataset(data["dataset"], "val", None, data_path=data["path"], img_size=img_size,
+                                use_zip=data["zip"])
+    except DataError:
+        return None
+    config = {**config, "data": {**data, "img_size": img_size}}
+    dataset = subset_evenly(transformed_for(dataset, config, model), count)
+    samples = [dataset[i] for i in range(len(dataset))]
+    images = [sample[0] for sample in samples if sample is not None]  # unreadable files come back as None
+    return torch.stack(images) if images else None
 
 
 @functools.cache  # listed once for all the models of a run: ImageNet's val/ holds 50,000 files
@@ -257,7 +296,7 @@ def benchmark_model(
 
 
 def run_benchmark(
-    model_name: str,
+    model_name: str | None,
     batch_size: int = 8,
     img_size: int | None = None,
     device: str = "cpu",
@@ -282,15 +321,20 @@ def run_benchmark(
     ``img_size`` defaults to the variant's own resolution. ``quantize="int8"`` times the folded model with its
     linear layers int8-quantized (dynamic, CPU).
 
+    A ``checkpoint`` of ``visionmlp train`` records its model: ``model_name`` may then be ``None``, and the model
+    is built as the run built it (architecture, classes, input size).
+
     Any inference path other than plain fp32 eager (another dtype, channels-last, compiled, folded or quantized)
     also reports its top-1 agreement with the plain fp32 model of the same weights (``checkpoint``, else random):
-    on ``val_images`` images from the folder ``val_data``, else on one batch of random images.
+    on ``val_images`` images from the folder ``val_data``, else from the validation set of the run that wrote
+    ``checkpoint`` where that is on this machine, else on one batch of random images.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     if deploy and mode == "train":
         raise ValueError("--deploy folds branches for inference; it cannot be combined with --mode train")
-    native_size = default_img_size(model_name)
+    model_name, run_config, model_kwargs = checkpoint_model(model_name, checkpoint)
+    native_size = model_kwargs.get("img_size") or default_img_size(model_name)
     img_size = native_size if img_size is None else img_size
     check_counts(batch_size, img_size, warmup, reps, threads)
     resolve_dtype(dtype, resolve_device(device))
@@ -302,14 +346,17 @@ def run_benchmark(
         raise ValueError("--val-data checks an inference path against plain fp32 eager: use it with --mode infer and "
                          "at least one of --dtype bf16|fp16, --deploy, --channels-last, --compile, --quantize")
     in_chans = get_pretrained_cfg_value(model_name, "input_size")[0]
-    model = create_model(model_name, img_size=img_size, checkpoint_path=checkpoint)
+    model = create_model(model_name, checkpoint_path=checkpoint, **{**model_kwargs, "img_size": img_size})
     reference = images = None
     if checked:
         reference = copy.deepcopy(model)
         if val_data is not None:
-            images, image_source = validation_batch(val_data, val_images, model, img_size), f"from {val_data}"
-        else:
-            images, image_source = torch.randn(batch_size, in_chans, img_size, img_size), "random"
+            images, image_source = validation_batch(val_data, val_images, model, img_size), f"images from {val_data}"
+        elif run_config is not None:
+            images = run_validation_batch(run_config, val_images, model, img_size)
+            image_source = f"images of the run's {run_config['data']['dataset']} validation set"
+        if images is None:
+            images, image_source = torch.randn(batch_size, in_chans, img_size, img_size), "random images"
     deploy_form = fold_for_deploy(model) if deploy or quantize is not None else "not requested"
     quantization: dict[str, Any] = {}
     if quantize is not None:
@@ -383,7 +430,7 @@ def results_notes(results: list[dict[str, Any]]) -> str:
     ]
     notes += [
         f"{r['model']} ({r['weights']} weights): same top-1 as the plain fp32 model for "
-        f"{r['fp32_top1_agreement']:.1f} % of {r['agreement_images']} images; largest logit difference "
+        f"{r['fp32_top1_agreement']:.1f} % of {r['agreement_images']}; largest logit difference "
         f"{r['fp32_max_rel_logit_diff']:.1e} of the largest logit"
         for r in results if "fp32_top1_agreement" in r
     ]
@@ -418,12 +465,15 @@ def add_benchmark_options(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``visionmlp benchmark``."""
-    parser.add_argument("--model", default="all", help="a variant, a comma-separated list, or 'all' (default)")
+    parser.add_argument("--model", default=None,
+                        help="a variant, a comma-separated list, or 'all' (default: the variant a --checkpoint of "
+                             "visionmlp train records, else all)")
     parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: each model's own)")
     parser.add_argument("--mode", choices=MODES, default="infer", help="infer, or train: forward+backward+AdamW")
     add_benchmark_options(parser)
     parser.add_argument("--checkpoint", default=None, metavar="FILE",
-                        help="official or visionmlp weights for the fp32 agreement check (default: random init)")
+                        help="official or visionmlp weights for the fp32 agreement check (default: random init); "
+                             "a checkpoint of visionmlp train also gives the model, its classes and input size")
     parser.add_argument("--val-data", default=None, metavar="DIR",
                         help="a folder of validation images (e.g. ImageNet's val/) for the fp32 agreement check of "
                              "any path other than plain fp32 eager (default: one batch of random images)")
@@ -448,20 +498,22 @@ def benchmark_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run_all(names: list[str], progress: Callable[[str], None] | None = None, **kwargs: Any) -> list[dict[str, Any]]:
+def run_all(
+    names: list[str | None], progress: Callable[[str], None] | None = None, **kwargs: Any
+) -> list[dict[str, Any]]:
     """:func:`run_benchmark` for each name in turn, reporting each finished model through ``progress``."""
     results = []
     for name in names:
         results.append(run_benchmark(name, **kwargs))
         if progress is not None:
-            progress(f"{name}: {results[-1]['images_per_s']:.1f} img/s")
+            progress(f"{results[-1]['model']}: {results[-1]['images_per_s']:.1f} img/s")
     return results
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``visionmlp benchmark``."""
     try:
-        names = parse_model_names(args.model)
+        names = [None] if args.model is None and args.checkpoint else parse_model_names(args.model or "all")
         results = run_all(
             names,
             progress=None if len(names) == 1 else lambda line: print(line, file=sys.stderr),

@@ -10,6 +10,7 @@ import argparse
 import copy
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..checkpoint import StateDict, atomic_save, check_state_dict_fits, read_checkpoint, unwrap_state_dict
 from ..models import MODEL_NAMES, count_batchnorms, deploy_model_from_state_dict, family_module, reparameterize
+from .evaluate import recorded_config, recorded_model
 from .quantize import QUANTIZATION_DTYPES, compare_with_fp32, quantize_dynamic_int8
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -32,12 +34,34 @@ def check_output_suffix(path: str | Path, suffixes: tuple[str, ...] = WEIGHT_SUF
     return path
 
 
-def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Constructor arguments from ``--img-size`` and ``--num-classes``."""
-    kwargs: dict[str, Any] = {"num_classes": args.num_classes}
+def checkpoint_model(args: argparse.Namespace) -> tuple[str, StateDict, dict[str, Any], Mapping[str, Any] | None]:
+    """Model name, state dict, constructor arguments and recorded run configuration from the model flags.
+
+    A checkpoint of ``visionmlp train`` records its model (variant, architecture, classes, input size), so
+    ``--model`` and ``--num-classes`` may be left out; given, they must agree with it. Other checkpoints
+    need ``--model`` and have 1000 classes unless ``--num-classes`` says otherwise.
+    """
+    checkpoint = read_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    state_dict = unwrap_state_dict(checkpoint)
+    config = recorded_config(checkpoint)
+    if config is None:
+        if args.model is None:
+            raise ValueError(f"--model is needed: {args.checkpoint} does not record which model it holds")
+        name, kwargs = args.model, {"num_classes": 1000 if args.num_classes is None else args.num_classes}
+    else:
+        name, kwargs = recorded_model(config, state_dict)
+        if name not in MODEL_NAMES:
+            raise ValueError(f"{args.checkpoint} holds the timm model {name!r}; this command handles the visionmlp "
+                             f"variants ({', '.join(MODEL_NAMES)})")
+        if args.model not in (None, name):
+            raise ValueError(f"{args.checkpoint} holds {name} (recorded by visionmlp train), not {args.model}; "
+                             "leave out --model to use the recorded one")
+        if args.num_classes not in (None, kwargs["num_classes"]):
+            raise ValueError(f"{args.checkpoint} holds a {kwargs['num_classes']}-class {name}, not "
+                             f"{args.num_classes} classes; leave out --num-classes")
     if args.img_size:
         kwargs["img_size"] = args.img_size
-    return kwargs
+    return name, state_dict, kwargs, config
 
 
 def training_form_model(name: str, state_dict: StateDict, **kwargs: Any) -> nn.Module:
@@ -71,17 +95,23 @@ def check_folding(name: str, state_dict: StateDict, **kwargs: Any) -> dict[str, 
             "max_abs_diff": diff, "max_rel_diff": diff / reference.abs().max().item()}
 
 
-def save_weights(state_dict: StateDict, path: Path, metadata: dict[str, Any]) -> None:
-    """Write ``state_dict`` atomically: ``.safetensors`` bare, ``.pt``/``.pth`` under ``model`` with ``metadata``."""
+def save_weights(
+    state_dict: StateDict, path: Path, metadata: dict[str, Any], config: Mapping[str, Any] | None = None
+) -> None:
+    """Write ``state_dict`` atomically: ``.safetensors`` bare, ``.pt``/``.pth`` under ``model`` with ``metadata``
+    and the run ``config`` it came from (if any), so that the file still records its model."""
     state_dict = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    atomic_save(state_dict if path.suffix == ".safetensors" else {"model": state_dict, "visionmlp": metadata}, path)
+    if path.suffix == ".safetensors":
+        atomic_save(state_dict, path)
+        return
+    atomic_save({"model": state_dict, "visionmlp": metadata, **({"config": config} if config else {})}, path)
 
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
     """Read, convert (fold, quantize) and save; the facts to report."""
-    name = args.model
-    state_dict = unwrap_state_dict(read_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle))
-    kwargs = model_kwargs(args)
+    name, state_dict, kwargs, config = checkpoint_model(args)
+    if config is not None and args.img_size:
+        config = {**config, "data": {**config["data"], "img_size": args.img_size}}
     if args.check:
         return check_folding(name, state_dict, **kwargs)
     output = check_output_suffix(args.output)
@@ -94,21 +124,25 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     else:
         model = training_form_model(name, state_dict, **kwargs)
     if args.quantize:
-        images = random_batch(args.img_size or input_size(model), batch_size=args.quantize_batch)
+        images = random_batch(kwargs.get("img_size") or input_size(model), batch_size=args.quantize_batch)
         quantized, layers = quantize_dynamic_int8(model, images[:1])
         result.update(quantization=args.quantize, quantized_linear_layers=len(layers),
                       **compare_with_fp32(model, quantized, images))
-    save_weights(model.state_dict(), output, {"model": name, "form": result["form"], "quantization": args.quantize})
+    save_weights(model.state_dict(), output, {"model": name, "form": result["form"], "quantization": args.quantize},
+                 config)
     return result
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, checkpoint_metavar: str = "FILE") -> None:
     """The flags that say which model a checkpoint holds, shared by convert, export and predict."""
-    parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME", help="model variant")
+    parser.add_argument("--model", choices=MODEL_NAMES, metavar="NAME",
+                        help="model variant (default: the one a visionmlp train checkpoint records)")
     parser.add_argument("--checkpoint", required=True, metavar=checkpoint_metavar,
                         help="official (any of the five repositories) or visionmlp checkpoint, training or deploy form")
-    parser.add_argument("--img-size", type=int, help="input resolution the model is built for (default: its own)")
-    parser.add_argument("--num-classes", type=int, default=1000, help="classes of the checkpoint's head")
+    parser.add_argument("--img-size", type=int,
+                        help="input resolution the model is built for (default: the recorded one, else its own)")
+    parser.add_argument("--num-classes", type=int,
+                        help="classes of the checkpoint's head (default: recorded by visionmlp train, else 1000)")
     parser.add_argument("--allow-unsafe-pickle", action="store_true",
                         help="read a trusted legacy checkpoint that needs full unpickling")
 

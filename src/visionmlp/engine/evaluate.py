@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import check_state_dict_fits, read_checkpoint, unwrap_state_dict
 from ..config import ConfigError, add_config_arguments, build_config, family_recipe, flags_from_args, parse_opts
@@ -42,6 +42,24 @@ def model_kwargs(config: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
     return kwargs
 
 
+def recorded_config(checkpoint: Any) -> Mapping[str, Any] | None:
+    """The run configuration a ``visionmlp train`` checkpoint records; ``None`` for any other checkpoint."""
+    config = checkpoint.get("config") if isinstance(checkpoint, Mapping) else None
+    return config if isinstance(config, Mapping) and isinstance(config.get("model"), Mapping) else None
+
+
+def recorded_model(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
+    """The model name and constructor arguments of a recorded run (its classes counted from its classifier)."""
+    name = config["model"]["name"]
+    num_classes = config["model"]["num_classes"]
+    if num_classes is None:
+        # the run took the class count from its data set, which need not be on this machine
+        classifier = timm.get_pretrained_cfg_value(name, "classifier") if timm.is_model(name) else None
+        weight = state_dict.get(f"{classifier}.weight")
+        num_classes = 0 if weight is None else int(weight.shape[0])
+    return name, model_kwargs(config, num_classes)
+
+
 def build_model(config: Mapping[str, Any], num_classes: int) -> nn.Module:
     """The configured model: a visionmlp variant (through its factory) or any other timm model."""
     name, pretrained = config["model"]["name"], config["model"]["pretrained"]
@@ -65,6 +83,15 @@ def resolve_input_config(config: Mapping[str, Any], model: nn.Module) -> dict[st
         if data[key] is not None:
             data_config[key] = tuple(data[key]) if key in ("mean", "std") else data[key]
     return data_config
+
+
+def transformed_for(dataset: Dataset, config: Mapping[str, Any], model: nn.Module) -> Dataset:
+    """``dataset`` (a validation split) with the evaluation preprocessing of ``config`` for ``model``."""
+    data_config = resolve_input_config(config, model)
+    dataset.transform = build_transform(config, data_config, training=False)
+    if config["data"]["dataset"] == "digits":
+        dataset.img_size = data_config["input_size"][-1]
+    return dataset
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -163,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
 def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     """Build the model from the checkpoint's recorded config (when it has one) and evaluate it."""
     checkpoint = read_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle)
-    recorded = checkpoint.get("config") if isinstance(checkpoint, Mapping) else None
+    recorded = recorded_config(checkpoint)
     flags = flags_from_args(args)
     if recorded is not None:
         # the recorded run's model and input settings, with only evaluation-relevant keys overridable
@@ -199,11 +226,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
         model.load_state_dict(state_dict, strict=True)
         if args.deploy:
             reparameterize(model)
-    data_config = resolve_input_config(config, model)
-    dataset.transform = build_transform(config, data_config, training=False)
-    if data["dataset"] == "digits":
-        dataset.img_size = data_config["input_size"][-1]
-    dataset = subset_evenly(dataset, data["max_val_images"])
+    dataset = subset_evenly(transformed_for(dataset, config, model), data["max_val_images"])
     loader = build_loader(dataset, training=False, batch_size=data["batch_size"], workers=data["workers"],
                           rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
     model.to(ctx.device)

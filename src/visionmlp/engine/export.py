@@ -19,9 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import read_checkpoint, unwrap_state_dict
 from ..models import deploy_model_from_state_dict
-from .convert import add_model_arguments, input_size, random_batch, training_form_model
+from .convert import add_model_arguments, checkpoint_model, input_size, random_batch, training_form_model
 
 FORMAT_SUFFIXES = {"onnx": ".onnx", "exported-program": ".pt2"}
 ONNX_OPSET = 18
@@ -78,16 +77,13 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     suffix = FORMAT_SUFFIXES[args.format]
     if output.suffix != suffix:
         raise ValueError(f"--format {args.format} writes {suffix} files; got --output {str(output)!r}")
-    state_dict = unwrap_state_dict(read_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle))
-    kwargs: dict[str, Any] = {"num_classes": args.num_classes}
-    if args.img_size:
-        kwargs["img_size"] = args.img_size
+    name, state_dict, kwargs, _ = checkpoint_model(args)
     if args.deploy:
-        model = deploy_model_from_state_dict(args.model, state_dict, **kwargs)
+        model = deploy_model_from_state_dict(name, state_dict, **kwargs)
     else:
-        model = training_form_model(args.model, state_dict, **kwargs)
+        model = training_form_model(name, state_dict, **kwargs)
     model.eval()
-    img_size = args.img_size or input_size(model)
+    img_size = kwargs.get("img_size") or input_size(model)
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary_path(output)
     try:
@@ -96,7 +92,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         os.replace(temporary, output)
     finally:
         temporary.unlink(missing_ok=True)
-    return {"model": args.model, "format": args.format, "output": str(output), "img_size": img_size,
+    return {"model": name, "format": args.format, "output": str(output), "img_size": img_size,
             "deploy": args.deploy, "max_abs_diff": max_diff}
 
 

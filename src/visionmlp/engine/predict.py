@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,9 @@ import torch
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from torch import nn
 
-from ..checkpoint import read_checkpoint, unwrap_state_dict
 from ..models import deploy_model_from_state_dict
-from .convert import add_model_arguments, training_form_model
+from .convert import add_model_arguments, checkpoint_model, training_form_model
+from .evaluate import resolve_input_config
 
 
 def load_image(path: str | Path) -> Any:
@@ -30,19 +31,25 @@ def load_image(path: str | Path) -> Any:
         raise ValueError(f"could not read image {str(path)!r}: {exc}") from None
 
 
-def eval_transform(model: nn.Module, img_size: int | None = None) -> Any:
-    """The model's evaluation preprocessing as its ``pretrained_cfg`` says, at ``img_size`` if given."""
-    data_config = resolve_data_config(model=model)
+def eval_transform(model: nn.Module, img_size: int | None = None, config: Mapping[str, Any] | None = None) -> Any:
+    """The evaluation preprocessing of a recorded run ``config`` (else of the model's ``pretrained_cfg``)."""
+    data_config = resolve_data_config(model=model) if config is None else resolve_input_config(config, model)
     if img_size:  # the model was built for another resolution than its pretrained_cfg records
         data_config["input_size"] = (data_config["input_size"][0], img_size, img_size)
     return create_transform(**data_config)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, paths: list[str], top_k: int = 5, img_size: int | None = None) -> list[dict[str, Any]]:
-    """Top-``k`` classes of each image, preprocessed as the model's ``pretrained_cfg`` says (at ``img_size``)."""
+def predict(
+    model: nn.Module,
+    paths: list[str],
+    top_k: int = 5,
+    img_size: int | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Top-``k`` classes of each image, preprocessed as the run ``config`` or the model's ``pretrained_cfg`` says."""
     model.eval()
-    transform = eval_transform(model, img_size)
+    transform = eval_transform(model, img_size, config)
     # class names exist only for a 1000-way ImageNet head
     info = ImageNetInfo() if getattr(model, "num_classes", None) == 1000 else None
     results = []
@@ -67,13 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``visionmlp predict``."""
-    kwargs: dict[str, Any] = {"num_classes": args.num_classes}
-    if args.img_size:
-        kwargs["img_size"] = args.img_size
     try:
-        state_dict = unwrap_state_dict(read_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle))
+        name, state_dict, kwargs, config = checkpoint_model(args)
         build = deploy_model_from_state_dict if args.deploy else training_form_model
-        results = predict(build(args.model, state_dict, **kwargs), args.images, args.top_k, args.img_size)
+        results = predict(build(name, state_dict, **kwargs), args.images, args.top_k, kwargs.get("img_size"), config)
     except (FileNotFoundError, ValueError) as exc:
         print(f"visionmlp predict: error: {exc}", file=sys.stderr)
         return 2
