@@ -215,7 +215,7 @@ def test_throughput_hands_over_to_the_benchmark(capsys):
 
 
 def test_other_commands_build_the_model_a_run_checkpoint_records(tmp_path, capsys):
-    # benchmark, convert and predict need no --model for a checkpoint of visionmlp train: it records the
+    # benchmark, convert, predict and export need no --model for a checkpoint of visionmlp train: it records the
     # reduced architecture, the 10 digit classes and the 14-pixel input, none of them vip_s7's defaults
     output = tmp_path / "run"
     assert main(["train", "--epochs", "1", "--output", str(output), *TINY]) == 0
@@ -238,6 +238,10 @@ def test_other_commands_build_the_model_a_run_checkpoint_records(tmp_path, capsy
     assert main(["predict", "--checkpoint", str(deployed), "--deploy", "--top-k", "3", "--json", str(image)]) == 0
     (prediction,) = json.loads(capsys.readouterr().out)
     assert len(prediction["top"]) == 3 and all(0 <= entry["index"] < 10 for entry in prediction["top"])
+
+    program = tmp_path / "digits.pt2"
+    assert main(["export", "--checkpoint", checkpoint, "--format", "exported-program", "--output", str(program)]) == 0
+    assert torch.export.load(program).module()(torch.randn(3, 3, 14, 14)).shape == (3, 10)
 
     for flags, message in [(["--model", "vip_m7"], "holds vip_s7"), (["--num-classes", "5"], "10-class vip_s7")]:
         assert main(["convert", "--checkpoint", checkpoint, "--check", *flags]) == 2

@@ -21,11 +21,11 @@ from timm.models import get_pretrained_cfg_value
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..checkpoint import read_checkpoint, unwrap_state_dict
+from ..checkpoint import read_checkpoint
 from ..data import DataError, build_dataset
 from ..data.datasets import IMG_EXTENSIONS, subset_evenly
 from ..models import MODEL_NAMES, count_batchnorms, create_model, family_module, reparameterize
-from .evaluate import recorded_config, recorded_model, transformed_for
+from .evaluate import checkpoint_model, transformed_for
 from .machine import (
     DTYPES,
     PeakMemory,
@@ -74,26 +74,6 @@ def validation_batch(path: str | os.PathLike, count: int, model: nn.Module, img_
     files = image_files(Path(path).expanduser())
     transform = eval_transform(model, img_size)
     return torch.stack([transform(load_image(file)) for file in subset_evenly(list(files), count)])
-
-
-def checkpoint_model(
-    model_name: str | None, checkpoint: str | os.PathLike | None
-) -> tuple[str, Mapping[str, Any] | None, dict[str, Any]]:
-    """The variant to build, the run configuration ``checkpoint`` records (if any) and its constructor arguments."""
-    stored = read_checkpoint(checkpoint) if checkpoint is not None else None
-    config = recorded_config(stored)
-    if config is None:
-        if model_name is None:
-            raise ValueError(f"--model is needed: {checkpoint} does not record which model it holds")
-        family_module(model_name)
-        return model_name, None, {}
-    name, kwargs = recorded_model(config, unwrap_state_dict(stored))
-    if name not in MODEL_NAMES:
-        raise ValueError(f"{checkpoint} holds the timm model {name!r}; visionmlp benchmark times its own variants")
-    if model_name not in (None, name):
-        raise ValueError(f"{checkpoint} holds {name} (recorded by visionmlp train), not {model_name}; "
-                         "leave out --model to use the recorded one")
-    return name, config, kwargs
 
 
 def run_validation_batch(config: Mapping[str, Any], count: int, model: nn.Module, img_size: int) -> torch.Tensor | None:
@@ -333,7 +313,9 @@ def run_benchmark(
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     if deploy and mode == "train":
         raise ValueError("--deploy folds branches for inference; it cannot be combined with --mode train")
-    model_name, run_config, model_kwargs = checkpoint_model(model_name, checkpoint)
+    stored = read_checkpoint(checkpoint) if checkpoint is not None else None
+    model_name, model_kwargs, run_config = checkpoint_model(stored, str(checkpoint), model_name)
+    family_module(model_name)
     native_size = model_kwargs.get("img_size") or default_img_size(model_name)
     img_size = native_size if img_size is None else img_size
     check_counts(batch_size, img_size, warmup, reps, threads)

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..checkpoint import StateDict, atomic_save, check_state_dict_fits, read_checkpoint, unwrap_state_dict
 from ..models import MODEL_NAMES, count_batchnorms, deploy_model_from_state_dict, family_module, reparameterize
-from .evaluate import recorded_config, recorded_model
+from .evaluate import checkpoint_model
 from .quantize import QUANTIZATION_DTYPES, compare_with_fp32, quantize_dynamic_int8
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -34,34 +34,14 @@ def check_output_suffix(path: str | Path, suffixes: tuple[str, ...] = WEIGHT_SUF
     return path
 
 
-def checkpoint_model(args: argparse.Namespace) -> tuple[str, StateDict, dict[str, Any], Mapping[str, Any] | None]:
-    """Model name, state dict, constructor arguments and recorded run configuration from the model flags.
-
-    A checkpoint of ``visionmlp train`` records its model (variant, architecture, classes, input size), so
-    ``--model`` and ``--num-classes`` may be left out; given, they must agree with it. Other checkpoints
-    need ``--model`` and have 1000 classes unless ``--num-classes`` says otherwise.
-    """
+def model_from_flags(args: argparse.Namespace) -> tuple[str, StateDict, dict[str, Any], Mapping[str, Any] | None]:
+    """Variant, state dict, constructor arguments and recorded run configuration from the model flags
+    (see :func:`visionmlp.engine.evaluate.checkpoint_model`)."""
     checkpoint = read_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle)
-    state_dict = unwrap_state_dict(checkpoint)
-    config = recorded_config(checkpoint)
-    if config is None:
-        if args.model is None:
-            raise ValueError(f"--model is needed: {args.checkpoint} does not record which model it holds")
-        name, kwargs = args.model, {"num_classes": 1000 if args.num_classes is None else args.num_classes}
-    else:
-        name, kwargs = recorded_model(config, state_dict)
-        if name not in MODEL_NAMES:
-            raise ValueError(f"{args.checkpoint} holds the timm model {name!r}; this command handles the visionmlp "
-                             f"variants ({', '.join(MODEL_NAMES)})")
-        if args.model not in (None, name):
-            raise ValueError(f"{args.checkpoint} holds {name} (recorded by visionmlp train), not {args.model}; "
-                             "leave out --model to use the recorded one")
-        if args.num_classes not in (None, kwargs["num_classes"]):
-            raise ValueError(f"{args.checkpoint} holds a {kwargs['num_classes']}-class {name}, not "
-                             f"{args.num_classes} classes; leave out --num-classes")
+    name, kwargs, config = checkpoint_model(checkpoint, args.checkpoint, args.model, args.num_classes)
     if args.img_size:
         kwargs["img_size"] = args.img_size
-    return name, state_dict, kwargs, config
+    return name, unwrap_state_dict(checkpoint), kwargs, config
 
 
 def training_form_model(name: str, state_dict: StateDict, **kwargs: Any) -> nn.Module:
@@ -109,7 +89,7 @@ def save_weights(
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
     """Read, convert (fold, quantize) and save; the facts to report."""
-    name, state_dict, kwargs, config = checkpoint_model(args)
+    name, state_dict, kwargs, config = model_from_flags(args)
     if config is not None and args.img_size:
         config = {**config, "data": {**config["data"], "img_size": args.img_size}}
     if args.check:

@@ -48,16 +48,34 @@ def recorded_config(checkpoint: Any) -> Mapping[str, Any] | None:
     return config if isinstance(config, Mapping) and isinstance(config.get("model"), Mapping) else None
 
 
-def recorded_model(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
-    """The model name and constructor arguments of a recorded run (its classes counted from its classifier)."""
+def checkpoint_model(
+    checkpoint: Any, source: str, model_name: str | None = None, num_classes: int | None = None
+) -> tuple[str, dict[str, Any], Mapping[str, Any] | None]:
+    """The variant, constructor arguments and recorded run configuration for ``checkpoint`` (read from ``source``).
+
+    A checkpoint of ``visionmlp train`` records its model (variant, architecture, classes, input size), so
+    ``model_name`` and ``num_classes`` may be ``None``; given, they must agree with it. Any other checkpoint
+    needs ``model_name`` and has ``num_classes`` classes (default 1000).
+    """
+    config = recorded_config(checkpoint)
+    if config is None:
+        if model_name is None:
+            raise ValueError(f"--model is needed: {source} does not record which model it holds")
+        return model_name, {"num_classes": 1000 if num_classes is None else num_classes}, None
     name = config["model"]["name"]
-    num_classes = config["model"]["num_classes"]
-    if num_classes is None:
+    if name not in MODEL_NAMES:
+        raise ValueError(f"{source} holds the timm model {name!r}; only visionmlp's variants are handled here")
+    if model_name not in (None, name):
+        raise ValueError(f"{source} holds {name} (recorded by visionmlp train), not {model_name}; leave out --model")
+    recorded_classes = config["model"]["num_classes"]
+    if recorded_classes is None:
         # the run took the class count from its data set, which need not be on this machine
-        classifier = timm.get_pretrained_cfg_value(name, "classifier") if timm.is_model(name) else None
-        weight = state_dict.get(f"{classifier}.weight")
-        num_classes = 0 if weight is None else int(weight.shape[0])
-    return name, model_kwargs(config, num_classes)
+        weight = unwrap_state_dict(checkpoint).get(timm.get_pretrained_cfg_value(name, "classifier") + ".weight")
+        recorded_classes = 0 if weight is None else int(weight.shape[0])
+    if num_classes not in (None, recorded_classes):
+        raise ValueError(f"{source} holds a {recorded_classes}-class {name}, not {num_classes} classes; "
+                         "leave out --num-classes")
+    return name, model_kwargs(config, recorded_classes), config
 
 
 def build_model(config: Mapping[str, Any], num_classes: int) -> nn.Module:

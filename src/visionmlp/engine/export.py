@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..models import deploy_model_from_state_dict
-from .convert import add_model_arguments, checkpoint_model, input_size, random_batch, training_form_model
+from .convert import add_model_arguments, input_size, model_from_flags, random_batch, training_form_model
 
 FORMAT_SUFFIXES = {"onnx": ".onnx", "exported-program": ".pt2"}
 ONNX_OPSET = 18
@@ -77,7 +77,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     suffix = FORMAT_SUFFIXES[args.format]
     if output.suffix != suffix:
         raise ValueError(f"--format {args.format} writes {suffix} files; got --output {str(output)!r}")
-    name, state_dict, kwargs, _ = checkpoint_model(args)
+    name, state_dict, kwargs, _ = model_from_flags(args)
     if args.deploy:
         model = deploy_model_from_state_dict(name, state_dict, **kwargs)
     else:

@@ -14,7 +14,7 @@ from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from torch import nn
 
 from ..models import deploy_model_from_state_dict
-from .convert import add_model_arguments, checkpoint_model, training_form_model
+from .convert import add_model_arguments, model_from_flags, training_form_model
 from .evaluate import resolve_input_config
 
 
@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``visionmlp predict``."""
     try:
-        name, state_dict, kwargs, config = checkpoint_model(args)
+        name, state_dict, kwargs, config = model_from_flags(args)
         build = deploy_model_from_state_dict if args.deploy else training_form_model
         results = predict(build(name, state_dict, **kwargs), args.images, args.top_k, kwargs.get("img_size"), config)
     except (FileNotFoundError, ValueError) as exc:
