@@ -74,7 +74,7 @@ def _check_size(height: int, width: int, total_stride: int, patch_size: int, wha
 # them, which it does only for module globals whose names do not start with an underscore.
 @register_notrace_function  # a leaf under FX: the check branches on the input's (traced) size
 @torch.fx.wrap
-def check_input_size(x: torch.Tensor, total_stride: int, patch_size: int) -> torch.Tensor:
+def check_input_multiple(x: torch.Tensor, total_stride: int, patch_size: int) -> torch.Tensor:
     """Check an NCHW input's spatial size (see ``_check_size``) and return it unchanged."""
     _check_size(x.shape[-2], x.shape[-1], total_stride, patch_size, 'input')
     return x
@@ -450,7 +450,7 @@ class MsMlp(nn.Module):
         """Stage outputs (NCHW) selected by ``indices``; ``norm`` has no effect (the head norm follows pooling)."""
         if output_fmt != 'NCHW':
             raise ValueError(f"MS-MLP features are NCHW maps, got output_fmt={output_fmt!r}")
-        x = check_input_size(x, self.total_stride, self.patch_size)
+        x = check_input_multiple(x, self.total_stride, self.patch_size)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         x = self.embed_drop(self.patch_embed(x))
@@ -482,7 +482,7 @@ class MsMlp(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Final stage feature map (B, C, H/32, W/32) before pooling."""
-        x = check_input_size(x, self.total_stride, self.patch_size)
+        x = check_input_multiple(x, self.total_stride, self.patch_size)
         x = self.embed_drop(self.patch_embed(x))
         return self.stages(x)
 
