@@ -246,8 +246,22 @@ def test_other_commands_build_the_model_a_run_checkpoint_records(tmp_path, capsy
     for flags, message in [(["--model", "vip_m7"], "holds vip_s7"), (["--num-classes", "5"], "10-class vip_s7")]:
         assert main(["convert", "--checkpoint", checkpoint, "--check", *flags]) == 2
         assert message in capsys.readouterr().err
-    assert main(["benchmark", "--model", "raft_mlp_s", "--checkpoint", checkpoint]) == 2
-    assert "holds vip_s7" in capsys.readouterr().err
+    for command in ("benchmark", "eval"):
+        assert main([command, "--model", "raft_mlp_s", "--checkpoint", checkpoint]) == 2
+        assert "holds vip_s7" in capsys.readouterr().err
+
+
+def test_a_run_of_another_timm_model_trains_and_evaluates(tmp_path, capsys):
+    # any timm model trains; its checkpoint records it for eval, and the variant-only commands refuse it clearly
+    output = tmp_path / "run"
+    assert main(["train", "--model", "resnet10t", "--epochs", "1", "--output", str(output), "--img-size", "16",
+                 "--workers", "0", "--opts", "data.max_train_images", "64", "data.max_val_images", "32"]) == 0
+    checkpoint = str(output / "last.pt")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", checkpoint, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "resnet10t"
+    assert main(["convert", "--checkpoint", checkpoint, "--check"]) == 2
+    assert "holds the timm model 'resnet10t'" in capsys.readouterr().err
 
 
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(capsys):

@@ -315,7 +315,7 @@ def run_benchmark(
         raise ValueError("--deploy folds branches for inference; it cannot be combined with --mode train")
     stored = read_checkpoint(checkpoint) if checkpoint is not None else None
     model_name, model_kwargs, run_config = checkpoint_model(stored, str(checkpoint), model_name)
-    family_module(model_name)
+    family_module(model_name)  # a ValueError naming the variants unless it is one of them
     native_size = model_kwargs.get("img_size") or default_img_size(model_name)
     img_size = native_size if img_size is None else img_size
     check_counts(batch_size, img_size, warmup, reps, threads)

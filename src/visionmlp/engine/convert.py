@@ -39,6 +39,8 @@ def model_from_flags(args: argparse.Namespace) -> tuple[str, StateDict, dict[str
     (see :func:`visionmlp.engine.evaluate.checkpoint_model`)."""
     checkpoint = read_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle)
     name, kwargs, config = checkpoint_model(checkpoint, args.checkpoint, args.model, args.num_classes)
+    if name not in MODEL_NAMES:
+        raise ValueError(f"{args.checkpoint} holds the timm model {name!r}; this command handles visionmlp's variants")
     if args.img_size:
         kwargs["img_size"] = args.img_size
     return name, unwrap_state_dict(checkpoint), kwargs, config

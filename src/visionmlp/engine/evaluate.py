@@ -63,14 +63,13 @@ def checkpoint_model(
             raise ValueError(f"--model is needed: {source} does not record which model it holds")
         return model_name, {"num_classes": 1000 if num_classes is None else num_classes}, None
     name = config["model"]["name"]
-    if name not in MODEL_NAMES:
-        raise ValueError(f"{source} holds the timm model {name!r}; only visionmlp's variants are handled here")
     if model_name not in (None, name):
         raise ValueError(f"{source} holds {name} (recorded by visionmlp train), not {model_name}; leave out --model")
     recorded_classes = config["model"]["num_classes"]
     if recorded_classes is None:
         # the run took the class count from its data set, which need not be on this machine
-        weight = unwrap_state_dict(checkpoint).get(timm.get_pretrained_cfg_value(name, "classifier") + ".weight")
+        classifier = timm.get_pretrained_cfg_value(name, "classifier") if timm.is_model(name) else None
+        weight = unwrap_state_dict(checkpoint).get(f"{classifier}.weight")
         recorded_classes = 0 if weight is None else int(weight.shape[0])
     if num_classes not in (None, recorded_classes):
         raise ValueError(f"{source} holds a {recorded_classes}-class {name}, not {num_classes} classes; "
@@ -211,6 +210,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     recorded = recorded_config(checkpoint)
     flags = flags_from_args(args)
     if recorded is not None:
+        checkpoint_model(checkpoint, args.checkpoint, args.model)  # a --model that disagrees is an error
         # the recorded run's model and input settings, with only evaluation-relevant keys overridable
         recorded = {**recorded, "resume": None, "output": None}
         config = build_config(args.cfg, parse_opts(args.opts), flags, base=recorded)
