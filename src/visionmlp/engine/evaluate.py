@@ -51,7 +51,7 @@ def recorded_config(checkpoint: Any) -> Mapping[str, Any] | None:
 def checkpoint_model(
     checkpoint: Any, source: str, model_name: str | None = None, num_classes: int | None = None
 ) -> tuple[str, dict[str, Any], Mapping[str, Any] | None]:
-    """The variant, constructor arguments and recorded run configuration for ``checkpoint`` (read from ``source``).
+    """The model name, constructor arguments and recorded run configuration for ``checkpoint`` (read from ``source``).
 
     A checkpoint of ``visionmlp train`` records its model (variant, architecture, classes, input size), so
     ``model_name`` and ``num_classes`` may be ``None``; given, they must agree with it. Any other checkpoint
