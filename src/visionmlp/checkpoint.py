@@ -173,7 +173,15 @@ def load_pretrained_file(
     allow_unsafe_pickle: bool = False,
 ) -> None:
     """Load an official or visionmlp checkpoint into ``model``; a classifier of another size is left as built."""
-    state_dict = filter_fn(unwrap_state_dict(read_checkpoint(path, allow_unsafe_pickle=allow_unsafe_pickle)), model)
+    load_checkpoint_state(model, unwrap_state_dict(read_checkpoint(path, allow_unsafe_pickle=allow_unsafe_pickle)),
+                          filter_fn)
+
+
+def load_checkpoint_state(
+    model: nn.Module, state_dict: StateDict, filter_fn: Callable[[StateDict, nn.Module], StateDict]
+) -> None:
+    """:func:`load_pretrained_file` for a checkpoint already read and unwrapped."""
+    state_dict = filter_fn(state_dict, model)
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
     if classifier:
         own = model.state_dict()

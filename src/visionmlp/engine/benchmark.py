@@ -21,7 +21,7 @@ from timm.models import get_pretrained_cfg_value
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..checkpoint import read_checkpoint
+from ..checkpoint import load_checkpoint_state, read_checkpoint, unwrap_state_dict
 from ..data import DataError, build_dataset
 from ..data.datasets import IMG_EXTENSIONS, subset_evenly
 from ..models import MODEL_NAMES, count_batchnorms, create_model, family_module, reparameterize
@@ -328,7 +328,9 @@ def run_benchmark(
         raise ValueError("--val-data checks an inference path against plain fp32 eager: use it with --mode infer and "
                          "at least one of --dtype bf16|fp16, --deploy, --channels-last, --compile, --quantize")
     in_chans = get_pretrained_cfg_value(model_name, "input_size")[0]
-    model = create_model(model_name, checkpoint_path=checkpoint, **{**model_kwargs, "img_size": img_size})
+    model = create_model(model_name, **{**model_kwargs, "img_size": img_size})
+    if stored is not None:  # read once above; loaded as create_model(checkpoint_path=...) would
+        load_checkpoint_state(model, unwrap_state_dict(stored), family_module(model_name).checkpoint_filter_fn)
     reference = images = None
     if checked:
         reference = copy.deepcopy(model)

@@ -224,6 +224,7 @@ class VisionPermutator(nn.Module):
             in_chans=in_chans,
             embed_dim=embed_dims[0],
             output_fmt="NHWC",
+            strict_img_size=False,  # check_input_size in forward says what to do about another size
         )
         # A channels-last conv output is read as a contiguous NHWC token map; otherwise every residual add of
         # the first stage would keep a strided layout.
