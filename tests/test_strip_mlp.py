@@ -132,6 +132,14 @@ def test_spatial_l2_norm_gradient_equals_tensor_norms():
     assert spatial_l2_norm(x).grad_fn is not None and spatial_l2_norm(x.detach()).grad_fn is None
 
 
+def test_spatial_l2_norm_of_a_bf16_map_is_the_norm_rounded_to_bf16():
+    x = torch.randn(2, 56, 56, 8, dtype=torch.float64) * 10
+    norm = spatial_l2_norm(x.to(torch.bfloat16))
+    assert norm.dtype == torch.bfloat16
+    # bf16 keeps 8 significant bits: its rounding alone is up to 2 ** -9 relative
+    torch.testing.assert_close(norm.double(), x.norm(p=2, dim=(1, 2)), rtol=2 ** -7, atol=0)
+
+
 def test_spatial_l2_norm_of_a_half_map_does_not_overflow():
     x = torch.full((1, 56, 56, 2), 10.0, dtype=torch.float16)  # squares sum to 313,600, past fp16's 65,504
     for requires_grad in (False, True):

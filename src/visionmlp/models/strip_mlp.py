@@ -42,8 +42,9 @@ torch.fx.wrap("check_input_size")
 
 
 def _spatial_norm_forward(x: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        # 3-20x faster on CPU than torch.linalg.vector_norm over the same non-innermost dims
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, torch.bfloat16):
+        # 3-20x faster on CPU than torch.linalg.vector_norm over the same non-innermost dims; the bf16 sum
+        # accumulates in fp32, and bf16 has fp32's range
         return x.square().sum(dim=(1, 2)).sqrt()
     # in fp16 the squares and their sum overflow where the norm does not; the norm kernel accumulates in fp32
     return torch.linalg.vector_norm(x, dim=(1, 2))

@@ -66,12 +66,13 @@ class PermuteMlp(nn.Module):
         S = C // G
         x = x.reshape(B, H, W, G, S)
         # The height branch sees each segment's column as one vector of H * S values, the width branch
-        # each segment's row as W * S values. Their outputs stay in that layout and are read back through
-        # permuted views (B, H, W, G, S), saving the copies that would restore the token layout.
+        # each segment's row as W * S values. Their outputs are copied back to the token layout (B, H, W, G,
+        # S): the sums and products below read permuted views in runs of only S values, several times
+        # slower than one copy (measured 6-8x on an AMD EPYC, in fp32 and bf16).
         h = self.mlp_h(x.permute(0, 3, 2, 1, 4).reshape(B, G, W, H * S))
-        h = h.view(B, G, W, H, S).permute(0, 3, 2, 1, 4)
+        h = h.view(B, G, W, H, S).permute(0, 3, 2, 1, 4).contiguous()
         w = self.mlp_w(x.permute(0, 1, 3, 2, 4).reshape(B, H, G, W * S))
-        w = w.view(B, H, G, W, S).transpose(2, 3)
+        w = w.view(B, H, G, W, S).transpose(2, 3).contiguous()
         c = self.mlp_c(x.view(B, H, W, C)).view(B, H, W, G, S)
 
         # Mean over tokens of (h + w + c), without materialising the sum.
