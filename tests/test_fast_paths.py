@@ -7,6 +7,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import visionmlp
+from visionmlp.engine.benchmark import compiled
 from visionmlp.models import layers
 from visionmlp.models.layers import drop_path_residual
 from visionmlp.models.ms_mlp import MixShiftBlock
@@ -185,6 +186,8 @@ def test_compiled_model_matches_eager():
     with torch.no_grad():
         expected = model(x)
         assert relative_l2(torch.compile(model)(x), expected) <= 1e-5
+        # as the benchmark compiles for inference: weights frozen into the graph, packed for oneDNN
+        assert relative_l2(compiled(model, "infer")(x), expected) <= 1e-5
 
 
 def test_strip_mlp_trains_channels_last_and_infers_nchw_with_one_result():

@@ -87,9 +87,9 @@ def interleaved_step_seconds(
     threads: int | None = None,
     unfused_optimizer: Collection[str] = (),
 ) -> dict[str, list[float]]:
-    """fp32 CPU step times of several models timed in turn, one step each per repetition.
+    """CPU step times of several models on the same fp32 images, timed in turn, one step each per repetition.
 
-    Models are put in ``mode`` in place. The training steps of the models labelled in ``unfused_optimizer``
+    Models are put in ``mode`` in place and keep their dtype (a :class:`FastPath` casts the images to its own). The training steps of the models labelled in ``unfused_optimizer``
     run AdamW's per-parameter loop instead of its fused kernel, as the official training scripts do.
     """
     if mode not in MODES:
@@ -100,7 +100,7 @@ def interleaved_step_seconds(
         inputs = torch.randn(batch_size, in_chans, img_size, img_size)
         runs = {}
         for label, model in models.items():
-            model.train(mode == "train").to(cpu, torch.float32)
+            model.train(mode == "train").to(cpu)
             steps = BenchmarkSteps(model, inputs, mode, torch.float32, cpu, label not in unfused_optimizer)
             runs[label] = functools.partial(steps.run, model)
         return seconds_in_turn(runs, warmup, reps, cpu)
