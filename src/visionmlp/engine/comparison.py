@@ -89,8 +89,9 @@ def interleaved_step_seconds(
 ) -> dict[str, list[float]]:
     """CPU step times of several models on the same fp32 images, timed in turn, one step each per repetition.
 
-    Models are put in ``mode`` in place and keep their dtype (a :class:`FastPath` casts the images to its own). The training steps of the models labelled in ``unfused_optimizer``
-    run AdamW's per-parameter loop instead of its fused kernel, as the official training scripts do.
+    Models are put in ``mode`` in place and keep their dtype (a :class:`FastPath` casts the images to its own).
+    The training steps of the models labelled in ``unfused_optimizer`` run AdamW's per-parameter loop instead
+    of its fused kernel, as the official training scripts do.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
