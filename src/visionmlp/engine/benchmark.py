@@ -167,8 +167,11 @@ def compiled(model: nn.Module, mode: str = "infer") -> nn.Module:
     Frozen weights are constants: the compiler folds what depends only on them and packs them once for
     oneDNN, whose matmuls and convolutions then take the pointwise ops that follow them (1.1-1.4x over plain
     compilation for ViP, Strip-MLP, RaftMLP and RepMLPNet in bf16 on a 2-core AMD EPYC). Training needs them
-    as parameters.
+    as parameters. Compilations made before in this process are dropped first: each one of another model
+    counts against dynamo's per-function recompilation limit, past which it would silently run the
+    functions eagerly (from the ninth model of one ``--model all`` run on).
     """
+    torch._dynamo.reset()
     return torch.compile(model, options={"freezing": True} if mode == "infer" else None)
 
 
