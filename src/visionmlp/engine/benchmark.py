@@ -167,9 +167,9 @@ def compiled(model: nn.Module, mode: str = "infer") -> nn.Module:
     Frozen weights are constants: the compiler folds what depends only on them and packs them once for
     oneDNN, whose matmuls and convolutions then take the pointwise ops that follow them (over plain
     compilation in bf16 on 2 cores of an AVX-512 EPYC: Strip-MLP 1.5x, RaftMLP 1.3x, ViP and RepMLPNet
-    alike). Training needs them as parameters. Compilations made before in this process are dropped first: each one of another model
-    counts against dynamo's per-function recompilation limit, past which it would silently run the
-    functions eagerly (from the ninth model of one ``--model all`` run on).
+    alike). Training needs them as parameters. Compilations made before in this process are dropped first:
+    each one of another model counts against dynamo's per-function recompilation limit, past which it would
+    silently run the functions eagerly (from the ninth model of one ``--model all`` run on).
     """
     torch._dynamo.reset()
     return torch.compile(model, options={"freezing": True} if mode == "infer" else None)

@@ -47,8 +47,10 @@ StateDict = Dict[str, torch.Tensor]
 # Per-stage kernel sizes of the five channel groups, as in the official configs of all three sizes.
 _MIX_SIZES = ((1, 1, 3, 5, 7), (1, 3, 3, 5, 7), (1, 5, 5, 5, 7), (1, 7, 7, 7, 7))
 _SHIFT_DISTS = (-2, -1, 0, 1, 2)
-# Tokens per slice of the channel MLP on CPU: its hidden activations (4x wider) then stay in cache.
-_CPU_TOKENS_PER_CHUNK = 1024
+# Tokens per slice of the channel MLP on CPU in fp32: its hidden activations (4x wider) then stay in cache.
+# Slices of the same bytes hold twice the tokens in bf16, 4-5 % faster there than 1024 on a 2-core EPYC
+# (fp32 ran alike from 1024 to 4096).
+_CPU_FP32_TOKENS_PER_CHUNK = 1024
 
 
 def _group_sizes(dim: int, num_groups: int) -> Tuple[int, ...]:
@@ -162,15 +164,15 @@ def residual_channel_mlp(block: 'MixShiftBlock', shortcut: torch.Tensor, x: torc
     """``shortcut + block.channel_mlp(x)`` for channels-last (B, H, W, C) tensors, the fast way (no active drop
     path: ``drop_path_residual`` takes that case).
 
-    On CPU, large inputs run in slices of ``_CPU_TOKENS_PER_CHUNK`` tokens so that the MLP's hidden activations
-    stay in cache. Run in one call, the layer scale multiplies fc2's weight where that pays
-    (``_fold_scale_pays``). The result is the same up to rounding.
+    On CPU, large inputs run in slices of as many bytes as ``_CPU_FP32_TOKENS_PER_CHUNK`` fp32 tokens, so that
+    the MLP's hidden activations stay in cache. Run in one call, the layer scale multiplies fc2's weight where
+    that pays (``_fold_scale_pays``). The result is the same up to rounding.
     """
     num_tokens, dim = x.shape[:3].numel(), x.shape[-1]
-    if x.device.type != 'cpu' or num_tokens <= _CPU_TOKENS_PER_CHUNK:
+    chunk = _CPU_FP32_TOKENS_PER_CHUNK * 4 // x.element_size()
+    if x.device.type != 'cpu' or num_tokens <= chunk:
         return shortcut + block.channel_mlp(x, fold_scale=_fold_scale_pays(block, x))
-    pairs = zip(shortcut.reshape(num_tokens, dim).split(_CPU_TOKENS_PER_CHUNK),
-                x.reshape(num_tokens, dim).split(_CPU_TOKENS_PER_CHUNK))
+    pairs = zip(shortcut.reshape(num_tokens, dim).split(chunk), x.reshape(num_tokens, dim).split(chunk))
     return torch.cat([s + block.channel_mlp(t, fold_scale=False) for s, t in pairs]).view(x.shape)
 
 
