@@ -260,8 +260,9 @@ def test_a_run_of_another_timm_model_trains_and_evaluates(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--checkpoint", checkpoint, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "resnet10t"
-    assert main(["convert", "--checkpoint", checkpoint, "--check"]) == 2
-    assert "holds the timm model 'resnet10t'" in capsys.readouterr().err
+    for command in (["convert", "--check"], ["benchmark", "--reps", "1"]):
+        assert main([*command, "--checkpoint", checkpoint]) == 2
+        assert "holds the timm model 'resnet10t'" in capsys.readouterr().err
 
 
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(capsys):

@@ -25,7 +25,7 @@ from ..checkpoint import load_checkpoint_state, read_checkpoint, unwrap_state_di
 from ..data import DataError, build_dataset
 from ..data.datasets import IMG_EXTENSIONS, subset_evenly
 from ..models import MODEL_NAMES, count_batchnorms, create_model, family_module, reparameterize
-from .evaluate import checkpoint_model, transformed_for
+from .evaluate import checkpoint_variant, transformed_for
 from .machine import (
     DTYPES,
     PeakMemory,
@@ -328,8 +328,7 @@ def run_benchmark(
     if deploy and mode == "train":
         raise ValueError("--deploy folds branches for inference; it cannot be combined with --mode train")
     stored = read_checkpoint(checkpoint) if checkpoint is not None else None
-    model_name, model_kwargs, run_config = checkpoint_model(stored, str(checkpoint), model_name)
-    family_module(model_name)  # a ValueError naming the variants unless it is one of them
+    model_name, model_kwargs, run_config = checkpoint_variant(stored, str(checkpoint), model_name)
     native_size = model_kwargs.get("img_size") or default_img_size(model_name)
     img_size = native_size if img_size is None else img_size
     check_counts(batch_size, img_size, warmup, reps, threads)

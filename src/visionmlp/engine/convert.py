@@ -20,7 +20,7 @@ from torch import nn
 
 from ..checkpoint import StateDict, atomic_save, check_state_dict_fits, read_checkpoint, unwrap_state_dict
 from ..models import MODEL_NAMES, count_batchnorms, deploy_model_from_state_dict, family_module, reparameterize
-from .evaluate import checkpoint_model
+from .evaluate import checkpoint_variant
 from .quantize import QUANTIZATION_DTYPES, compare_with_fp32, quantize_dynamic_int8
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -36,11 +36,9 @@ def check_output_suffix(path: str | Path, suffixes: tuple[str, ...] = WEIGHT_SUF
 
 def model_from_flags(args: argparse.Namespace) -> tuple[str, StateDict, dict[str, Any], Mapping[str, Any] | None]:
     """Variant, state dict, constructor arguments and recorded run configuration from the model flags
-    (see :func:`visionmlp.engine.evaluate.checkpoint_model`)."""
+    (see :func:`visionmlp.engine.evaluate.checkpoint_variant`)."""
     checkpoint = read_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle)
-    name, kwargs, config = checkpoint_model(checkpoint, args.checkpoint, args.model, args.num_classes)
-    if name not in MODEL_NAMES:
-        raise ValueError(f"{args.checkpoint} holds the timm model {name!r}; this command handles visionmlp's variants")
+    name, kwargs, config = checkpoint_variant(checkpoint, args.checkpoint, args.model, args.num_classes)
     if args.img_size:
         kwargs["img_size"] = args.img_size
     return name, unwrap_state_dict(checkpoint), kwargs, config

@@ -24,6 +24,7 @@ from ..models import (
     convert_official_state_dict,
     create_model,
     deploy_model_from_state_dict,
+    family_module,
     reparameterize,
 )
 from .distributed import DistContext, all_reduce_sum, cleanup, setup
@@ -75,6 +76,18 @@ def checkpoint_model(
         raise ValueError(f"{source} holds a {recorded_classes}-class {name}, not {num_classes} classes; "
                          "leave out --num-classes")
     return name, model_kwargs(config, recorded_classes), config
+
+
+def checkpoint_variant(
+    checkpoint: Any, source: str, model_name: str | None = None, num_classes: int | None = None
+) -> tuple[str, dict[str, Any], Mapping[str, Any] | None]:
+    """:func:`checkpoint_model` for the commands that handle visionmlp's variants only: any other model is a
+    ValueError that says so."""
+    name, kwargs, config = checkpoint_model(checkpoint, source, model_name, num_classes)
+    if name not in MODEL_NAMES and config is not None:
+        raise ValueError(f"{source} holds the timm model {name!r}; this command handles visionmlp's variants")
+    family_module(name)  # any other --model: a ValueError naming the variants
+    return name, kwargs, config
 
 
 def build_model(config: Mapping[str, Any], num_classes: int) -> nn.Module:
