@@ -8,7 +8,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 import visionmlp
 from visionmlp.engine.benchmark import compiled
-from visionmlp.models import layers
+from visionmlp.models import layers, ms_mlp
 from visionmlp.models.layers import drop_path_residual
 from visionmlp.models.ms_mlp import MixShiftBlock
 from synthetic_weights import relative_l2
@@ -124,8 +124,12 @@ def test_drop_path_residual_equals_timm_drop_path_and_skips_dropped_samples(drop
     assert torch.allclose(got, expected, rtol=1e-2, atol=1e-2)
 
 
-def test_ms_mlp_training_with_drop_path_skips_dropped_samples_and_matches_plain_path(monkeypatch):
-    # Drop path 0.5 over batch 2 under one seed: blocks that keep both samples, one, or none (an empty batch)
+@pytest.mark.parametrize("hidden_limit", [None, 2**18])
+def test_ms_mlp_training_with_drop_path_skips_dropped_samples_and_matches_plain_path(hidden_limit, monkeypatch):
+    # Drop path 0.5 over batch 2 under one seed: blocks that keep both samples, one, or none (an empty batch).
+    # With a 256 KiB limit on the channel MLP's hidden activations in training, stage 1 runs it in slices.
+    if hidden_limit is not None:
+        monkeypatch.setattr(ms_mlp, "_CPU_TRAIN_HIDDEN_BYTES", hidden_limit)
     x = _inputs("ms_mlp_tiny")
     fast = _model("ms_mlp_tiny", drop_path_rate=0.5).train()
     with set_scriptable(True):

@@ -9,6 +9,7 @@ from timm.layers import set_scriptable
 from torch import nn
 
 import visionmlp
+from visionmlp.models import ms_mlp
 from visionmlp.models.ms_mlp import MixShiftBlock, MsMlp, checkpoint_filter_fn
 
 from synthetic_weights import load_reference, synthetic_state_dict
@@ -54,10 +55,15 @@ def test_block_matches_per_group_roll_and_conv(mix_sizes, size):
         torch.testing.assert_close(block(x), _naive_block(block, x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("hidden_limit", [None, 16 * 2**10])
 @pytest.mark.parametrize("size", [(2, 3), (7, 6), (7, 7)])
-def test_block_gradients_match_per_group_roll_and_conv(size):
+def test_block_gradients_match_per_group_roll_and_conv(size, hidden_limit, monkeypatch):
     # The group roll has its own backward (the opposite roll); every input and weight gradient must agree.
     # At 7 x 7 the batch has 98 tokens, more than fc2's 92 inputs, so the layer scale is folded into fc2.
+    # The depth-wise biases of the 3x3 to 7x7 kernels are added after the branches' sum in training.
+    # With a 16 KiB limit on the hidden activations (736 bytes a token), the channel MLP runs in slices.
+    if hidden_limit is not None:
+        monkeypatch.setattr(ms_mlp, "_CPU_TRAIN_HIDDEN_BYTES", hidden_limit)
     block = _randomize(MixShiftBlock(23, mix_sizes=(1, 3, 3, 5, 7))).double().train()
     x = torch.randn(2, 23, *size, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(2, 23, *size, dtype=torch.float64)
@@ -100,6 +106,18 @@ def test_token_slices_on_cpu_give_the_same_block_output():
     with torch.no_grad():
         torch.testing.assert_close(block(x), _naive_block(block, x), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(block(x.contiguous(memory_format=torch.channels_last)), block(x))
+
+
+def test_channel_mlp_slices_keep_cpu_training_activations_under_the_limit():
+    block = MixShiftBlock(96)  # fc1: 384 outputs
+    x = torch.empty(8, 56, 56, 96)  # MS-MLP-T's first stage at batch 8: a 38.5 MB hidden activation in fp32
+    size = ms_mlp._cpu_tokens_per_slice(block, x)
+    assert size == 8363 and size * 384 * 4 <= ms_mlp._CPU_TRAIN_HIDDEN_BYTES  # three slices
+    with torch.no_grad():  # at inference, cache-sized slices, of the same bytes in bf16
+        assert ms_mlp._cpu_tokens_per_slice(block, x) == 1024
+        assert ms_mlp._cpu_tokens_per_slice(block, x.bfloat16()) == 2048
+    assert ms_mlp._cpu_tokens_per_slice(block, x.to("meta")) == 8 * 56 * 56  # off the CPU: one call
+    assert ms_mlp._cpu_tokens_per_slice(block, x[:0]) == 0  # every sample dropped
 
 
 def test_channel_split_follows_torch_chunk_and_rejects_impossible_widths():

@@ -14,9 +14,10 @@ The state dict keeps the official per-group depth-wise convs (``dwconv_lr.<i>`` 
 The forward pass computes the same sums with fewer, larger ops than the official code: groups that
 share a kernel size share one conv call per branch (kernels concatenated on the fly), 1x1 groups are a
 per-channel affine, the rolls are slice copies (one autograd node each, whose gradient is the
-opposite roll), on CPU the channel MLP runs over cache-sized slices of tokens, and where it runs in one
-call while gradients are recorded, the layer scale multiplies its last linear layer instead of its
-output. In training, a block's residual branch runs only for the samples its drop path keeps.
+opposite roll), on CPU the channel MLP runs over slices of tokens (cache-sized at inference, below glibc's
+fresh-mapping size in training), and while gradients are recorded the layer scale multiplies its last
+linear layer instead of its output. In training, a block's residual branch runs only for the samples its
+drop path keeps, and the depth-wise biases are added after the two branches' sum.
 Activations stay channels-last between blocks. ``checkpoint_filter_fn`` maps official checkpoints onto
 this layout (patch merging moves to the start of the next stage, the final norm and
 classifier into ``head``).
@@ -47,10 +48,15 @@ StateDict = Dict[str, torch.Tensor]
 # Per-stage kernel sizes of the five channel groups, as in the official configs of all three sizes.
 _MIX_SIZES = ((1, 1, 3, 5, 7), (1, 3, 3, 5, 7), (1, 5, 5, 5, 7), (1, 7, 7, 7, 7))
 _SHIFT_DISTS = (-2, -1, 0, 1, 2)
-# Tokens per slice of the channel MLP on CPU in fp32: its hidden activations (4x wider) then stay in cache.
-# Slices of the same bytes hold twice the tokens in bf16, 4-5 % faster there than 1024 on a 2-core EPYC
+# Tokens per slice of the channel MLP at CPU inference in fp32: its hidden activations (4x wider) then stay in
+# cache. Slices of the same bytes hold twice the tokens in bf16, 4-5 % faster there than 1024 on a 2-core EPYC
 # (fp32 ran alike from 1024 to 4096).
 _CPU_FP32_TOKENS_PER_CHUNK = 1024
+# Largest hidden activation of one channel-MLP call in CPU training. glibc maps every block above its mmap
+# threshold (at most 32 MiB) afresh from the system, with a page fault per 4 KiB at every step: MS-MLP-T's
+# first-stage MLP at batch 8 (a 38.5 MB hidden activation) ran its forward and backward 1.35x faster in
+# three slices, the whole training step 4 % faster.
+_CPU_TRAIN_HIDDEN_BYTES = 16 * 2**20
 
 
 def _group_sizes(dim: int, num_groups: int) -> Tuple[int, ...]:
@@ -155,25 +161,51 @@ def _fold_scale_pays(block: 'MixShiftBlock', x: torch.Tensor) -> bool:
     """Whether to scale fc2's weight rather than its output: while gradients are recorded, autograd then keeps
     that weight-sized product instead of the output, which is larger when there are more tokens than fc2 has
     inputs."""
-    return torch.is_grad_enabled() and x.shape[:3].numel() > block.mlp.fc2.in_features
+    return torch.is_grad_enabled() and x.shape[:-1].numel() > block.mlp.fc2.in_features
+
+
+def _cpu_tokens_per_slice(block: 'MixShiftBlock', x: torch.Tensor) -> int:
+    """Tokens per call of ``block``'s channel MLP over ``x`` (all of them off the CPU).
+
+    At inference, slices of as many bytes as ``_CPU_FP32_TOKENS_PER_CHUNK`` fp32 tokens keep the hidden
+    activations in cache. In training they are saved for the backward anyway, and small slices would only
+    shorten the matrix products: equal slices whose hidden activations stay under ``_CPU_TRAIN_HIDDEN_BYTES``.
+    """
+    num_tokens = x.shape[:-1].numel()
+    if x.device.type != 'cpu':
+        return num_tokens
+    if not torch.is_grad_enabled():
+        return min(num_tokens, _CPU_FP32_TOKENS_PER_CHUNK * 4 // x.element_size())
+    hidden_bytes = num_tokens * block.mlp.fc1.out_features * x.element_size()
+    num_slices = max(1, -(-hidden_bytes // _CPU_TRAIN_HIDDEN_BYTES))
+    return -(-num_tokens // num_slices)
+
+
+def channel_mlp_in_slices(
+        block: 'MixShiftBlock', x: torch.Tensor, shortcut: Optional[torch.Tensor] = None, scale: float = 1.,
+) -> torch.Tensor:
+    """``shortcut + block.channel_mlp(x) * scale`` (no shortcut: without it) for channels-last (B, H, W, C)
+    tensors, over slices of the tokens on CPU (``_cpu_tokens_per_slice``). Each call scales fc2's weight
+    rather than its output where that pays (``_fold_scale_pays``). The same result up to rounding.
+    """
+    num_tokens, dim = x.shape[:3].numel(), x.shape[-1]
+    size = _cpu_tokens_per_slice(block, x)
+    if size >= num_tokens:
+        y = block.channel_mlp(x, fold_scale=_fold_scale_pays(block, x), scale=scale)
+        return y if shortcut is None else shortcut + y
+    parts: List[torch.Tensor] = []
+    for i, tokens in enumerate(x.reshape(num_tokens, dim).split(size)):
+        y = block.channel_mlp(tokens, fold_scale=_fold_scale_pays(block, tokens), scale=scale)
+        parts.append(y if shortcut is None else shortcut.reshape(num_tokens, dim)[i * size:(i + 1) * size] + y)
+    return torch.cat(parts).view(x.shape)
 
 
 @register_notrace_function  # a leaf under FX: it branches on the device, the grad mode and the token count
 @torch.fx.wrap
 def residual_channel_mlp(block: 'MixShiftBlock', shortcut: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``shortcut + block.channel_mlp(x)`` for channels-last (B, H, W, C) tensors, the fast way (no active drop
-    path: ``drop_path_residual`` takes that case).
-
-    On CPU, large inputs run in slices of as many bytes as ``_CPU_FP32_TOKENS_PER_CHUNK`` fp32 tokens, so that
-    the MLP's hidden activations stay in cache. Run in one call, the layer scale multiplies fc2's weight where
-    that pays (``_fold_scale_pays``). The result is the same up to rounding.
-    """
-    num_tokens, dim = x.shape[:3].numel(), x.shape[-1]
-    chunk = _CPU_FP32_TOKENS_PER_CHUNK * 4 // x.element_size()
-    if x.device.type != 'cpu' or num_tokens <= chunk:
-        return shortcut + block.channel_mlp(x, fold_scale=_fold_scale_pays(block, x))
-    pairs = zip(shortcut.reshape(num_tokens, dim).split(chunk), x.reshape(num_tokens, dim).split(chunk))
-    return torch.cat([s + block.channel_mlp(t, fold_scale=False) for s, t in pairs]).view(x.shape)
+    path: ``drop_path_residual`` takes that case), in slices on CPU (``channel_mlp_in_slices``)."""
+    return channel_mlp_in_slices(block, x, shortcut)
 
 
 class ConvPatchEmbed(nn.Module):
@@ -226,12 +258,12 @@ class MixShiftBlock(SkipsDroppedSamples, nn.Module):
         self.fast_channel_mlp = not is_scriptable()
 
     def _mix_run(
-            self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, first: int, last: int,
+            self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], first: int, last: int,
             kernel_size: int, dim: int,
     ) -> torch.Tensor:
         """One branch for groups ``first..last-1``, which share ``kernel_size``: roll along ``dim``, then mix."""
         rolled = roll_groups(x, self.group_sizes[first:last], self.shift_dists[first:last], dim)
-        if kernel_size == 1:  # a 1x1 depth-wise conv is a per-channel affine; conv2d would take a slow path
+        if kernel_size == 1 and bias is not None:  # a per-channel affine; conv2d would take a slow path
             return torch.addcmul(bias[:, None, None], rolled, weight.view(-1, 1, 1))
         channels = self.group_starts[last] - self.group_starts[first]
         return F.conv2d(rolled, weight, bias, padding=kernel_size // 2, groups=channels)
@@ -251,9 +283,13 @@ class MixShiftBlock(SkipsDroppedSamples, nn.Module):
             run = runs[i]  # indexed: under FX the split is one traced value that cannot be iterated
             lr_weight, lr_bias = torch.cat(lr_weights[first:last]), _cat_biases(lr_biases[first:last])
             td_weight, td_bias = torch.cat(td_weights[first:last]), _cat_biases(td_biases[first:last])
-            lr = self._mix_run(run, lr_weight, lr_bias, first, last, k, 3)
-            td = self._mix_run(run, td_weight, td_bias, first, last, k, 2)
-            mixed.append(lr + td)
+            # oneDNN's depth-wise backward takes a slow path for the bias gradient of kernels over 3x3 (20-40 %
+            # of a 5x5 or 7x7 conv's forward and backward on an EPYC): in training the biases are added after
+            # the branches' sum, whose bias gradient is a plain sum.
+            biases_apart = k > 1 and self.training
+            lr = self._mix_run(run, lr_weight, None if biases_apart else lr_bias, first, last, k, 3)
+            td = self._mix_run(run, td_weight, None if biases_apart else td_bias, first, last, k, 2)
+            mixed.append(torch.add(lr, td).add_((lr_bias + td_bias)[:, None, None]) if biases_apart else lr + td)
         return mixed[0] if len(mixed) == 1 else torch.cat(mixed, dim=1)
 
     def channel_mlp(self, x: torch.Tensor, fold_scale: bool, scale: float = 1.) -> torch.Tensor:
@@ -279,7 +315,7 @@ class MixShiftBlock(SkipsDroppedSamples, nn.Module):
         """The block's residual branch on channels-last (B, H, W, C) tokens, times ``scale`` (for
         ``drop_path_residual``)."""
         mixed = self.mix(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.channel_mlp(mixed, fold_scale=_fold_scale_pays(self, mixed), scale=scale)
+        return channel_mlp_in_slices(self, mixed, scale=scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting() or not self.fast_channel_mlp:
