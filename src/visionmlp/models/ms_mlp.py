@@ -53,9 +53,9 @@ _SHIFT_DISTS = (-2, -1, 0, 1, 2)
 # (fp32 ran alike from 1024 to 4096).
 _CPU_FP32_TOKENS_PER_CHUNK = 1024
 # Largest hidden activation of one channel-MLP call in CPU training. glibc maps every block above its mmap
-# threshold (at most 32 MiB) afresh from the system, with a page fault per 4 KiB at every step: MS-MLP-T's
-# first-stage MLP at batch 8 (a 38.5 MB hidden activation) ran its forward and backward 1.35x faster in
-# three slices, the whole training step 4 % faster.
+# threshold (at most 32 MiB) afresh from the system, with a page fault per 4 KiB at every step. MS-MLP-T's
+# first-stage MLP at batch 8 has a 38.5 MB hidden activation; in slices its training step ran 4 % faster in
+# paired steps on a 2-core EPYC (limits from 6 to 16 MiB alike).
 _CPU_TRAIN_HIDDEN_BYTES = 16 * 2**20
 
 
@@ -284,8 +284,8 @@ class MixShiftBlock(SkipsDroppedSamples, nn.Module):
             lr_weight, lr_bias = torch.cat(lr_weights[first:last]), _cat_biases(lr_biases[first:last])
             td_weight, td_bias = torch.cat(td_weights[first:last]), _cat_biases(td_biases[first:last])
             # oneDNN's depth-wise backward takes a slow path for the bias gradient of kernels over 3x3 (20-40 %
-            # of a 5x5 or 7x7 conv's forward and backward on an EPYC): in training the biases are added after
-            # the branches' sum, whose bias gradient is a plain sum.
+            # of a 5x5 or 7x7 conv's forward and backward on an EPYC; MS-MLP-T's training step 4 % faster
+            # without it): in training the biases are added after the branches' sum, a plain sum's gradient.
             biases_apart = k > 1 and self.training
             lr = self._mix_run(run, lr_weight, None if biases_apart else lr_bias, first, last, k, 3)
             td = self._mix_run(run, td_weight, None if biases_apart else td_bias, first, last, k, 2)
