@@ -181,12 +181,14 @@ def _cpu_tokens_per_slice(block: 'MixShiftBlock', x: torch.Tensor) -> int:
     return -(-num_tokens // num_slices)
 
 
+@register_notrace_function  # a leaf under FX: it branches on the device, the grad mode and the token count
+@torch.fx.wrap
 def channel_mlp_in_slices(
         block: 'MixShiftBlock', x: torch.Tensor, shortcut: Optional[torch.Tensor] = None, scale: float = 1.,
 ) -> torch.Tensor:
     """``shortcut + block.channel_mlp(x) * scale`` (no shortcut: without it) for channels-last (B, H, W, C)
-    tensors, over slices of the tokens on CPU (``_cpu_tokens_per_slice``). Each call scales fc2's weight
-    rather than its output where that pays (``_fold_scale_pays``). The same result up to rounding.
+    tensors, the fast way: over slices of the tokens on CPU (``_cpu_tokens_per_slice``), each call scaling
+    fc2's weight rather than its output where that pays (``_fold_scale_pays``). The same result up to rounding.
     """
     num_tokens, dim = x.shape[:3].numel(), x.shape[-1]
     size = _cpu_tokens_per_slice(block, x)
@@ -199,13 +201,6 @@ def channel_mlp_in_slices(
         parts.append(y if shortcut is None else shortcut.reshape(num_tokens, dim)[i * size:(i + 1) * size] + y)
     return torch.cat(parts).view(x.shape)
 
-
-@register_notrace_function  # a leaf under FX: it branches on the device, the grad mode and the token count
-@torch.fx.wrap
-def residual_channel_mlp(block: 'MixShiftBlock', shortcut: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``shortcut + block.channel_mlp(x)`` for channels-last (B, H, W, C) tensors, the fast way (no active drop
-    path: ``drop_path_residual`` takes that case), in slices on CPU (``channel_mlp_in_slices``)."""
-    return channel_mlp_in_slices(block, x, shortcut)
 
 
 class ConvPatchEmbed(nn.Module):
@@ -253,7 +248,7 @@ class MixShiftBlock(SkipsDroppedSamples, nn.Module):
         self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=act_layer)
         self.gamma = nn.Parameter(ls_init_value * torch.ones(dim)) if ls_init_value > 0 else None
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        # The fast channel MLP (``residual_channel_mlp``) is a leaf call that takes this module, which TorchScript
+        # The fast channel MLP (``channel_mlp_in_slices``) is a leaf call that takes this module, which TorchScript
         # cannot compile; a model built under timm's set_scriptable(True) runs the plain form, also in FX graphs.
         self.fast_channel_mlp = not is_scriptable()
 
@@ -324,7 +319,7 @@ class MixShiftBlock(SkipsDroppedSamples, nn.Module):
         if self.skips_dropped_samples():
             return drop_path_residual(self, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         mixed = self.mix(x).permute(0, 2, 3, 1)
-        return residual_channel_mlp(self, x.permute(0, 2, 3, 1), mixed).permute(0, 3, 1, 2)
+        return channel_mlp_in_slices(self, mixed, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class MsMlpStage(nn.Module):
