@@ -195,12 +195,12 @@ def channel_mlp_in_slices(
     if size >= num_tokens:
         y = block.channel_mlp(x, fold_scale=_fold_scale_pays(block, x), scale=scale)
         return y if shortcut is None else shortcut + y
+    shortcuts = None if shortcut is None else shortcut.reshape(num_tokens, dim).split(size)
     parts: List[torch.Tensor] = []
     for i, tokens in enumerate(x.reshape(num_tokens, dim).split(size)):
         y = block.channel_mlp(tokens, fold_scale=_fold_scale_pays(block, tokens), scale=scale)
-        parts.append(y if shortcut is None else shortcut.reshape(num_tokens, dim)[i * size:(i + 1) * size] + y)
+        parts.append(y if shortcuts is None else shortcuts[i] + y)
     return torch.cat(parts).view(x.shape)
-
 
 
 class ConvPatchEmbed(nn.Module):
