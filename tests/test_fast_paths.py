@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath, get_notrace_functions, get_notrace_modules, set_scriptable
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
@@ -9,7 +10,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import visionmlp
 from visionmlp.engine.benchmark import compiled
 from visionmlp.models import layers, ms_mlp
-from visionmlp.models.layers import drop_path_residual
+from visionmlp.models.layers import depthwise_conv2d, drop_path_residual
 from visionmlp.models.ms_mlp import MixShiftBlock
 from synthetic_weights import relative_l2
 
@@ -84,6 +85,55 @@ def test_ms_mlp_training_step_matches_plain_path_fp32():
     plain.load_state_dict(fast.state_dict())
     for got, expected in zip(_logits_and_gradients(fast, x), _logits_and_gradients(plain, x)):
         assert relative_l2(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("kernel", [(7, 7), (3, 7), (5, 5), (5, 11), (1, 9)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_depthwise_conv2d_takes_wide_kernel_weight_gradients_in_column_slices_as_conv2d(kernel, memory_format):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 9, 12, dtype=torch.float64, generator=generator).contiguous(memory_format=memory_format)
+    weight = torch.randn(5, 1, *kernel, dtype=torch.float64, generator=generator)
+    grad = torch.randn(2, 5, 9, 12, dtype=torch.float64, generator=generator)
+    results = []
+    for conv in (depthwise_conv2d, lambda x, w: F.conv2d(x, w, padding=(w.shape[2] // 2, w.shape[3] // 2), groups=5)):
+        x_, weight_ = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = conv(x_, weight_)
+        results.append([out, *torch.autograd.grad(out, (x_, weight_), grad)])
+        results[-1].append(type(out.grad_fn).__name__)
+    (out, grad_x, grad_w, kind), (out_ref, grad_x_ref, grad_w_ref, _) = results
+    assert kind == "_DepthwiseConvColumnSlicedGradBackward"
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad_x, grad_x_ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad_w, grad_w_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_depthwise_conv2d_keeps_conv2d_where_its_weight_gradient_is_fast_or_not_wanted():
+    x, weight = torch.randn(1, 4, 8, 8), torch.randn(4, 1, 7, 7, requires_grad=True)
+    sliced = "_DepthwiseConvColumnSlicedGradBackward"
+    assert type(depthwise_conv2d(x, weight).grad_fn).__name__ == sliced
+    assert type(depthwise_conv2d(x, weight, torch.zeros(4)).grad_fn).__name__ != sliced  # a bias: conv2d
+    assert type(depthwise_conv2d(x, torch.randn(4, 1, 7, 3, requires_grad=True)).grad_fn).__name__ != sliced
+    assert type(depthwise_conv2d(x[..., :6], weight).grad_fn).__name__ != sliced  # narrower than the kernel
+    assert type(depthwise_conv2d(x.requires_grad_(), weight.detach()).grad_fn).__name__ != sliced
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(depthwise_conv2d(x, weight).grad_fn).__name__ != sliced
+    with torch.no_grad():
+        assert depthwise_conv2d(x, weight).grad_fn is None
+
+
+@pytest.mark.parametrize("name", ["ms_mlp_tiny", "strip_mlp_tiny_light"])
+def test_training_with_column_sliced_depthwise_gradients_matches_conv2d_gradients(name, monkeypatch):
+    x = _inputs(name)
+    monkeypatch.setattr(layers, "_FAST_WEIGHT_GRAD_WIDTH", 10**6)
+    expected = _logits_and_gradients(_model(name, drop_path_rate=0.0).train(), x)
+    monkeypatch.undo()
+    sliced_calls = []
+    apply = layers._depthwise_conv2d_column_sliced_grad
+    monkeypatch.setattr(layers, "_depthwise_conv2d_column_sliced_grad", lambda *a: sliced_calls.append(1) or apply(*a))
+    got = _logits_and_gradients(_model(name, drop_path_rate=0.0).train(), x)
+    assert sliced_calls  # the 5x5 and 7x7 kernels (and Strip-MLP's 3x7) took the sliced weight gradient
+    for tensor, want in zip(got, expected):
+        assert relative_l2(tensor, want) <= 1e-5
 
 
 class _LinearBranchBlock(nn.Module):

@@ -37,8 +37,9 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..checkpoint import load_pretrained_file
-from .layers import SkipsDroppedSamples, drop_path_residual
+from .layers import SkipsDroppedSamples, depthwise_conv2d, drop_path_residual
 
+torch.fx.wrap('depthwise_conv2d')
 torch.fx.wrap('drop_path_residual')
 
 __all__ = ['MsMlp', 'MixShiftBlock', 'checkpoint_filter_fn']
@@ -260,8 +261,7 @@ class MixShiftBlock(SkipsDroppedSamples, nn.Module):
         rolled = roll_groups(x, self.group_sizes[first:last], self.shift_dists[first:last], dim)
         if kernel_size == 1 and bias is not None:  # a per-channel affine; conv2d would take a slow path
             return torch.addcmul(bias[:, None, None], rolled, weight.view(-1, 1, 1))
-        channels = self.group_starts[last] - self.group_starts[first]
-        return F.conv2d(rolled, weight, bias, padding=kernel_size // 2, groups=channels)
+        return depthwise_conv2d(rolled, weight, bias)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of the width-rolled and height-rolled branches, each mixed by its per-group kernels."""

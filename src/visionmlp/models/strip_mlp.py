@@ -32,13 +32,14 @@ from torch import nn
 
 from ..checkpoint import load_pretrained_file
 from .fold import fold_bn_after
-from .layers import ChannelsLastConv2d, check_input_size
+from .layers import ChannelsLastConv2d, check_input_size, depthwise_conv2d
 
 __all__ = ["StripMLPNet"]
 
 _NUM_STAGES = 4
 
 torch.fx.wrap("check_input_size")
+torch.fx.wrap("depthwise_conv2d")
 
 
 def _spatial_norm_forward(x: torch.Tensor) -> torch.Tensor:
@@ -166,8 +167,8 @@ class LocalStripMixing(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[0], self.dim
-        x_row = self.conv_row(x)
-        x_col = self.conv_col(x)
+        x_row = depthwise_conv2d(x, self.conv_row.weight)
+        x_col = depthwise_conv2d(x, self.conv_col.weight)
         # The pooled sum of the three branches is the sum of their pooled means.
         pooled = x_col.mean((2, 3), keepdim=True) + x_row.mean((2, 3), keepdim=True) + x.mean((2, 3), keepdim=True)
         # Each branch's weights made contiguous (a small copy): as strided slices of the softmax output they
@@ -225,7 +226,8 @@ class ChannelMixing(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last in, so that the permute below is free and the MLP runs on contiguous rows.
-        x = self.conv_dw(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        x = depthwise_conv2d(x.contiguous(memory_format=torch.channels_last), self.conv_dw.weight)
+        x = x.permute(0, 2, 3, 1)
         x = self.act(self.fc1(self.norm(x)))
         shape = x.shape
         n, h, w, hidden = shape[0], shape[1], shape[2], shape[3]
