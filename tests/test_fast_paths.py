@@ -10,7 +10,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import visionmlp
 from visionmlp.engine.benchmark import compiled
 from visionmlp.models import layers, ms_mlp
-from visionmlp.models.layers import depthwise_conv2d, drop_path_residual
+from visionmlp.models.layers import OneDnnLinear, depthwise_conv2d, drop_path_residual, linear
 from visionmlp.models.ms_mlp import MixShiftBlock
 from synthetic_weights import relative_l2
 
@@ -85,6 +85,77 @@ def test_ms_mlp_training_step_matches_plain_path_fp32():
     plain.load_state_dict(fast.state_dict())
     for got, expected in zip(_logits_and_gradients(fast, x), _logits_and_gradients(plain, x)):
         assert relative_l2(got, expected) <= 1e-5
+
+
+needs_onednn = pytest.mark.skipif(layers._ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
+
+
+@needs_onednn
+@pytest.mark.parametrize("x_shape, out_features, bias", [
+    ((300, 64), 96, True),  # weight wider than tall: its gradient in the other orientation
+    ((2, 150, 96), 64, False),
+    ((3, 5, 70, 48), 48, True),
+])
+@pytest.mark.parametrize("strided", [False, True])
+def test_linear_runs_on_onednn_forward_and_backward_with_f_linear_results(x_shape, out_features, bias, strided):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(*x_shape[:-2], x_shape[-1], x_shape[-2], generator=generator).transpose(-1, -2) if strided \
+        else torch.randn(*x_shape, generator=generator)
+    weight = torch.randn(out_features, x_shape[-1], generator=generator)
+    b = torch.randn(out_features, generator=generator) if bias else None
+    grad = torch.randn(*x_shape[:-1], out_features, generator=generator)
+    results = []
+    for fn, dtype in ((linear, torch.float32), (F.linear, torch.float64)):
+        inputs = [t.to(dtype).requires_grad_() for t in (x, weight) + ((b,) if bias else ())]
+        out = fn(inputs[0], inputs[1], inputs[2] if bias else None)
+        results.append([out, *torch.autograd.grad(out, inputs, grad.to(dtype))])
+        if fn is linear:
+            assert type(out.grad_fn).__name__ == "_OneDnnLinearFunctionBackward"
+    for got, expected in zip(*results):
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert relative_l2(got.double(), expected) <= 1e-6
+
+
+@needs_onednn
+def test_linear_without_gradients_calls_onednn_and_keeps_f_linear_elsewhere(monkeypatch):
+    calls = []
+    onednn = layers._ONEDNN_LINEAR
+    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", lambda *args: calls.append(1) or onednn(*args))
+    x, weight = torch.randn(64, 128), torch.randn(256, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 1
+        linear(x.double(), weight.double())  # oneDNN has no fp64 matmul
+        linear(x[:2, :8], weight[:4, :8])  # too small to pay for the call
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear(x, weight).dtype == torch.bfloat16
+    assert len(calls) == 1
+
+
+def test_models_build_their_linears_as_onednn_linears_with_the_same_state_dict():
+    for name in ("vip_s7", "raft_mlp_s", "ms_mlp_tiny", "strip_mlp_tiny_light"):
+        model = _model(name)
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        assert linears and all(type(m) is OneDnnLinear for m in linears)
+        assert any(key.endswith("fc1.weight") for key in model.state_dict())
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", ["vip_s7", "raft_mlp_s", "ms_mlp_tiny", "strip_mlp_tiny_light"])
+def test_training_with_onednn_linears_matches_f_linear(name, monkeypatch):
+    x = _inputs(name)
+    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", None)
+    expected = _logits_and_gradients(_model(name, drop_path_rate=0.0).train(), x)
+    monkeypatch.undo()
+    calls = []
+    onednn = layers._ONEDNN_LINEAR
+    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", lambda *args: calls.append(1) or onednn(*args))
+    got = _logits_and_gradients(_model(name, drop_path_rate=0.0).train(), x)
+    assert calls
+    # Gradients that are zero but for rounding (Strip-MLP's biases before a BatchNorm) differ in their noise
+    noise = 1e-6 * max(float(want.norm()) for want in expected)
+    for tensor, want in zip(got, expected):
+        assert relative_l2(tensor, want) <= 1e-5 or max(float(tensor.norm()), float(want.norm())) <= noise
 
 
 @pytest.mark.parametrize("kernel", [(7, 7), (3, 7), (5, 5), (5, 11), (1, 9)])

@@ -13,6 +13,7 @@ but tensors is ever unpickled.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import warnings
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ..models import create_model
+from ..models.layers import OneDnnLinear
 
 QUANTIZATION_DTYPES = {"int8": torch.qint8}
 
@@ -32,7 +34,7 @@ def called_linear_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     handles = [
         module.register_forward_hook(lambda *_, name=name: called.append(name))
         for name, module in model.named_modules()
-        if type(module) is nn.Linear
+        if isinstance(module, nn.Linear)
     ]
     try:
         with torch.no_grad():
@@ -47,13 +49,16 @@ def quantize_dynamic_int8(model: nn.Module, example: torch.Tensor) -> tuple[nn.M
     """An int8 dynamically quantized copy of ``model`` (CPU) and the names of the layers it quantized."""
     from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
-    model = model.cpu().eval()
+    model = copy.deepcopy(model).cpu().eval()
     names = called_linear_layers(model, example.cpu())
+    for module in model.modules():
+        if isinstance(module, OneDnnLinear):
+            module.__class__ = nn.Linear  # torch's dynamic quantization maps the plain class only
     with warnings.catch_warnings():
         # torch announces the future removal of quantized tensors on every quantized weight
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         quantized = quantize_dynamic(model, {name: default_dynamic_qconfig for name in names},
-                                     dtype=torch.qint8, inplace=False)
+                                     dtype=torch.qint8, inplace=True)
     return quantized, names
 
 

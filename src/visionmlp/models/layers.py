@@ -1,29 +1,41 @@
-"""Layers shared by several families: the input-size check of models built for one image size, a patchify
-conv whose output layout comes from its kernel, a depth-wise conv whose weight gradient avoids a slow oneDNN
-path, a stochastic-depth residual that computes its branch only for the samples it keeps, and blocks run over
-small slices of the batch at CPU inference.
+"""Layers shared by several families: the input-size check of models built for one image size, linear
+layers on oneDNN's fp32 matmul on CPU, a patchify conv whose output layout comes from its kernel, a depth-wise
+conv whose weight gradient avoids a slow oneDNN path, a stochastic-depth residual that computes its branch only
+for the samples it keeps, and blocks run over small slices of the batch at CPU inference.
 
 The functions that branch on run-time values are FX leaves twice over: registered with timm (whose feature
 extractor passes them to the tracer) and wrapped with ``torch.fx.wrap`` for plain ``symbolic_trace``. That
 wrapping binds a module's global name, so a model file calling one of them wraps its own imported name too.
 """
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, register_notrace_function
+from timm.layers import DropPath, register_notrace_function, register_notrace_module
 from torch import nn
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = [
-    "ChannelsLastConv2d", "SkipsDroppedSamples", "blocks_in_batch_slices", "check_input_size", "depthwise_conv2d",
-    "drop_path_residual", "training_layout",
+    "ChannelsLastConv2d", "OneDnnLinear", "SkipsDroppedSamples", "blocks_in_batch_slices", "check_input_size",
+    "depthwise_conv2d", "drop_path_residual", "linear", "use_onednn_linears", "training_layout",
 ]
 
 # Activation bytes per batch slice at CPU inference (two samples of RaftMLP-S's first stage). The blocks'
 # intermediates, up to 4x wider, are then small enough for glibc's default heap to reuse them rather than
 # map and page in fresh memory for each (with the heap kept, both forms run alike), and for the cache.
 _CPU_INFERENCE_SLICE_BYTES = 2 * 2**20
+# oneDNN's fp32 matmul, which PyTorch keeps for its inductor's CPU fusions; eager F.linear calls the BLAS (MKL).
+# On a 2-core EPYC (Zen 4) MKL's sgemm ran at 150-195 GFLOP/s and oneDNN's at 300-440, for the products of
+# a linear layer's forward and input gradient alike, at fp32 accuracy (no reduced-precision math mode).
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+if _ONEDNN_LINEAR is not None:
+    @register_flop_formula(_ONEDNN_LINEAR)  # so that FlopCounterMode (the benchmark's GMACs) counts its products
+    def _onednn_linear_flops(x_shape: torch.Size, weight_shape: torch.Size, *args, **kwargs) -> int:
+        return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1]
+# Multiply-adds under which a product keeps F.linear: oneDNN's call costs ~10 us more.
+_ONEDNN_LINEAR_MIN_MACS = 2**20
 # Widest kernel whose depth-wise weight gradient oneDNN computes on its fast path. On a 2-core EPYC (Zen 4),
 # channels-last, batch 8: 7x3 and 7x1 kernels take 0.05-0.07 ms per tap at 56x56, 7x4 to 7x7 0.2-0.25 ms
 # (5-10x the forward's time for a 7x7 kernel).
@@ -51,6 +63,92 @@ def check_input_size(x: torch.Tensor, img_size: tuple[int, int], multiple: int) 
 def training_layout(x: torch.Tensor) -> torch.Tensor:
     """``x`` in channels-last where gradients are taken, else as it is."""
     return x.contiguous(memory_format=torch.channels_last) if torch.is_grad_enabled() else x
+
+
+def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` (2-D operands, any strides) on oneDNN."""
+    return _ONEDNN_LINEAR(x, weight, None, "none", [], "")
+
+
+class _OneDnnLinearFunction(torch.autograd.Function):
+    """``F.linear`` whose three products (output, input gradient, weight gradient) run on oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        x, weight = ctx.saved_tensors
+        grad_2d = grad_output.reshape(-1, weight.shape[0])
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_matmul(grad_2d, weight.t()).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            x_2d = x.reshape(-1, weight.shape[1])
+            # oneDNN runs the long (tokens) reduction fastest with the wider side as its output's columns
+            if weight.shape[0] <= weight.shape[1]:
+                grad_weight = _onednn_matmul(grad_2d.t(), x_2d.t())
+            else:
+                grad_weight = _onednn_matmul(x_2d.t(), grad_2d.t()).t()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_2d.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+@torch.jit.unused  # TorchScript cannot compile these checks; scripted models take F.linear
+def _onednn_linear_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear`` runs on oneDNN (see there)."""
+    # graph capture first: a size test on a symbolic shape would add a guard to an exported program
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and _ONEDNN_LINEAR is not None
+            and x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled('cpu') and x.numel() * weight.shape[0] >= _ONEDNN_LINEAR_MIN_MACS)
+
+
+@torch.jit.unused
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear`` on oneDNN, with gradients where any input wants one."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _OneDnnLinearFunction.apply(x, weight, bias)
+    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+
+@register_notrace_function  # an FX leaf: which kernel runs is decided at run time
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; in fp32 on CPU on oneDNN's matmul, forward and backward.
+
+    Same products, summed in another order; oneDNN's fp32 matmul ran about twice as fast as the MKL sgemm
+    behind ``F.linear`` on an AMD EPYC. Compiled graphs, traces, autocast and other dtypes take F.linear.
+    """
+    if not torch.jit.is_scripting() and _onednn_linear_pays(x, weight):
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+torch.fx.wrap("linear")  # for plain symbolic_trace, which traces into OneDnnLinear.forward
+
+
+@register_notrace_module  # a leaf for timm's tracer, like the nn.Linear it replaces
+class OneDnnLinear(nn.Linear):
+    """An ``nn.Linear`` computed by :func:`linear` (same parameters and state-dict keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``linear(x, weight, bias)``."""
+        return linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(module: nn.Module) -> nn.Module:
+    """Turn every plain ``nn.Linear`` in ``module`` into a :class:`OneDnnLinear`, in place; returns ``module``.
+
+    Models call this at the end of their construction, which covers the linears inside timm's ``Mlp``.
+    """
+    for layer in module.modules():
+        if type(layer) is nn.Linear:
+            layer.__class__ = OneDnnLinear
+    return module
 
 
 def _column_slices(width: int) -> list[tuple[int, int]]:
@@ -104,10 +202,11 @@ class _DepthwiseConvColumnSlicedGrad(torch.autograd.Function):
 @torch.jit.unused  # TorchScript cannot compile a custom autograd function; scripted models take F.conv2d
 def _column_sliced_grad_pays(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether ``depthwise_conv2d`` takes its weight gradient in column slices (see there)."""
-    # the slices' shifted inputs crop up to half the kernel's width: maps at least that wide
-    return (bias is None and _FAST_WEIGHT_GRAD_WIDTH < weight.shape[3] <= x.shape[3] and weight.requires_grad
-            and torch.is_grad_enabled() and x.device.type == 'cpu' and not torch.is_autocast_enabled('cpu')
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+    # graph capture first (no guards on symbolic shapes); the slices' shifted inputs crop up to half the
+    # kernel's width, hence maps at least as wide as the kernel
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and bias is None
+            and weight.requires_grad and torch.is_grad_enabled() and x.device.type == 'cpu'
+            and not torch.is_autocast_enabled('cpu') and _FAST_WEIGHT_GRAD_WIDTH < weight.shape[3] <= x.shape[3])
 
 
 @torch.jit.unused

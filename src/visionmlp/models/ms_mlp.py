@@ -28,7 +28,6 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, LayerNorm2d, Mlp, NormMlpClassifierHead
 from timm.layers import is_scriptable, register_notrace_function, to_2tuple, trunc_normal_
@@ -37,10 +36,11 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..checkpoint import load_pretrained_file
-from .layers import SkipsDroppedSamples, depthwise_conv2d, drop_path_residual
+from .layers import SkipsDroppedSamples, depthwise_conv2d, drop_path_residual, linear, use_onednn_linears
 
 torch.fx.wrap('depthwise_conv2d')
 torch.fx.wrap('drop_path_residual')
+torch.fx.wrap('linear')
 
 __all__ = ['MsMlp', 'MixShiftBlock', 'checkpoint_filter_fn']
 
@@ -303,7 +303,7 @@ class MixShiftBlock(SkipsDroppedSamples, nn.Module):
         bias = mlp.fc2.bias
         if bias is not None:
             bias = bias * gamma
-        return mlp.drop2(F.linear(x, mlp.fc2.weight * gamma[:, None], bias))
+        return mlp.drop2(linear(x, mlp.fc2.weight * gamma[:, None], bias))
 
     @torch.jit.unused
     def residual_branch(self, x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -424,6 +424,7 @@ class MsMlp(nn.Module):
         self.head = NormMlpClassifierHead(
             self.num_features, num_classes, pool_type=global_pool, norm_layer=norm_layer_2d)
         self.apply(self._init_weights)
+        use_onednn_linears(self)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -33,7 +33,9 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..checkpoint import StateDict, load_pretrained_file
-from .layers import SkipsDroppedSamples, blocks_in_batch_slices, check_input_size, drop_path_residual
+from .layers import (
+    SkipsDroppedSamples, blocks_in_batch_slices, check_input_size, drop_path_residual, use_onednn_linears,
+)
 
 __all__ = ['RaftMLP', 'checkpoint_filter_fn']
 
@@ -284,6 +286,7 @@ class RaftMLP(nn.Module):
         self.norm = nn.LayerNorm(self.num_features, **dd)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        use_onednn_linears(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..checkpoint import load_pretrained_file
 from .fold import fold_bn_after
-from .layers import ChannelsLastConv2d, check_input_size, depthwise_conv2d
+from .layers import ChannelsLastConv2d, check_input_size, depthwise_conv2d, linear, use_onednn_linears
 
 __all__ = ["StripMLPNet"]
 
@@ -40,6 +40,7 @@ _NUM_STAGES = 4
 
 torch.fx.wrap("check_input_size")
 torch.fx.wrap("depthwise_conv2d")
+torch.fx.wrap("linear")
 
 
 def _spatial_norm_forward(x: torch.Tensor) -> torch.Tensor:
@@ -241,7 +242,7 @@ class ChannelMixing(nn.Module):
             weight = self.fc2.weight * scale.unsqueeze(1)
             x = torch.baddbmm(bias, x.reshape(n, h * w, hidden), weight.transpose(1, 2)).view(n, h, w, -1)
         else:
-            x = F.linear(x * scale.view(n, 1, 1, hidden), self.fc2.weight, bias)
+            x = linear(x * scale.view(n, 1, 1, hidden), self.fc2.weight, bias)
         return x.permute(0, 3, 1, 2)
 
 
@@ -384,6 +385,7 @@ class StripMLPNet(nn.Module):
         self.norm = nn.BatchNorm2d(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        use_onednn_linears(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from .layers import (
     blocks_in_batch_slices,
     check_input_size,
     drop_path_residual,
+    use_onednn_linears,
 )
 
 __all__ = ["PermuteMlp", "PermutatorBlock", "PermutatorStage", "VisionPermutator"]
@@ -262,6 +263,7 @@ class VisionPermutator(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+        use_onednn_linears(self)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
