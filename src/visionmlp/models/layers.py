@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, register_notrace_function, register_notrace_module
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
 __all__ = [
     "ChannelsLastConv2d", "OneDnnLinear", "SkipsDroppedSamples", "blocks_in_batch_slices", "check_input_size",
-    "depthwise_conv2d", "drop_path_residual", "linear", "use_onednn_linears", "training_layout",
+    "depthwise_conv2d", "drop_path_residual", "linear", "onednn_linear_pays", "use_onednn_linears", "training_layout",
 ]
 
 # Activation bytes per batch slice at CPU inference (two samples of RaftMLP-S's first stage). The blocks'
@@ -80,6 +81,7 @@ class _OneDnnLinearFunction(torch.autograd.Function):
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 
     @staticmethod
+    @once_differentiable  # a second derivative through it raises, naming this function
     def backward(ctx, grad_output: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         x, weight = ctx.saved_tensors
         grad_2d = grad_output.reshape(-1, weight.shape[0])
@@ -99,7 +101,7 @@ class _OneDnnLinearFunction(torch.autograd.Function):
 
 
 @torch.jit.unused  # TorchScript cannot compile these checks; scripted models take F.linear
-def _onednn_linear_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def onednn_linear_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear`` runs on oneDNN (see there)."""
     # graph capture first: a size test on a symbolic shape would add a guard to an exported program
     return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and _ONEDNN_LINEAR is not None
@@ -123,7 +125,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     Same products, summed in another order; oneDNN's fp32 matmul ran about twice as fast as the MKL sgemm
     behind ``F.linear`` on an AMD EPYC. Compiled graphs, traces, autocast and other dtypes take F.linear.
     """
-    if not torch.jit.is_scripting() and _onednn_linear_pays(x, weight):
+    if not torch.jit.is_scripting() and onednn_linear_pays(x, weight):
         return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -177,6 +179,7 @@ class _DepthwiseConvColumnSlicedGrad(torch.autograd.Function):
         return F.conv2d(x, weight, None, 1, (weight.shape[2] // 2, weight.shape[3] // 2), 1, weight.shape[0])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         x, weight = ctx.saved_tensors
         channels, height, width = weight.shape[0], weight.shape[2], weight.shape[3]

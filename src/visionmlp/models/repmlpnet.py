@@ -46,6 +46,7 @@ from torch import nn
 
 from ..checkpoint import StateDict, load_pretrained_file
 from .fold import bn_scale_shift, fold_bn_before
+from .layers import linear, onednn_linear_pays
 
 __all__ = ["RepMLPBlock", "RepMLPNet"]
 
@@ -254,10 +255,15 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return F.conv2d(x, weight, bias)
     B, C, H, W = x.shape
     weight = weight.view(weight.shape[0], C)
-    if H * W > max(weight.shape[0], weight.shape[1]):
-        out = torch.bmm(weight.expand(B, -1, -1), x.reshape(B, C, H * W))
+    images = x.reshape(B, C, H * W)
+    if not torch.jit.is_scripting() and onednn_linear_pays(weight, images[0].t()):
+        # weight @ image as a linear layer with the image as its weight, on oneDNN's fp32 matmul: 1.4-1.9x
+        # the speed of one batched product on a Zen 4 EPYC
+        out = torch.stack([linear(weight, image.t()) for image in images])
+    elif H * W > max(weight.shape[0], weight.shape[1]):
+        out = torch.bmm(weight.expand(B, -1, -1), images)
     else:
-        out = torch.matmul(weight, x.reshape(B, C, H * W))
+        out = torch.matmul(weight, images)
     if bias is not None:  # the deploy form, with the BN folded into the conv
         out = out + bias.view(-1, 1)
     return out.view(B, -1, H, W)
