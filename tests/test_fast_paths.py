@@ -87,6 +87,27 @@ def test_ms_mlp_training_step_matches_plain_path_fp32():
         assert relative_l2(got, expected) <= 1e-5
 
 
+def _counted(monkeypatch: pytest.MonkeyPatch, attribute: str) -> list[int]:
+    """Wrap ``layers.<attribute>`` so that each call is recorded; returns the record."""
+    calls: list[int] = []
+    original = getattr(layers, attribute)
+    monkeypatch.setattr(layers, attribute, lambda *args: calls.append(1) or original(*args))
+    return calls
+
+
+def _fast_and_plain_training(name: str, monkeypatch: pytest.MonkeyPatch, switch: str, off: object, fast: str):
+    """Logits and gradients of a training step with ``layers.<switch>`` set to ``off`` and as it is, and
+    checks that the second step called ``layers.<fast>``."""
+    x = _inputs(name)
+    monkeypatch.setattr(layers, switch, off)
+    plain = _logits_and_gradients(_model(name, drop_path_rate=0.0).train(), x)
+    monkeypatch.undo()
+    calls = _counted(monkeypatch, fast)
+    fast_result = _logits_and_gradients(_model(name, drop_path_rate=0.0).train(), x)
+    assert calls
+    return fast_result, plain
+
+
 needs_onednn = pytest.mark.skipif(layers._ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
 
 
@@ -118,9 +139,7 @@ def test_linear_runs_on_onednn_forward_and_backward_with_f_linear_results(x_shap
 
 @needs_onednn
 def test_linear_without_gradients_calls_onednn_and_keeps_f_linear_elsewhere(monkeypatch):
-    calls = []
-    onednn = layers._ONEDNN_LINEAR
-    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", lambda *args: calls.append(1) or onednn(*args))
+    calls = _counted(monkeypatch, "_ONEDNN_LINEAR")
     x, weight = torch.randn(64, 128), torch.randn(256, 128)
     with torch.no_grad():
         torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
@@ -143,15 +162,7 @@ def test_models_build_their_linears_as_onednn_linears_with_the_same_state_dict()
 @needs_onednn
 @pytest.mark.parametrize("name", ["vip_s7", "raft_mlp_s", "ms_mlp_tiny", "strip_mlp_tiny_light"])
 def test_training_with_onednn_linears_matches_f_linear(name, monkeypatch):
-    x = _inputs(name)
-    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", None)
-    expected = _logits_and_gradients(_model(name, drop_path_rate=0.0).train(), x)
-    monkeypatch.undo()
-    calls = []
-    onednn = layers._ONEDNN_LINEAR
-    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", lambda *args: calls.append(1) or onednn(*args))
-    got = _logits_and_gradients(_model(name, drop_path_rate=0.0).train(), x)
-    assert calls
+    got, expected = _fast_and_plain_training(name, monkeypatch, "_ONEDNN_LINEAR", None, "_ONEDNN_LINEAR")
     # Gradients that are zero but for rounding (Strip-MLP's biases before a BatchNorm) differ in their noise
     noise = 1e-6 * max(float(want.norm()) for want in expected)
     for tensor, want in zip(got, expected):
@@ -194,15 +205,9 @@ def test_depthwise_conv2d_keeps_conv2d_where_its_weight_gradient_is_fast_or_not_
 
 @pytest.mark.parametrize("name", ["ms_mlp_tiny", "strip_mlp_tiny_light"])
 def test_training_with_column_sliced_depthwise_gradients_matches_conv2d_gradients(name, monkeypatch):
-    x = _inputs(name)
-    monkeypatch.setattr(layers, "_FAST_WEIGHT_GRAD_WIDTH", 10**6)
-    expected = _logits_and_gradients(_model(name, drop_path_rate=0.0).train(), x)
-    monkeypatch.undo()
-    sliced_calls = []
-    apply = layers._depthwise_conv2d_column_sliced_grad
-    monkeypatch.setattr(layers, "_depthwise_conv2d_column_sliced_grad", lambda *a: sliced_calls.append(1) or apply(*a))
-    got = _logits_and_gradients(_model(name, drop_path_rate=0.0).train(), x)
-    assert sliced_calls  # the 5x5 and 7x7 kernels (and Strip-MLP's 3x7) took the sliced weight gradient
+    # MS-MLP's 5x5 and 7x7 kernels, Strip-MLP's 7x7 and 3x7 take the sliced weight gradient
+    got, expected = _fast_and_plain_training(
+        name, monkeypatch, "_FAST_WEIGHT_GRAD_WIDTH", 10**6, "_depthwise_conv2d_column_sliced_grad")
     for tensor, want in zip(got, expected):
         assert relative_l2(tensor, want) <= 1e-5
 
