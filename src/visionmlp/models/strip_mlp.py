@@ -32,7 +32,9 @@ from torch import nn
 
 from ..checkpoint import load_pretrained_file
 from .fold import fold_bn_after
-from .layers import ChannelsLastConv2d, check_input_size, depthwise_conv2d, linear, use_onednn_linears
+from .layers import (
+    ChannelsLastConv2d, check_input_size, depthwise_conv2d, linear, onednn_linear_pays, use_onednn_linears,
+)
 
 __all__ = ["StripMLPNet"]
 
@@ -79,6 +81,26 @@ def spatial_l2_norm(x: torch.Tensor) -> torch.Tensor:
     if torch.jit.is_scripting() or not x.requires_grad:
         return _spatial_norm_forward(x)
     return _SpatialL2Norm.apply(x)
+
+
+@torch.jit.unused  # TorchScript takes the batched product
+def _onednn_linear_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``linear(x[i], weight[i], bias)`` for each sample ``i``, stacked."""
+    return torch.stack([linear(sample, sample_weight, bias) for sample, sample_weight in zip(x, weight)])
+
+
+@register_notrace_function  # an FX leaf: the kernel is chosen at run time
+@torch.fx.wrap
+def per_sample_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x[i] @ weight[i].T + bias`` for each sample of ``x`` (N, H, W, C_in) and ``weight`` (N, C_out, C_in).
+
+    In fp32 on CPU one oneDNN product per sample (see ``layers.linear``): 1.6-2x the speed of MKL's batched
+    product on a Zen 4 EPYC. Elsewhere one batched product.
+    """
+    if not torch.jit.is_scripting() and onednn_linear_pays(x[0], weight[0]):
+        return _onednn_linear_per_sample(x, weight, bias)
+    n, h, w, c_in = x.shape
+    return torch.baddbmm(bias, x.reshape(n, h * w, c_in), weight.transpose(1, 2)).view(n, h, w, -1)
 
 
 def _conv1x1_of_concat(
@@ -230,8 +252,7 @@ class ChannelMixing(nn.Module):
         x = depthwise_conv2d(x.contiguous(memory_format=torch.channels_last), self.conv_dw.weight)
         x = x.permute(0, 2, 3, 1)
         x = self.act(self.fc1(self.norm(x)))
-        shape = x.shape
-        n, h, w, hidden = shape[0], shape[1], shape[2], shape[3]
+        n, hidden = x.shape[0], x.shape[3]
         # GRN is x * (1 + gamma * r) + beta with a per-sample, per-channel ratio r; beta passes through fc2
         # into a constant bias, and the scale goes on the hidden activations or on fc2's weight.
         x_g = spatial_l2_norm(x)
@@ -239,8 +260,7 @@ class ChannelMixing(nn.Module):
         scale = torch.addcmul(torch.ones_like(ratio), self.grn.weight, ratio)
         bias = F.linear(self.grn.bias, self.fc2.weight, self.fc2.bias)
         if self.scale_fc2_weight:
-            weight = self.fc2.weight * scale.unsqueeze(1)
-            x = torch.baddbmm(bias, x.reshape(n, h * w, hidden), weight.transpose(1, 2)).view(n, h, w, -1)
+            x = per_sample_linear(x, self.fc2.weight * scale.unsqueeze(1), bias)
         else:
             x = linear(x * scale.view(n, 1, 1, hidden), self.fc2.weight, bias)
         return x.permute(0, 3, 1, 2)
