@@ -3,14 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, get_notrace_functions, get_notrace_modules, set_scriptable
+from timm.layers import DropPath, Mlp, get_notrace_functions, get_notrace_modules, set_scriptable
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import visionmlp
 from visionmlp.engine.benchmark import compiled
 from visionmlp.models import layers, ms_mlp
-from visionmlp.models.layers import OneDnnLinear, depthwise_conv2d, drop_path_residual, linear
+from visionmlp.models.layers import OneDnnLinear, OneDnnMlp, depthwise_conv2d, drop_path_residual, linear, linear_gelu
 from visionmlp.models.ms_mlp import MixShiftBlock
 from synthetic_weights import relative_l2
 
@@ -151,11 +151,32 @@ def test_linear_without_gradients_calls_onednn_and_keeps_f_linear_elsewhere(monk
     assert len(calls) == 1
 
 
+@needs_onednn
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_linear_gelu_runs_as_one_onednn_call_without_gradients(dtype, tolerance, monkeypatch):
+    calls = []
+    onednn = layers._ONEDNN_LINEAR
+    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", lambda *args: calls.append(args[3]) or onednn(*args))
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((2, 300, 64), (256, 64), (256,)))
+    expected = F.gelu(F.linear(x.double(), weight.double(), bias.double()))
+    with torch.no_grad():
+        out = linear_gelu(x.to(dtype), weight.to(dtype), bias.to(dtype))
+    assert calls == ["gelu"] and out.dtype == dtype
+    assert relative_l2(out.double(), expected) <= tolerance
+    weight.requires_grad_()
+    out = linear_gelu(x, weight, bias)  # with gradients: the oneDNN linear, then GELU
+    assert calls == ["gelu", "none"] and relative_l2(out.detach().double(), expected) <= 1e-6
+
+
 def test_models_build_their_linears_as_onednn_linears_with_the_same_state_dict():
     for name in ("vip_s7", "raft_mlp_s", "ms_mlp_tiny", "strip_mlp_tiny_light"):
         model = _model(name)
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         assert linears and all(type(m) is OneDnnLinear for m in linears)
+        linear_mlps = [m for m in model.modules() if isinstance(m, Mlp) and isinstance(m.fc1, nn.Linear)]
+        assert all(type(m) is OneDnnMlp for m in linear_mlps)
+        assert linear_mlps or name.startswith("strip")  # Strip-MLP's MLPs are convs, or its own fc1/fc2
         assert any(key.endswith("fc1.weight") for key in model.state_dict())
 
 

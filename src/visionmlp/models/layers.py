@@ -13,14 +13,15 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, register_notrace_function, register_notrace_module
+from timm.layers import DropPath, Mlp, register_notrace_function, register_notrace_module
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
 __all__ = [
-    "ChannelsLastConv2d", "OneDnnLinear", "SkipsDroppedSamples", "blocks_in_batch_slices", "check_input_size",
-    "depthwise_conv2d", "drop_path_residual", "linear", "onednn_linear_pays", "use_onednn_linears", "training_layout",
+    "ChannelsLastConv2d", "OneDnnLinear", "OneDnnMlp", "SkipsDroppedSamples", "blocks_in_batch_slices",
+    "check_input_size", "depthwise_conv2d", "drop_path_residual", "linear", "linear_gelu", "onednn_linear_pays",
+    "use_onednn_linears", "training_layout",
 ]
 
 # Activation bytes per batch slice at CPU inference (two samples of RaftMLP-S's first stage). The blocks'
@@ -142,14 +143,50 @@ class OneDnnLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+@torch.jit.unused
+def _fused_gelu_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear_gelu`` runs as one oneDNN call (see there)."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and _ONEDNN_LINEAR is not None
+            and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
+            and not torch.is_autocast_enabled('cpu') and not (torch.is_grad_enabled() and (
+                x.requires_grad or weight.requires_grad)) and x.numel() * weight.shape[0] >= _ONEDNN_LINEAR_MIN_MACS)
+
+
+@register_notrace_function  # an FX leaf: which kernel runs is decided at run time
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.gelu(linear(x, weight, bias))``; without gradients on CPU (fp32 or bf16) one oneDNN call, the exact
+    GELU applied as the product's output is written, which saves a pass over the activation."""
+    if not torch.jit.is_scripting() and _fused_gelu_pays(x, weight):
+        return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], "none")
+    return F.gelu(linear(x, weight, bias))
+
+
+torch.fx.wrap("linear_gelu")  # for plain symbolic_trace, which traces into OneDnnMlp.forward
+
+
+@register_notrace_module  # a leaf for timm's tracer, like the Mlp it replaces
+class OneDnnMlp(Mlp):
+    """A timm ``Mlp`` (linear, exact GELU, linear, no norm) whose first linear and GELU run as one oneDNN call
+    at inference (:func:`linear_gelu`); the same parameters and state-dict keys. Its ``act`` module stays,
+    unused, as in the ``Mlp`` it was built as."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``Mlp.forward`` (its norm is an identity) with fc1 and the GELU in one :func:`linear_gelu`."""
+        return self.drop2(self.fc2(self.drop1(linear_gelu(x, self.fc1.weight, self.fc1.bias))))
+
+
 def use_onednn_linears(module: nn.Module) -> nn.Module:
-    """Turn every plain ``nn.Linear`` in ``module`` into a :class:`OneDnnLinear`, in place; returns ``module``.
+    """Turn every plain ``nn.Linear`` in ``module`` into a :class:`OneDnnLinear` and every timm ``Mlp`` of
+    linears with an exact GELU and no norm into a :class:`OneDnnMlp`, in place; returns ``module``.
 
     Models call this at the end of their construction, which covers the linears inside timm's ``Mlp``.
     """
     for layer in module.modules():
         if type(layer) is nn.Linear:
             layer.__class__ = OneDnnLinear
+        elif (type(layer) is Mlp and isinstance(layer.fc1, nn.Linear) and isinstance(layer.norm, nn.Identity)
+              and type(layer.act) is nn.GELU and layer.act.approximate == 'none'):
+            layer.__class__ = OneDnnMlp
     return module
 
 

@@ -33,7 +33,8 @@ from torch import nn
 from ..checkpoint import load_pretrained_file
 from .fold import fold_bn_after
 from .layers import (
-    ChannelsLastConv2d, check_input_size, depthwise_conv2d, linear, onednn_linear_pays, use_onednn_linears,
+    ChannelsLastConv2d, check_input_size, depthwise_conv2d, linear, linear_gelu, onednn_linear_pays,
+    use_onednn_linears,
 )
 
 __all__ = ["StripMLPNet"]
@@ -43,6 +44,7 @@ _NUM_STAGES = 4
 torch.fx.wrap("check_input_size")
 torch.fx.wrap("depthwise_conv2d")
 torch.fx.wrap("linear")
+torch.fx.wrap("linear_gelu")
 
 
 def _spatial_norm_forward(x: torch.Tensor) -> torch.Tensor:
@@ -242,8 +244,7 @@ class ChannelMixing(nn.Module):
         self.scale_fc2_weight = grid_size * grid_size > dim
         self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim, bias=False)
         self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.fc1 = nn.Linear(dim, hidden)  # with an exact GELU (linear_gelu)
         self.grn = GlobalResponseNorm(hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
@@ -251,7 +252,7 @@ class ChannelMixing(nn.Module):
         # Channels-last in, so that the permute below is free and the MLP runs on contiguous rows.
         x = depthwise_conv2d(x.contiguous(memory_format=torch.channels_last), self.conv_dw.weight)
         x = x.permute(0, 2, 3, 1)
-        x = self.act(self.fc1(self.norm(x)))
+        x = linear_gelu(self.norm(x), self.fc1.weight, self.fc1.bias)
         n, hidden = x.shape[0], x.shape[3]
         # GRN is x * (1 + gamma * r) + beta with a per-sample, per-channel ratio r; beta passes through fc2
         # into a constant bias, and the scale goes on the hidden activations or on fc2's weight.
