@@ -164,9 +164,14 @@ def test_linear_gelu_runs_as_one_onednn_call_without_gradients(dtype, tolerance,
         out = linear_gelu(x.to(dtype), weight.to(dtype), bias.to(dtype))
     assert calls == ["gelu"] and out.dtype == dtype
     assert relative_l2(out.double(), expected) <= tolerance
-    weight.requires_grad_()
-    out = linear_gelu(x, weight, bias)  # with gradients: the oneDNN linear, then GELU
+    bias.requires_grad_()  # a gradient wanted for the bias alone: the oneDNN linear, then GELU
+    out = linear_gelu(x, weight, bias)
     assert calls == ["gelu", "none"] and relative_l2(out.detach().double(), expected) <= 1e-6
+    (grad_bias,) = torch.autograd.grad(out.sum(), bias)
+    reference_bias = bias.detach().double().requires_grad_()
+    (expected_grad,) = torch.autograd.grad(F.gelu(F.linear(x.double(), weight.double(), reference_bias)).sum(),
+                                           reference_bias)
+    assert relative_l2(grad_bias.double(), expected_grad) <= 1e-6
 
 
 def test_models_build_their_linears_as_onednn_linears_with_the_same_state_dict():

@@ -144,19 +144,21 @@ class OneDnnLinear(nn.Linear):
 
 
 @torch.jit.unused
-def _fused_gelu_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _fused_gelu_pays(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether ``linear_gelu`` runs as one oneDNN call (see there)."""
+    wants_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and _ONEDNN_LINEAR is not None
-            and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
-            and not torch.is_autocast_enabled('cpu') and not (torch.is_grad_enabled() and (
-                x.requires_grad or weight.requires_grad)) and x.numel() * weight.shape[0] >= _ONEDNN_LINEAR_MIN_MACS)
+            and not wants_grad and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16)
+            and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+            and not torch.is_autocast_enabled('cpu') and x.numel() * weight.shape[0] >= _ONEDNN_LINEAR_MIN_MACS)
 
 
 @register_notrace_function  # an FX leaf: which kernel runs is decided at run time
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.gelu(linear(x, weight, bias))``; without gradients on CPU (fp32 or bf16) one oneDNN call, the exact
     GELU applied as the product's output is written, which saves a pass over the activation."""
-    if not torch.jit.is_scripting() and _fused_gelu_pays(x, weight):
+    if not torch.jit.is_scripting() and _fused_gelu_pays(x, weight, bias):
         return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], "none")
     return F.gelu(linear(x, weight, bias))
 
