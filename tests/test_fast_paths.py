@@ -10,7 +10,9 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import visionmlp
 from visionmlp.engine.benchmark import compiled
 from visionmlp.models import layers, ms_mlp
-from visionmlp.models.layers import OneDnnLinear, OneDnnMlp, depthwise_conv2d, drop_path_residual, linear, linear_gelu
+from visionmlp.models.layers import (
+    OneDnnLinear, OneDnnMlp, depthwise_conv2d, drop_path_residual, linear, linear_gelu, per_sample_linear,
+)
 from visionmlp.models.ms_mlp import MixShiftBlock
 from synthetic_weights import relative_l2
 
@@ -137,9 +139,8 @@ def test_linear_runs_on_onednn_forward_and_backward_with_f_linear_results(x_shap
         assert relative_l2(got.double(), expected) <= 1e-6
 
 
-@needs_onednn
-def test_linear_without_gradients_calls_onednn_and_keeps_f_linear_elsewhere(monkeypatch):
-    calls = _counted(monkeypatch, "_ONEDNN_LINEAR")
+def test_linear_without_gradients_calls_onednn_and_keeps_f_linear_elsewhere(onednn_calls):
+    calls = onednn_calls
     x, weight = torch.randn(64, 128), torch.randn(256, 128)
     with torch.no_grad():
         torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
@@ -151,12 +152,9 @@ def test_linear_without_gradients_calls_onednn_and_keeps_f_linear_elsewhere(monk
     assert len(calls) == 1
 
 
-@needs_onednn
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_linear_gelu_runs_as_one_onednn_call_without_gradients(dtype, tolerance, monkeypatch):
-    calls = []
-    onednn = layers._ONEDNN_LINEAR
-    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", lambda *args: calls.append(args[3]) or onednn(*args))
+def test_linear_gelu_runs_as_one_onednn_call_without_gradients(dtype, tolerance, onednn_calls):
+    calls = onednn_calls
     generator = torch.Generator().manual_seed(0)
     x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((2, 300, 64), (256, 64), (256,)))
     expected = F.gelu(F.linear(x.double(), weight.double(), bias.double()))
@@ -172,6 +170,14 @@ def test_linear_gelu_runs_as_one_onednn_call_without_gradients(dtype, tolerance,
     (expected_grad,) = torch.autograd.grad(F.gelu(F.linear(x.double(), weight.double(), reference_bias)).sum(),
                                            reference_bias)
     assert relative_l2(grad_bias.double(), expected_grad) <= 1e-6
+
+
+def test_per_sample_linear_takes_one_onednn_product_per_sample(onednn_calls):
+    x, weight, bias = torch.randn(3, 16, 16, 96), torch.randn(3, 48, 96), torch.randn(48)
+    out = per_sample_linear(x, weight, bias)
+    assert len(onednn_calls) == 3
+    expected = torch.einsum("nhwi,noi->nhwo", x.double(), weight.double()) + bias.double()
+    assert relative_l2(out.double(), expected) <= 1e-6
 
 
 def test_models_build_their_linears_as_onednn_linears_with_the_same_state_dict():

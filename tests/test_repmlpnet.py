@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import visionmlp
-from visionmlp.models import layers
 from visionmlp.models.repmlpnet import RepMLPBlock, checkpoint_filter_fn, pointwise_conv
 
 from synthetic_weights import relative_l2
@@ -235,17 +234,13 @@ def test_pointwise_conv_products_equal_a_1x1_convolution(size, with_bias):
     torch.testing.assert_close(out, F.conv2d(x, weight, bias), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.skipif(layers._ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_pointwise_conv_in_fp32_on_cpu_takes_one_onednn_product_per_image(with_bias, monkeypatch):
-    calls = []
-    onednn = layers._ONEDNN_LINEAR
-    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", lambda *args: calls.append(1) or onednn(*args))
+def test_pointwise_conv_in_fp32_on_cpu_takes_one_onednn_product_per_image(with_bias, onednn_calls):
     x, weight = torch.randn(3, 64, 16, 16), torch.randn(128, 64, 1, 1)
     bias = torch.randn(128) if with_bias else None
     with torch.no_grad():
         out = pointwise_conv(x, weight, bias)
-    assert len(calls) == 3
+    assert len(onednn_calls) == 3
     expected = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double())
     assert relative_l2(out.double(), expected) <= 1e-6
 

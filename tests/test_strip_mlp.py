@@ -16,8 +16,7 @@ from timm.layers import DropPath
 from timm.layers.grn import GlobalResponseNorm
 
 import visionmlp
-from visionmlp.models import layers
-from visionmlp.models.strip_mlp import ChannelMixing, StripMLPBlock, StripMLPNet, per_sample_linear, spatial_l2_norm
+from visionmlp.models.strip_mlp import ChannelMixing, StripMLPBlock, StripMLPNet, spatial_l2_norm
 
 SMALL = 64  # smallest size with a 2x2 last-stage grid; keeps these tests fast
 
@@ -201,14 +200,3 @@ def test_fx_traced_model_matches_eager(global_pool):
     with pytest.raises(ValueError, match="built for img_size"):
         fx_model(torch.randn(1, 3, 64, 64))
 
-
-@pytest.mark.skipif(layers._ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
-def test_per_sample_linear_takes_one_onednn_product_per_sample(monkeypatch):
-    calls = []
-    onednn = layers._ONEDNN_LINEAR
-    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", lambda *args: calls.append(1) or onednn(*args))
-    x, weight, bias = torch.randn(3, 16, 16, 96), torch.randn(3, 48, 96), torch.randn(48)
-    out = per_sample_linear(x, weight, bias)
-    assert len(calls) == 3
-    expected = torch.einsum("nhwi,noi->nhwo", x.double(), weight.double()) + bias.double()
-    assert relative_l2(out.double(), expected) <= 1e-6

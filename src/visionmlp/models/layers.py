@@ -21,7 +21,7 @@ from torch.utils.flop_counter import register_flop_formula
 __all__ = [
     "ChannelsLastConv2d", "OneDnnLinear", "OneDnnMlp", "SkipsDroppedSamples", "blocks_in_batch_slices",
     "check_input_size", "depthwise_conv2d", "drop_path_residual", "linear", "linear_gelu", "onednn_linear_pays",
-    "use_onednn_linears", "training_layout",
+    "per_sample_linear", "use_onednn_linears", "training_layout",
 ]
 
 # Activation bytes per batch slice at CPU inference (two samples of RaftMLP-S's first stage). The blocks'
@@ -67,9 +67,19 @@ def training_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if torch.is_grad_enabled() else x
 
 
-def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` (2-D operands, any strides) on oneDNN."""
-    return _ONEDNN_LINEAR(x, weight, None, "none", [], "")
+def _onednn_matmul(
+        x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, post_op: str = "none",
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` on oneDNN, then ``post_op`` ("none", or "gelu": the exact GELU) as it is written."""
+    return _ONEDNN_LINEAR(x, weight, bias, post_op, [], "none" if post_op == "gelu" else "")
+
+
+@torch.jit.unused
+def _eager_on_cpu(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a CPU tensor in plain eager code: no graph capture (first, so that no guard is added
+    on a symbolic shape), no autocast."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and x.device.type == 'cpu'
+            and not torch.is_autocast_enabled('cpu'))
 
 
 class _OneDnnLinearFunction(torch.autograd.Function):
@@ -79,7 +89,7 @@ class _OneDnnLinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+        return _onednn_matmul(x, weight, bias)
 
     @staticmethod
     @once_differentiable  # a second derivative through it raises, naming this function
@@ -104,10 +114,8 @@ class _OneDnnLinearFunction(torch.autograd.Function):
 @torch.jit.unused  # TorchScript cannot compile these checks; scripted models take F.linear
 def onednn_linear_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear`` runs on oneDNN (see there)."""
-    # graph capture first: a size test on a symbolic shape would add a guard to an exported program
-    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and _ONEDNN_LINEAR is not None
-            and x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled('cpu') and x.numel() * weight.shape[0] >= _ONEDNN_LINEAR_MIN_MACS)
+    return (_ONEDNN_LINEAR is not None and _eager_on_cpu(x) and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and x.numel() * weight.shape[0] >= _ONEDNN_LINEAR_MIN_MACS)
 
 
 @torch.jit.unused
@@ -116,7 +124,7 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return _OneDnnLinearFunction.apply(x, weight, bias)
-    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return _onednn_matmul(x, weight, bias)
 
 
 @register_notrace_function  # an FX leaf: which kernel runs is decided at run time
@@ -143,15 +151,37 @@ class OneDnnLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+@torch.jit.unused  # TorchScript takes the batched product
+def _onednn_linear_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``linear(x[i], weight[i], bias)`` for each sample ``i``, stacked."""
+    return torch.stack([linear(sample, sample_weight, bias) for sample, sample_weight in zip(x, weight)])
+
+
+@register_notrace_function  # an FX leaf: the kernel is chosen at run time
+def per_sample_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x[i] @ weight[i].T + bias`` for each sample of ``x`` (N, ..., C_in) and ``weight`` (N, C_out, C_in).
+
+    In fp32 on CPU one oneDNN product per sample (``linear``): 1.4-2x the speed of MKL's batched product on a
+    Zen 4 EPYC. Elsewhere one batched product.
+    """
+    if not torch.jit.is_scripting() and onednn_linear_pays(x[0], weight[0]):
+        return _onednn_linear_per_sample(x, weight, bias)
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    out = torch.bmm(rows, weight.transpose(1, 2)) if bias is None else torch.baddbmm(bias, rows, weight.transpose(1, 2))
+    return out.view(x.shape[:-1] + (weight.shape[1],))
+
+
+torch.fx.wrap("per_sample_linear")
+
+
 @torch.jit.unused
 def _fused_gelu_pays(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether ``linear_gelu`` runs as one oneDNN call (see there)."""
     wants_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and _ONEDNN_LINEAR is not None
-            and not wants_grad and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16)
-            and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
-            and not torch.is_autocast_enabled('cpu') and x.numel() * weight.shape[0] >= _ONEDNN_LINEAR_MIN_MACS)
+    return (_ONEDNN_LINEAR is not None and _eager_on_cpu(x) and not wants_grad
+            and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype) and x.numel() * weight.shape[0] >= _ONEDNN_LINEAR_MIN_MACS)
 
 
 @register_notrace_function  # an FX leaf: which kernel runs is decided at run time
@@ -159,7 +189,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """``F.gelu(linear(x, weight, bias))``; without gradients on CPU (fp32 or bf16) one oneDNN call, the exact
     GELU applied as the product's output is written, which saves a pass over the activation."""
     if not torch.jit.is_scripting() and _fused_gelu_pays(x, weight, bias):
-        return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], "none")
+        return _onednn_matmul(x, weight, bias, "gelu")
     return F.gelu(linear(x, weight, bias))
 
 
@@ -244,11 +274,9 @@ class _DepthwiseConvColumnSlicedGrad(torch.autograd.Function):
 @torch.jit.unused  # TorchScript cannot compile a custom autograd function; scripted models take F.conv2d
 def _column_sliced_grad_pays(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether ``depthwise_conv2d`` takes its weight gradient in column slices (see there)."""
-    # graph capture first (no guards on symbolic shapes); the slices' shifted inputs crop up to half the
-    # kernel's width, hence maps at least as wide as the kernel
-    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and bias is None
-            and weight.requires_grad and torch.is_grad_enabled() and x.device.type == 'cpu'
-            and not torch.is_autocast_enabled('cpu') and _FAST_WEIGHT_GRAD_WIDTH < weight.shape[3] <= x.shape[3])
+    # the slices' shifted inputs crop up to half the kernel's width, hence maps at least as wide as the kernel
+    return (_eager_on_cpu(x) and bias is None and weight.requires_grad and torch.is_grad_enabled()
+            and _FAST_WEIGHT_GRAD_WIDTH < weight.shape[3] <= x.shape[3])
 
 
 @torch.jit.unused

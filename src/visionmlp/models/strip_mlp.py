@@ -33,8 +33,7 @@ from torch import nn
 from ..checkpoint import load_pretrained_file
 from .fold import fold_bn_after
 from .layers import (
-    ChannelsLastConv2d, check_input_size, depthwise_conv2d, linear, linear_gelu, onednn_linear_pays,
-    use_onednn_linears,
+    ChannelsLastConv2d, check_input_size, depthwise_conv2d, linear, linear_gelu, per_sample_linear, use_onednn_linears,
 )
 
 __all__ = ["StripMLPNet"]
@@ -45,6 +44,7 @@ torch.fx.wrap("check_input_size")
 torch.fx.wrap("depthwise_conv2d")
 torch.fx.wrap("linear")
 torch.fx.wrap("linear_gelu")
+torch.fx.wrap("per_sample_linear")
 
 
 def _spatial_norm_forward(x: torch.Tensor) -> torch.Tensor:
@@ -83,26 +83,6 @@ def spatial_l2_norm(x: torch.Tensor) -> torch.Tensor:
     if torch.jit.is_scripting() or not x.requires_grad:
         return _spatial_norm_forward(x)
     return _SpatialL2Norm.apply(x)
-
-
-@torch.jit.unused  # TorchScript takes the batched product
-def _onednn_linear_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``linear(x[i], weight[i], bias)`` for each sample ``i``, stacked."""
-    return torch.stack([linear(sample, sample_weight, bias) for sample, sample_weight in zip(x, weight)])
-
-
-@register_notrace_function  # an FX leaf: the kernel is chosen at run time
-@torch.fx.wrap
-def per_sample_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``x[i] @ weight[i].T + bias`` for each sample of ``x`` (N, H, W, C_in) and ``weight`` (N, C_out, C_in).
-
-    In fp32 on CPU one oneDNN product per sample (see ``layers.linear``): 1.6-2x the speed of MKL's batched
-    product on a Zen 4 EPYC. Elsewhere one batched product.
-    """
-    if not torch.jit.is_scripting() and onednn_linear_pays(x[0], weight[0]):
-        return _onednn_linear_per_sample(x, weight, bias)
-    n, h, w, c_in = x.shape
-    return torch.baddbmm(bias, x.reshape(n, h * w, c_in), weight.transpose(1, 2)).view(n, h, w, -1)
 
 
 def _conv1x1_of_concat(
