@@ -9,7 +9,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 import visionmlp
 from visionmlp.engine.benchmark import compiled
-from visionmlp.models import layers, ms_mlp
+from visionmlp.models import layers, ms_mlp, strip_mlp
 from visionmlp.models.layers import (
     OneDnnLinear, OneDnnMlp, depthwise_conv2d, drop_path_residual, linear, linear_gelu, per_sample_linear,
 )
@@ -356,17 +356,38 @@ def test_compiled_model_matches_eager():
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
 
 
-def test_strip_mlp_trains_channels_last_and_infers_nchw_with_one_result():
+def test_strip_mlp_runs_channels_last_in_training_and_inference_with_one_result():
     model, x = _model("strip_mlp_tiny_light"), _inputs("strip_mlp_tiny_light")
-    stem_outputs = []
-    model.stem.register_forward_hook(lambda module, args, output: stem_outputs.append(output))
+    maps = []
+    for module in (model.stem, model.stages[0].blocks[0].token_mixing.strip):
+        module.register_forward_hook(lambda module, args, output: maps.append(output))
     with torch.no_grad():
         expected = model(x)
-    logits = model(x)  # gradients enabled: the training layout
-    inference_map, training_map = stem_outputs
-    assert inference_map.is_contiguous() and not inference_map.is_contiguous(memory_format=torch.channels_last)
-    assert training_map.is_contiguous(memory_format=torch.channels_last)
+    logits = model(x)  # gradients enabled
+    assert len(maps) == 4
+    assert all(m.is_contiguous(memory_format=torch.channels_last) and not m.is_contiguous() for m in maps)
     assert relative_l2(logits.detach(), expected) <= 1e-5
+
+
+def test_strip_mlp_channel_mlp_in_sample_groups_matches_the_whole_batch(monkeypatch):
+    model, x = _model("strip_mlp_tiny_light"), _inputs("strip_mlp_tiny_light")
+    with set_scriptable(True):
+        whole_batch = _model("strip_mlp_tiny_light")
+    calls = []
+    plain_mlp = strip_mlp.ChannelMixing.mlp
+    monkeypatch.setattr(strip_mlp.ChannelMixing, "mlp", lambda self, x: calls.append(len(x)) or plain_mlp(self, x))
+    with torch.no_grad():
+        expected = whole_batch(x)
+        assert calls == [2] * 12  # the scriptable build: the whole batch in every block
+        calls.clear()
+        # a budget of one first-stage sample's hidden activations: samples one at a time there, pairs later
+        monkeypatch.setattr(strip_mlp, "_CPU_INFER_HIDDEN_BYTES", 16 * 16 * 240 * 4)
+        grouped = model(x)
+        assert calls == [1, 1] * 2 + [2] * 10
+        calls.clear()
+    assert relative_l2(grouped, expected) <= 1e-5
+    model(x)  # gradients enabled: the whole batch at once
+    assert calls == [2] * 12
 
 
 def test_raft_mlp_embeds_the_image_channels_last_into_contiguous_tokens():
