@@ -266,16 +266,16 @@ class ChannelMixing(nn.Module):
 @register_notrace_function  # an FX leaf: how many calls it makes is decided at run time
 @torch.fx.wrap
 def mlp_in_sample_groups(mixing: ChannelMixing, x: torch.Tensor) -> torch.Tensor:
-    """``mixing.mlp(x)``; at CPU inference over groups of samples whose hidden activations stay under
+    """``mixing.mlp(x)``; at CPU inference over equal groups of samples whose hidden activations stay under
     ``_CPU_INFER_HIDDEN_BYTES``, with the same result (GRN's statistics are per sample)."""
     n = x.shape[0]
     if x.device.type != "cpu" or torch.is_grad_enabled():
         return mixing.mlp(x)
     sample_bytes = x.shape[1] * x.shape[2] * mixing.fc1.out_features * x.element_size()
-    per_call = max(1, _CPU_INFER_HIDDEN_BYTES // sample_bytes)
-    if per_call >= n:
+    num_groups = -(-n // max(1, _CPU_INFER_HIDDEN_BYTES // sample_bytes))
+    if num_groups == 1:
         return mixing.mlp(x)
-    return torch.cat([mixing.mlp(part) for part in x.split(per_call)])
+    return torch.cat([mixing.mlp(part) for part in x.split(-(-n // num_groups))])
 
 
 class StripMLPBlock(nn.Module):
