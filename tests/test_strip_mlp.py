@@ -16,7 +16,8 @@ from timm.layers import DropPath
 from timm.layers.grn import GlobalResponseNorm
 
 import visionmlp
-from visionmlp.models.strip_mlp import ChannelMixing, StripMLPBlock, StripMLPNet, spatial_l2_norm
+from visionmlp.models.layers import spatial_l2_norm
+from visionmlp.models.strip_mlp import ChannelMixing, StripMLPBlock, StripMLPNet
 
 SMALL = 64  # smallest size with a 2x2 last-stage grid; keeps these tests fast
 

@@ -33,7 +33,8 @@ from torch import nn
 from ..checkpoint import load_pretrained_file
 from .fold import fold_bn_after
 from .layers import (
-    ChannelsLastConv2d, check_input_size, depthwise_conv2d, linear, linear_gelu, per_sample_linear, use_onednn_linears,
+    ChannelsLastConv2d, check_input_size, depthwise_conv2d, linear, linear_gelu, per_sample_linear, spatial_l2_norm,
+    use_onednn_linears,
 )
 
 __all__ = ["StripMLPNet"]
@@ -50,44 +51,7 @@ torch.fx.wrap("depthwise_conv2d")
 torch.fx.wrap("linear")
 torch.fx.wrap("linear_gelu")
 torch.fx.wrap("per_sample_linear")
-
-
-def _spatial_norm_forward(x: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, torch.bfloat16):
-        # 3-20x faster on CPU than torch.linalg.vector_norm over the same non-innermost dims; the bf16 sum
-        # accumulates in fp32, and bf16 has fp32's range
-        return x.square().sum(dim=(1, 2)).sqrt()
-    # in fp16 the squares and their sum overflow where the norm does not; the norm kernel accumulates in fp32
-    return torch.linalg.vector_norm(x, dim=(1, 2))
-
-
-class _SpatialL2Norm(torch.autograd.Function):
-    """L2 norm over H and W of an NHWC map, with a backward of one pass over the map.
-
-    ``Tensor.norm``'s backward makes three (a division, a mask for zero norms, a product); here the
-    division and the mask act on the small (N, C) result, leaving one product with the map.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        norm = _spatial_norm_forward(x)
-        ctx.save_for_backward(x, norm)
-        return norm
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        x, norm = ctx.saved_tensors
-        scale = torch.where(norm > 0, grad / norm, 0.0)
-        return x * scale[:, None, None, :]
-
-
-@register_notrace_function
-@torch.fx.wrap
-def spatial_l2_norm(x: torch.Tensor) -> torch.Tensor:
-    """The L2 norm of an (N, H, W, C) map over H and W, (N, C); an FX leaf function."""
-    if torch.jit.is_scripting() or not x.requires_grad:
-        return _spatial_norm_forward(x)
-    return _SpatialL2Norm.apply(x)
+torch.fx.wrap("spatial_l2_norm")
 
 
 def _conv1x1_of_concat(
