@@ -259,7 +259,7 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if (H * W > max(weight.shape[0], weight.shape[1])
             or (not torch.jit.is_scripting() and onednn_linear_pays(weight, images[0].t()))):
         # weight @ image as a linear layer with the image as its weight; on oneDNN's fp32 matmul, per image,
-        # also for small maps (1.4-1.9x the speed of one batched product on a Zen 4 EPYC)
+        # also for small maps (1.4-1.9x the speed of one batched product on a Zen 5 EPYC)
         out = per_sample_linear(weight.expand(B, -1, -1), images.transpose(1, 2))
     else:
         out = torch.matmul(weight, images)
