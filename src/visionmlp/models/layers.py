@@ -22,7 +22,7 @@ from torch.utils.flop_counter import register_flop_formula
 __all__ = [
     "ChannelsLastConv2d", "OneDnnLinear", "OneDnnMlp", "SkipsDroppedSamples", "blocks_in_batch_slices",
     "check_input_size", "depthwise_conv2d", "drop_path_residual", "linear", "linear_gelu", "onednn_linear_pays",
-    "per_sample_linear", "spatial_l2_norm", "use_onednn_linears", "training_layout",
+    "per_sample_linear", "spatial_l2_norm", "use_onednn_linears",
 ]
 
 # Activation bytes per batch slice at CPU inference (two samples of RaftMLP-S's first stage). The blocks'
@@ -59,13 +59,6 @@ def check_input_size(x: torch.Tensor, img_size: tuple[int, int], multiple: int) 
             f"token-mixing weights are sized for that token grid. Resize the input to {img_size[0]}x{img_size[1]}, "
             f"or build the model with img_size=({height}, {width}) if each side is a multiple of {multiple}")
     return x
-
-
-@register_notrace_function  # an FX leaf, so that traced graphs keep the run-time choice
-@torch.fx.wrap
-def training_layout(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in channels-last where gradients are taken, else as it is."""
-    return x.contiguous(memory_format=torch.channels_last) if torch.is_grad_enabled() else x
 
 
 def _onednn_matmul(
@@ -302,21 +295,14 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 
 class ChannelsLastConv2d(nn.Conv2d):
-    """A Conv2d whose output is channels-last whatever the input's layout (with ``training_only``, only while
-    gradients are taken; NCHW otherwise).
+    """A Conv2d whose output is channels-last whatever the input's layout.
 
     It convolves with a channels-last copy of its kernel rather than of its input: a recorded graph then
     keeps the image as it came (the caller holds it anyway) instead of a channels-last copy of it.
     """
 
-    def __init__(self, *args, training_only: bool = False, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.training_only = training_only
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Convolve ``x``; the result is channels-last (see the class)."""
-        if self.training_only:
-            return self._conv_forward(x, training_layout(self.weight), self.bias)
         return self._conv_forward(x, self.weight.contiguous(memory_format=torch.channels_last), self.bias)
 
 
