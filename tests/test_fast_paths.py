@@ -388,6 +388,10 @@ def test_strip_mlp_channel_mlp_in_sample_groups_matches_the_whole_batch(monkeypa
     assert relative_l2(grouped, expected) <= 1e-5
     model(x)  # gradients enabled: the whole batch at once
     assert calls == [2] * 12
+    with torch.no_grad():  # a traced graph keeps the whole batch, so that it runs any batch size
+        traced = torch.jit.trace(model, x, check_trace=False)
+        x3 = torch.randn(3, *x.shape[1:])
+        assert relative_l2(traced(x3), model(x3)) <= 1e-5
 
 
 def test_raft_mlp_embeds_the_image_channels_last_into_contiguous_tokens():

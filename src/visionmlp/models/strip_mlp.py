@@ -231,9 +231,14 @@ class ChannelMixing(nn.Module):
 @torch.fx.wrap
 def mlp_in_sample_groups(mixing: ChannelMixing, x: torch.Tensor) -> torch.Tensor:
     """``mixing.mlp(x)``; at CPU inference over equal groups of samples whose hidden activations stay under
-    ``_CPU_INFER_HIDDEN_BYTES``, with the same result (GRN's statistics are per sample)."""
+    ``_CPU_INFER_HIDDEN_BYTES``, with the same result (GRN's statistics are per sample).
+
+    Training makes one call: its activations are saved for the backward anyway. So do tracing, export and
+    compilation, whose graphs would fix the groups to the example's batch size.
+    """
     n = x.shape[0]
-    if x.device.type != "cpu" or torch.is_grad_enabled():
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_grad_enabled()
+            or x.device.type != "cpu"):
         return mixing.mlp(x)
     sample_bytes = x.shape[1] * x.shape[2] * mixing.fc1.out_features * x.element_size()
     num_groups = -(-n // max(1, _CPU_INFER_HIDDEN_BYTES // sample_bytes))
