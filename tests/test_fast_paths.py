@@ -378,7 +378,7 @@ def test_strip_mlp_channel_mlp_in_sample_groups_matches_the_whole_batch(monkeypa
     monkeypatch.setattr(strip_mlp.ChannelMixing, "mlp", lambda self, x: calls.append(len(x)) or plain_mlp(self, x))
     with torch.no_grad():
         expected = whole_batch(x)
-        assert calls == [2] * 12  # the scriptable build: the whole batch in every block
+        assert calls == [2] * 12  # at 64 px the default budget holds the whole batch in every block
         calls.clear()
         # a budget of one first-stage sample's hidden activations: samples one at a time there, pairs later
         monkeypatch.setattr(strip_mlp, "_CPU_INFER_HIDDEN_BYTES", 16 * 16 * 240 * 4)

@@ -10,7 +10,7 @@ wrapping binds a module's global name, so a model file calling one of them wraps
 """
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 __all__ = [
     "ChannelsLastConv2d", "OneDnnLinear", "OneDnnMlp", "SkipsDroppedSamples", "blocks_in_batch_slices",
-    "check_input_size", "depthwise_conv2d", "drop_path_residual", "linear", "linear_gelu", "onednn_linear_pays",
+    "check_input_size", "depthwise_conv2d", "drop_path_residual", "in_batch_slices", "linear", "linear_gelu",
+    "onednn_linear_pays",
     "per_sample_linear", "spatial_l2_norm", "use_onednn_linears",
 ]
 
@@ -76,6 +77,13 @@ def _eager_on_cpu(x: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled('cpu'))
 
 
+@torch.jit.unused
+def _wants_grad(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether autograd records a product of these operands (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+
+
 class _OneDnnLinearFunction(torch.autograd.Function):
     """``F.linear`` whose three products (output, input gradient, weight gradient) run on oneDNN."""
 
@@ -115,8 +123,7 @@ def onednn_linear_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
 @torch.jit.unused
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.linear`` on oneDNN, with gradients where any input wants one."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if _wants_grad(x, weight, bias):
         return _OneDnnLinearFunction.apply(x, weight, bias)
     return _onednn_matmul(x, weight, bias)
 
@@ -171,9 +178,7 @@ torch.fx.wrap("per_sample_linear")
 @torch.jit.unused
 def _fused_gelu_pays(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether ``linear_gelu`` runs as one oneDNN call (see there)."""
-    wants_grad = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    return (_ONEDNN_LINEAR is not None and _eager_on_cpu(x) and not wants_grad
+    return (_ONEDNN_LINEAR is not None and _eager_on_cpu(x) and not _wants_grad(x, weight, bias)
             and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype) and x.numel() * weight.shape[0] >= _ONEDNN_LINEAR_MIN_MACS)
 
@@ -345,21 +350,32 @@ def drop_path_residual(block: nn.Module, x: torch.Tensor, branch: str = "residua
     return x.to(dtype).index_add(0, kept, kept_branch.to(dtype))
 
 
-def blocks_in_batch_slices(blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``blocks(x)``; at inference on CPU, over slices of the batch whose temporaries the heap reuses.
+def in_batch_slices(
+        fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, slice_bytes: int) -> torch.Tensor:
+    """``fn(x)``; at inference on CPU, over equal slices of the batch of at most ``slice_bytes`` of ``x`` each
+    (at least one sample), whose temporaries the heap reuses.
 
-    The blocks must treat samples independently (no batch statistics), which holds in eval mode for
-    LayerNorm models. Training keeps one call: its activations are saved for the backward anyway. So do
-    tracing, export and compilation, whose graphs would fix the slicing to the example's batch size.
+    ``fn`` must treat samples independently (no batch statistics). Training keeps one call: its activations
+    are saved for the backward anyway. So do tracing, export and compilation, whose graphs would fix the
+    slicing to the example's batch size.
     """
     if (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or torch.is_grad_enabled() or blocks.training or x.device.type != 'cpu'):
-        return blocks(x)
+            or torch.is_grad_enabled() or x.device.type != 'cpu'):
+        return fn(x)
+    n = x.shape[0]
     sample_bytes = max(1, x.shape[1:].numel() * x.element_size())
-    slice_size = max(1, _CPU_INFERENCE_SLICE_BYTES // sample_bytes)
-    if slice_size >= x.shape[0]:
+    num_slices = -(-n // max(1, slice_bytes // sample_bytes))
+    if num_slices == 1:
+        return fn(x)
+    return torch.cat([fn(part) for part in x.split(-(-n // num_slices))])
+
+
+def blocks_in_batch_slices(blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``blocks(x)``; in eval mode on CPU over slices of ``_CPU_INFERENCE_SLICE_BYTES`` (``in_batch_slices``),
+    which holds samples apart for LayerNorm models."""
+    if blocks.training:
         return blocks(x)
-    return torch.cat([blocks(part) for part in x.split(slice_size)])
+    return in_batch_slices(blocks, x, _CPU_INFERENCE_SLICE_BYTES)
 
 
 def _spatial_norm_forward(x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, is_scriptable, register_notrace_function, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.layers.grn import GlobalResponseNorm
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -33,8 +33,8 @@ from torch import nn
 from ..checkpoint import load_pretrained_file
 from .fold import fold_bn_after
 from .layers import (
-    ChannelsLastConv2d, check_input_size, depthwise_conv2d, linear, linear_gelu, per_sample_linear, spatial_l2_norm,
-    use_onednn_linears,
+    ChannelsLastConv2d, check_input_size, depthwise_conv2d, in_batch_slices, linear, linear_gelu, per_sample_linear,
+    spatial_l2_norm, use_onednn_linears,
 )
 
 __all__ = ["StripMLPNet"]
@@ -200,9 +200,6 @@ class ChannelMixing(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)  # with an exact GELU (linear_gelu)
         self.grn = GlobalResponseNorm(hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        # ``mlp_in_sample_groups`` is a leaf call that takes this module, which TorchScript cannot compile; a
-        # model built under timm's set_scriptable(True) runs the MLP on the whole batch, also in FX graphs.
-        self.sample_groups = not is_scriptable()
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """LayerNorm, fc1 with GELU, GRN and fc2 over a channels-last (N, H, W, C) map."""
@@ -222,29 +219,11 @@ class ChannelMixing(nn.Module):
         # Channels-last in, so that the permute below is free and the MLP runs on contiguous rows.
         x = depthwise_conv2d(x.contiguous(memory_format=torch.channels_last), self.conv_dw.weight)
         x = x.permute(0, 2, 3, 1)
-        if torch.jit.is_scripting() or not self.sample_groups:
+        if torch.jit.is_scripting():
             return self.mlp(x).permute(0, 3, 1, 2)
-        return mlp_in_sample_groups(self, x).permute(0, 3, 1, 2)
-
-
-@register_notrace_function  # an FX leaf: how many calls it makes is decided at run time
-@torch.fx.wrap
-def mlp_in_sample_groups(mixing: ChannelMixing, x: torch.Tensor) -> torch.Tensor:
-    """``mixing.mlp(x)``; at CPU inference over equal groups of samples whose hidden activations stay under
-    ``_CPU_INFER_HIDDEN_BYTES``, with the same result (GRN's statistics are per sample).
-
-    Training makes one call: its activations are saved for the backward anyway. So do tracing, export and
-    compilation, whose graphs would fix the groups to the example's batch size.
-    """
-    n = x.shape[0]
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_grad_enabled()
-            or x.device.type != "cpu"):
-        return mixing.mlp(x)
-    sample_bytes = x.shape[1] * x.shape[2] * mixing.fc1.out_features * x.element_size()
-    num_groups = -(-n // max(1, _CPU_INFER_HIDDEN_BYTES // sample_bytes))
-    if num_groups == 1:
-        return mixing.mlp(x)
-    return torch.cat([mixing.mlp(part) for part in x.split(-(-n // num_groups))])
+        # GRN's statistics are per sample, so groups of samples give the same result
+        slice_bytes = _CPU_INFER_HIDDEN_BYTES * self.fc1.in_features // self.fc1.out_features
+        return in_batch_slices(self.mlp, x, slice_bytes).permute(0, 3, 1, 2)
 
 
 class StripMLPBlock(nn.Module):
