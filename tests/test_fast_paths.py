@@ -172,6 +172,39 @@ def test_linear_gelu_runs_as_one_onednn_call_without_gradients(dtype, tolerance,
     assert relative_l2(grad_bias.double(), expected_grad) <= 1e-6
 
 
+@needs_onednn
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_linear_packs_a_parameter_once_for_inference_and_again_when_its_data_changes(dtype, tolerance, monkeypatch):
+    packs = []
+    reorder = layers._REORDER_LINEAR_WEIGHT
+    monkeypatch.setattr(layers, "_REORDER_LINEAR_WEIGHT", lambda *args: packs.append(1) or reorder(*args))
+    generator = torch.Generator().manual_seed(0)
+    layer = OneDnnLinear(64, 256).to(dtype)
+    x = torch.randn(2, 300, 64, generator=generator).to(dtype)
+
+    def check() -> None:
+        expected = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+        assert relative_l2(layer(x).double(), expected) <= tolerance
+
+    with torch.no_grad():
+        check()
+        check()
+        assert len(packs) == 1
+        layer.weight.mul_(-2.)  # in place, as load_state_dict and EMA updates change weights
+        check()
+        assert len(packs) == 2
+        layer.weight.data = torch.randn(256, 64, generator=generator).to(dtype)
+        check()
+        assert len(packs) == 3
+        linear(x, layer.weight * 1., layer.bias)  # a weight computed per call is used as it is
+        assert len(packs) == 3
+    layer(x).sum().backward()  # training products take the weight as it is
+    assert len(packs) == 3 and layer.weight.grad is not None
+    entries = len(layers._PACKED_WEIGHTS)
+    layer = None
+    assert len(layers._PACKED_WEIGHTS) == entries - 1  # the packed copy goes with its parameter
+
+
 def test_per_sample_linear_takes_one_onednn_product_per_sample(onednn_calls):
     x, weight, bias = torch.randn(3, 16, 16, 96), torch.randn(3, 48, 96), torch.randn(48)
     out = per_sample_linear(x, weight, bias)

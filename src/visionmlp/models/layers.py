@@ -1,8 +1,8 @@
 """Layers shared by several families: the input-size check of models built for one image size, linear
-layers on oneDNN's fp32 matmul on CPU, a patchify conv whose output layout comes from its kernel, a depth-wise
-conv whose weight gradient avoids a slow oneDNN path, a stochastic-depth residual that computes its branch only
-for the samples it keeps, blocks run over small slices of the batch at CPU inference, and the spatial L2 norm of
-a global response norm.
+layers on oneDNN's matmul on CPU (fp32, and bf16 at inference, with weights packed once), a patchify conv whose
+output layout comes from its kernel, a depth-wise conv whose weight gradient avoids a slow oneDNN path, a
+stochastic-depth residual that computes its branch only for the samples it keeps, blocks run over small slices
+of the batch at CPU inference, and the spatial L2 norm of a global response norm.
 
 The functions that branch on run-time values are FX leaves twice over: registered with timm (whose feature
 extractor passes them to the tracer) and wrapped with ``torch.fx.wrap`` for plain ``symbolic_trace``. That
@@ -18,6 +18,7 @@ from timm.layers import DropPath, Mlp, register_notrace_function, register_notra
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "ChannelsLastConv2d", "OneDnnLinear", "OneDnnMlp", "SkipsDroppedSamples", "blocks_in_batch_slices",
@@ -38,6 +39,11 @@ if _ONEDNN_LINEAR is not None:
     @register_flop_formula(_ONEDNN_LINEAR)  # so that FlopCounterMode (the benchmark's GMACs) counts its products
     def _onednn_linear_flops(x_shape: torch.Size, weight_shape: torch.Size, *args, **kwargs) -> int:
         return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1]
+# Parameters in oneDNN's blocked layout, for products without gradients: packing a weight afresh at each call
+# (what a plain-layout weight costs inside oneDNN) took 3-20 % of a product's time on a Zen 5 EPYC, in fp32
+# and bf16. A copy per weight, kept while the parameter lives.
+_REORDER_LINEAR_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _ONEDNN_LINEAR else None
+_PACKED_WEIGHTS = WeakIdKeyDictionary()
 # Multiply-adds under which a product keeps F.linear: oneDNN's call costs ~10 us more.
 _ONEDNN_LINEAR_MIN_MACS = 2**20
 # Widest kernel whose depth-wise weight gradient oneDNN computes on its fast path. On a 2-core EPYC (Zen 5),
@@ -60,6 +66,26 @@ def check_input_size(x: torch.Tensor, img_size: tuple[int, int], multiple: int) 
             f"token-mixing weights are sized for that token grid. Resize the input to {img_size[0]}x{img_size[1]}, "
             f"or build the model with img_size=({height}, {width}) if each side is a multiple of {multiple}")
     return x
+
+
+@torch.jit.unused
+def _inference_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` for a oneDNN product with ``x`` that records no gradient: packed where it is a parameter
+    (not recomputed per call, nor an inference tensor, whose in-place changes are not counted), else as it is.
+
+    Packed at its first use, for the product's row count, and reused until the parameter's data is replaced
+    or changed in place.
+    """
+    if _REORDER_LINEAR_WEIGHT is None or not isinstance(weight, nn.Parameter) or weight.is_inference():
+        return weight
+    data, version, packed = _PACKED_WEIGHTS.get(weight, (None, -1, None))
+    if (data is None or data.data_ptr() != weight.data_ptr() or data.dtype != weight.dtype
+            or version != weight._version):
+        # `data` aliases the packed tensor's source, so that its memory cannot be reused under the same address
+        data, version = weight.detach(), weight._version
+        packed = _REORDER_LINEAR_WEIGHT(data, x.numel() // x.shape[-1])
+        _PACKED_WEIGHTS[weight] = (data, version, packed)
+    return packed
 
 
 def _onednn_matmul(
@@ -120,23 +146,19 @@ def onednn_linear_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.dtype == torch.float32 and x.numel() * weight.shape[0] >= _ONEDNN_LINEAR_MIN_MACS)
 
 
-@torch.jit.unused
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear`` on oneDNN, with gradients where any input wants one."""
-    if _wants_grad(x, weight, bias):
-        return _OneDnnLinearFunction.apply(x, weight, bias)
-    return _onednn_matmul(x, weight, bias)
-
-
 @register_notrace_function  # an FX leaf: which kernel runs is decided at run time
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; in fp32 on CPU on oneDNN's matmul, forward and backward.
+    """``F.linear(x, weight, bias)``; on CPU on oneDNN's matmul: in fp32 forward and backward, and without
+    gradients in bf16 too, where a parameter weight is packed once (``_inference_weight``).
 
     Same products, summed in another order; oneDNN's fp32 matmul ran about twice as fast as the MKL sgemm
     behind ``F.linear`` on an AMD EPYC. Compiled graphs, traces, autocast and other dtypes take F.linear.
     """
-    if not torch.jit.is_scripting() and onednn_linear_pays(x, weight):
-        return _onednn_linear(x, weight, bias)
+    if not torch.jit.is_scripting():
+        if _onednn_inference_pays(x, weight, bias):
+            return _onednn_matmul(x, _inference_weight(x, weight), bias)
+        if onednn_linear_pays(x, weight):
+            return _OneDnnLinearFunction.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -176,8 +198,8 @@ torch.fx.wrap("per_sample_linear")
 
 
 @torch.jit.unused
-def _fused_gelu_pays(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    """Whether ``linear_gelu`` runs as one oneDNN call (see there)."""
+def _onednn_inference_pays(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether a product without gradients runs on oneDNN: in fp32 or bf16 on CPU, in plain eager code."""
     return (_ONEDNN_LINEAR is not None and _eager_on_cpu(x) and not _wants_grad(x, weight, bias)
             and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype) and x.numel() * weight.shape[0] >= _ONEDNN_LINEAR_MIN_MACS)
@@ -187,8 +209,8 @@ def _fused_gelu_pays(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.gelu(linear(x, weight, bias))``; without gradients on CPU (fp32 or bf16) one oneDNN call, the exact
     GELU applied as the product's output is written, which saves a pass over the activation."""
-    if not torch.jit.is_scripting() and _fused_gelu_pays(x, weight, bias):
-        return _onednn_matmul(x, weight, bias, "gelu")
+    if not torch.jit.is_scripting() and _onednn_inference_pays(x, weight, bias):
+        return _onednn_matmul(x, _inference_weight(x, weight), bias, "gelu")
     return F.gelu(linear(x, weight, bias))
 
 
