@@ -200,4 +200,3 @@ def test_fx_traced_model_matches_eager(global_pool):
     # The eager size check still guards the traced model.
     with pytest.raises(ValueError, match="built for img_size"):
         fx_model(torch.randn(1, 3, 64, 64))
-

@@ -23,8 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 __all__ = [
     "ChannelsLastConv2d", "OneDnnLinear", "OneDnnMlp", "SkipsDroppedSamples", "blocks_in_batch_slices",
     "check_input_size", "depthwise_conv2d", "drop_path_residual", "in_batch_slices", "linear", "linear_gelu",
-    "onednn_linear_pays",
-    "per_sample_linear", "spatial_l2_norm", "use_onednn_linears",
+    "onednn_linear_pays", "per_sample_linear", "spatial_l2_norm", "use_onednn_linears",
 ]
 
 # Activation bytes per batch slice at CPU inference (two samples of RaftMLP-S's first stage). The blocks'
@@ -139,11 +138,18 @@ class _OneDnnLinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
+@torch.jit.unused
+def _onednn_takes(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """Whether a product of ``x`` and ``weight``, both of one of ``dtypes``, runs on oneDNN: on CPU, in plain
+    eager code, and large enough to pay for the call."""
+    return (_ONEDNN_LINEAR is not None and _eager_on_cpu(x) and x.dtype in dtypes and weight.dtype == x.dtype
+            and x.numel() * weight.shape[0] >= _ONEDNN_LINEAR_MIN_MACS)
+
+
 @torch.jit.unused  # TorchScript cannot compile these checks; scripted models take F.linear
 def onednn_linear_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``linear`` runs on oneDNN (see there)."""
-    return (_ONEDNN_LINEAR is not None and _eager_on_cpu(x) and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and x.numel() * weight.shape[0] >= _ONEDNN_LINEAR_MIN_MACS)
+    """Whether ``linear`` runs on oneDNN with gradients (see there): in fp32."""
+    return _onednn_takes(x, weight, (torch.float32,))
 
 
 @register_notrace_function  # an FX leaf: which kernel runs is decided at run time
@@ -199,10 +205,9 @@ torch.fx.wrap("per_sample_linear")
 
 @torch.jit.unused
 def _onednn_inference_pays(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    """Whether a product without gradients runs on oneDNN: in fp32 or bf16 on CPU, in plain eager code."""
-    return (_ONEDNN_LINEAR is not None and _eager_on_cpu(x) and not _wants_grad(x, weight, bias)
-            and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
-            and (bias is None or bias.dtype == x.dtype) and x.numel() * weight.shape[0] >= _ONEDNN_LINEAR_MIN_MACS)
+    """Whether a product without gradients runs on oneDNN: in fp32 or bf16 (see ``_onednn_takes``)."""
+    return (_onednn_takes(x, weight, (torch.float32, torch.bfloat16)) and not _wants_grad(x, weight, bias)
+            and (bias is None or bias.dtype == x.dtype))
 
 
 @register_notrace_function  # an FX leaf: which kernel runs is decided at run time
