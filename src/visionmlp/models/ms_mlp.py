@@ -93,6 +93,10 @@ def check_input_multiple(x: torch.Tensor, total_stride: int, patch_size: int) ->
 @torch.fx.wrap
 def roll_groups(x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int) -> torch.Tensor:
     """A channels-last copy of ``x`` with each channel group cyclically rolled by its own shift along ``dim``."""
+    if torch.compiler.is_compiling():
+        # Functional, for inductor to fuse into what reads it. Its oneDNN fusions of frozen weights fail on the
+        # scatters that the slice copies below become (torch 2.15).
+        return torch.cat([group.roll(shift, dim) for group, shift in zip(x.split(group_sizes, 1), shifts)], 1)
     if torch.jit.is_scripting() or not torch.is_grad_enabled():  # no graph to record: skip the Function's overhead
         return _rolled_copy(x, group_sizes, shifts, dim)
     return _roll_groups_autograd(x, group_sizes, shifts, dim)
