@@ -177,7 +177,7 @@ class FrozenCompiled(nn.Module):
         self.compiled = torch.compile(model)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The compiled model's output; compiled on the first call, under ``torch.no_grad()`` to be frozen."""
+        """The compiled model's output; compiled on the first call, which must record no gradients to freeze."""
         with torch._inductor.config.patch(freezing=True):
             return self.compiled(*args, **kwargs)
 

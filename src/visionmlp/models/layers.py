@@ -206,7 +206,8 @@ torch.fx.wrap("per_sample_linear")
 @torch.jit.unused
 def _onednn_inference_pays(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether a product without gradients runs on oneDNN: in fp32 or bf16 (see ``_onednn_takes``)."""
-    return (_onednn_takes(x, weight, (torch.float32, torch.bfloat16)) and not _wants_grad(x, weight, bias)
+    # the gradient check first: a training product then asks ``_onednn_takes`` once, in ``onednn_linear_pays``
+    return (not _wants_grad(x, weight, bias) and _onednn_takes(x, weight, (torch.float32, torch.bfloat16))
             and (bias is None or bias.dtype == x.dtype))
 
 
