@@ -10,7 +10,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 import visionmlp
 from visionmlp.engine.benchmark import compiled
-from visionmlp.models import layers, ms_mlp, strip_mlp
+from visionmlp.models import layers, ms_mlp, raft_mlp, strip_mlp
 from visionmlp.models.layers import (
     OneDnnLinear, OneDnnMlp, depthwise_conv2d, drop_path_residual, linear, linear_gelu, per_sample_linear,
 )
@@ -435,6 +435,24 @@ def test_strip_mlp_channel_mlp_in_sample_groups_matches_the_whole_batch(monkeypa
         traced = torch.jit.trace(model, x, check_trace=False)
         x3 = torch.randn(3, *x.shape[1:])
         assert relative_l2(traced(x3), model(x3)) <= 1e-5
+
+
+def test_raft_mlp_mixes_tokens_raft_major_in_bf16_on_cpu(monkeypatch):
+    model, x = _model("raft_mlp_s"), _inputs("raft_mlp_s")
+    branches = []
+    raft_major_branch = raft_mlp.RaftBlock.raft_major_branch
+
+    def recorded(block, x, along, scale=1.):
+        branches.append(along)
+        return raft_major_branch(block, x, along, scale)
+
+    monkeypatch.setattr(raft_mlp.RaftBlock, "raft_major_branch", recorded)
+    with torch.no_grad():
+        expected = model(x)
+        assert branches == []  # fp32 keeps the token-last form
+        got = model.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert branches == [1, 2] * sum(len(stage.blocks) for stage in model.stages)
+    assert relative_l2(got.float(), expected) <= 2e-2
 
 
 def test_raft_mlp_embeds_the_image_channels_last_into_contiguous_tokens():

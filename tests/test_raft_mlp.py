@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import visionmlp
+from visionmlp.models import raft_mlp
 from visionmlp.models.raft_mlp import CrossScaleEmbed, RaftBlock, checkpoint_filter_fn
 
 from synthetic_weights import load_reference, synthetic_state_dict
@@ -54,12 +55,22 @@ def _direct_raft_block(block: RaftBlock, x: torch.Tensor) -> torch.Tensor:
     return x + block.mlp_channels(block.norm_channels(x))
 
 
+@pytest.mark.parametrize("raft_major", [False, True], ids=["token-last", "raft-major"])
 @pytest.mark.parametrize("grid", [(6, 6), (4, 10)])
-def test_raft_block_matches_direct_formulation(grid):
+def test_raft_block_matches_direct_formulation(grid, raft_major, monkeypatch):
+    monkeypatch.setattr(raft_mlp, "_raft_major_pays", lambda x: raft_major)
     torch.manual_seed(0)
     block = _randomize(RaftBlock(12, grid, raft_size=3)).double().eval()
     x = torch.randn(2, *grid, 12, dtype=torch.float64)
-    torch.testing.assert_close(block(x), _direct_raft_block(block, x), rtol=1e-10, atol=1e-12)
+    expected = _direct_raft_block(block, x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(block.parameters()))
+    got = block(x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    for got_grad, expected_grad in zip(torch.autograd.grad(got.square().sum(), list(block.parameters())),
+                                       expected_grads):
+        torch.testing.assert_close(got_grad, expected_grad, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # without autograd the raft-major GELU works in place
+        torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kernels", [(4, 8), (2, 4), (2,), (2, 4, 6)])
