@@ -12,7 +12,8 @@ import visionmlp
 from visionmlp.engine.benchmark import compiled
 from visionmlp.models import layers, ms_mlp, raft_mlp, strip_mlp
 from visionmlp.models.layers import (
-    OneDnnLinear, OneDnnMlp, depthwise_conv2d, drop_path_residual, linear, linear_gelu, per_sample_linear,
+    ExpandingDepthwiseConv2d, OneDnnLinear, OneDnnMlp, depthwise_conv2d, drop_path_residual, linear, linear_gelu,
+    per_sample_linear,
 )
 from visionmlp.models.ms_mlp import MixShiftBlock
 from synthetic_weights import relative_l2
@@ -335,6 +336,23 @@ def test_ms_mlp_training_with_drop_path_skips_dropped_samples_and_matches_plain_
     assert {0, 1, 2} <= set(branch_batches)
     for got, expected in zip(*outputs):
         assert relative_l2(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("multiplier, kernel, stride, bias", [(2, 2, 2, False), (3, 3, 1, True)])
+def test_expanding_depthwise_conv2d_equals_the_grouped_conv(multiplier, kernel, stride, bias):
+    torch.manual_seed(0)
+    grouped = nn.Conv2d(6, 6 * multiplier, kernel, stride=stride, padding=kernel // 2, groups=6, bias=bias)
+    expanding = ExpandingDepthwiseConv2d(6, 6 * multiplier, kernel, stride=stride, padding=kernel // 2, groups=6,
+                                         bias=bias)
+    expanding.load_state_dict(grouped.state_dict())
+    x = torch.randn(2, 6, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    got, expected = expanding(x), grouped(x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert relative_l2(got, expected) <= 1e-6
+    got_grads = torch.autograd.grad(got.square().sum(), [x, *expanding.parameters()])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *grouped.parameters()])
+    for got_grad, expected_grad in zip(got_grads, expected_grads):
+        assert relative_l2(got_grad, expected_grad) <= 1e-6
 
 
 @pytest.mark.parametrize("name", ["vip_s7", "raft_mlp_s"])

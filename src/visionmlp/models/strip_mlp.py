@@ -33,8 +33,8 @@ from torch import nn
 from ..checkpoint import load_pretrained_file
 from .fold import fold_bn_after
 from .layers import (
-    ChannelsLastConv2d, check_input_size, depthwise_conv2d, in_batch_slices, linear, linear_gelu, per_sample_linear,
-    spatial_l2_norm, use_onednn_linears,
+    ChannelsLastConv2d, ExpandingDepthwiseConv2d, check_input_size, depthwise_conv2d, in_batch_slices, linear,
+    linear_gelu, per_sample_linear, spatial_l2_norm, use_onednn_linears,
 )
 
 __all__ = ["StripMLPNet"]
@@ -273,8 +273,9 @@ class StripMLPStage(nn.Module):
         super().__init__()
         self.grad_checkpointing = False
         self.downsample = nn.Conv2d(in_dim, dim, 2, stride=2, bias=False) if downsample else nn.Identity()
-        self.shortcut = nn.Conv2d(dim, 2 * dim, 2, stride=2, groups=dim, bias=False) if shortcut else None
-        self.shortcut_relay = nn.Conv2d(dim, 2 * dim, 2, stride=2, groups=dim, bias=False) if shortcut_relay else None
+        strided_shortcut = dict(kernel_size=2, stride=2, groups=dim, bias=False)
+        self.shortcut = ExpandingDepthwiseConv2d(dim, 2 * dim, **strided_shortcut) if shortcut else None
+        self.shortcut_relay = ExpandingDepthwiseConv2d(dim, 2 * dim, **strided_shortcut) if shortcut_relay else None
         self.blocks = nn.Sequential(*[
             StripMLPBlock(dim, grid_size, mlp_ratio, channel_patches, drop_path) for _ in range(depth)
         ])
