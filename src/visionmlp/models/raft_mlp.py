@@ -16,7 +16,8 @@ Differences from the official implementation (same maths, same weights after con
   * the cross-scale embedding runs as a single strided convolution whose kernel is the sum of the
     zero-padded per-scale kernels, instead of one unfold per scale followed by a linear layer.
   * activations stay channels-last between blocks and each token-mixing MLP needs one permute in and
-    one out.
+    one out; in bf16 on CPU the token-mixing MLPs multiply raft-major maps from the left, whose permutes
+    move whole runs of channels.
   * in training, a residual branch runs only for the samples its drop path keeps; at inference on CPU
     the blocks run over small slices of the batch.
 """
