@@ -101,7 +101,7 @@ def _raft_major_pays(x: torch.Tensor) -> bool:
 
     Mixing the last dim of a token-last map (B, across, g, r, along) needs full transposes in and out, one value
     at a time; the raft-major map moves runs of g channels, and oneDNN computes its bf16 batched products.
-    RaftMLP-S in bf16 on a Zen 5 EPYC: 1.10-1.13x. In fp32 the batched products run on MKL, slower than the
+    RaftMLP-S in bf16 on a Zen 5 EPYC: 1.09-1.13x. In fp32 the batched products run on MKL, slower than the
     oneDNN linears of the token-last form (0.82x). Symbolic traces keep the token-last form.
     """
     return not isinstance(x, torch.fx.Proxy) and x.dtype == torch.bfloat16 and x.device.type == 'cpu'
