@@ -339,12 +339,11 @@ class ExpandingDepthwiseConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The grouped conv of ``x``, channels-last."""
         multiplier = self.out_channels // self.groups
+        bias = self.bias
         outputs = []
         for i in range(multiplier):
-            bias = self.bias
-            if bias is not None:
-                bias = bias[i::multiplier]
-            out = F.conv2d(x, self.weight[i::multiplier], bias, self.stride, self.padding, self.dilation, self.groups)
+            out = F.conv2d(x, self.weight[i::multiplier], None if bias is None else bias[i::multiplier], self.stride,
+                           self.padding, self.dilation, self.groups)
             outputs.append(out.permute(0, 2, 3, 1))
         # output channel g * multiplier + i is output i of group g
         return torch.stack(outputs, dim=-1).flatten(3).permute(0, 3, 1, 2)

@@ -180,12 +180,12 @@ class RaftBlock(SkipsDroppedSamples, nn.Module):
             norm, mlp = self.norm_horizontal, self.mlp_horizontal
         order = (0, 3, along, 3 - along, 4)  # (B, r, along, across, g): the permutes move runs of g channels
         y = norm(x.flatten(3)).reshape(x.shape).permute(order)
-        raft_major = y.shape
-        y = y.reshape(x.shape[0], raft_major[1] * raft_major[2], raft_major[3] * raft_major[4])
-        hidden = torch.baddbmm(mlp.fc1.bias.unsqueeze(-1), mlp.fc1.weight.expand(len(y), -1, -1), y)
+        batch, raft_major = x.shape[0], y.shape
+        y = y.reshape(batch, raft_major[1] * raft_major[2], raft_major[3] * raft_major[4])
+        hidden = torch.baddbmm(mlp.fc1.bias.unsqueeze(-1), mlp.fc1.weight.expand(batch, -1, -1), y)
         # in place without autograd: one activation-sized buffer fewer to map and page in
         hidden = mlp.drop1(torch.ops.aten.gelu_(hidden) if not torch.is_grad_enabled() else mlp.act(hidden))
-        y = mlp.drop2(torch.baddbmm(mlp.fc2.bias.unsqueeze(-1), mlp.fc2.weight.expand(len(y), -1, -1), hidden))
+        y = mlp.drop2(torch.baddbmm(mlp.fc2.bias.unsqueeze(-1), mlp.fc2.weight.expand(batch, -1, -1), hidden))
         if scale != 1.:
             y = y * scale
         return y.view(raft_major).permute([order.index(dim) for dim in range(5)])
