@@ -18,6 +18,7 @@ import visionmlp
 from test_data import make_cifar, make_imagenet_folder, make_imagenet_zip
 from visionmlp.checkpoint import read_checkpoint
 from visionmlp.cli import main
+from visionmlp.engine.train import COMPILE_ON_CPU_WARNING
 
 # vip_s7's architecture at 14 x 14 input with one narrow block per stage (~37 k parameters)
 TINY = ["--img-size", "14", "--batch-size", "32", "--workers", "0", "--opts", "model.kwargs",
@@ -102,7 +103,7 @@ def test_train_on_imagenet_folder_and_cifar(tmp_path):
     assert read_metrics(tmp_path / "b")[0]["val_acc5"] >= 0
 
 
-def test_fused_optimizer_and_compiled_training_follow_the_plain_loop(tmp_path):
+def test_fused_optimizer_and_compiled_training_follow_the_plain_loop(tmp_path, capsys):
     # (flags, config overrides); the overrides go last, after the tiny model's own
     runs = {"plain": ([], ["train.opt_fused", "false"]), "fused": ([], []), "compiled": (["--compile"], [])}
     records = {}
@@ -111,6 +112,8 @@ def test_fused_optimizer_and_compiled_training_follow_the_plain_loop(tmp_path):
         output = tmp_path / label
         assert main(["train", "--epochs", "2", "--seed", "5", "--output", str(output), *flags, *TINY, *opts]) == 0
         records[label] = read_metrics(output)
+        # compiling a CPU training step is allowed, but the user is told it is the slower choice there
+        assert (COMPILE_ON_CPU_WARNING in capsys.readouterr().out) == (label == "compiled"), label
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the compiled run did compile
     for label in ("fused", "compiled"):
         for got, expected in zip(records[label], records["plain"], strict=True):

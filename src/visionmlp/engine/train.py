@@ -38,6 +38,13 @@ from .reporting import RunRecorder, log, use_progress_bars
 
 ADAM_LIKE = ("adam", "adamw", "nadam", "nadamw", "radam", "adamp", "lamb", "lambw", "adan")
 
+# Measured on 2 cores of an AVX-512 EPYC, batch 8 (README, "Speed on this machine class"): compiled graphs leave out the
+# oneDNN linear layers that the eager step uses.
+COMPILE_ON_CPU_WARNING = (
+    "warning: --compile makes a training step on a CPU slower, not faster (vip_s7 3.5 img/s against 5.9 eager "
+    "on a 2-core EPYC); leave it off on a CPU, and use it on a GPU"
+)
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
@@ -285,6 +292,8 @@ def train(config: Config) -> dict[str, Any]:
     if train_cfg["compile"]:
         # around DDP, so that its graph breaks at the gradient buckets; shares the parameters of model_without_ddp
         model = torch.compile(model)
+        if ctx.device.type == "cpu" and ctx.is_main:
+            log(COMPILE_ON_CPU_WARNING)
 
     recorder = None
     if ctx.is_main:
