@@ -22,8 +22,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "ChannelsLastConv2d", "ExpandingDepthwiseConv2d", "OneDnnLinear", "OneDnnMlp", "SkipsDroppedSamples",
-    "blocks_in_batch_slices", "check_input_size", "depthwise_conv2d", "drop_path_residual", "in_batch_slices", "linear",
-    "linear_gelu", "onednn_linear_pays", "per_sample_linear", "spatial_l2_norm", "use_onednn_linears",
+    "blocks_in_batch_slices", "branch_major_rows", "check_input_size", "depthwise_conv2d", "drop_path_residual",
+    "in_batch_slices", "linear", "linear_gelu", "onednn_linear_pays", "per_sample_linear", "spatial_l2_norm",
+    "use_onednn_linears",
 ]
 
 # Activation bytes per batch slice at CPU inference (two samples of RaftMLP-S's first stage). The blocks'
@@ -247,6 +248,22 @@ def use_onednn_linears(module: nn.Module) -> nn.Module:
               and type(layer.act) is nn.GELU and layer.act.approximate == 'none'):
             layer.__class__ = OneDnnMlp
     return module
+
+
+def branch_major_rows(
+        weight: torch.Tensor, bias: Optional[torch.Tensor], channels: int, num_branches: int,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A layer's weight (any trailing dims flattened) and bias with its output rows reordered from (channel,
+    branch) to (branch, channel).
+
+    The re-weighting MLPs of ViP and Strip-MLP emit a logit per channel and branch, channel-major. Taken
+    branch-major, each branch's softmax weights come out contiguous over the channels, so the products that
+    blend the branch maps read them as vectors; inductor's fused blend of the interleaved ones runs scalar.
+    """
+    weight = weight.reshape(channels, num_branches, -1).transpose(0, 1).reshape(channels * num_branches, -1)
+    if bias is not None:
+        bias = bias.reshape(channels, num_branches).t().reshape(channels * num_branches)
+    return weight, bias
 
 
 def _column_slices(width: int) -> list[tuple[int, int]]:

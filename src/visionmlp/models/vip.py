@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -34,6 +35,7 @@ from .layers import (
     ChannelsLastConv2d,
     SkipsDroppedSamples,
     blocks_in_batch_slices,
+    branch_major_rows,
     check_input_size,
     drop_path_residual,
     use_onednn_linears,
@@ -60,6 +62,17 @@ class PermuteMlp(nn.Module):
         self.reweight = Mlp(dim, dim // 4, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
+    def branch_weights(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The softmax weights of the height, width and channel branches per sample and channel, (3, B, C)."""
+        num_samples, dim = pooled.shape[0], self.proj.in_features
+        hidden = self.reweight.norm(self.reweight.drop1(self.reweight.act(self.reweight.fc1(pooled))))
+        # Branch-major (see branch_major_rows), so that each branch's weights are contiguous over the channels:
+        # a copy of the channel-major ones would be fused away by inductor into a scalar blend.
+        # ViP-S7 and -M7 in bf16: 1.04x and 1.06x compiled, eager unchanged.
+        weight, bias = branch_major_rows(self.reweight.fc2.weight, self.reweight.fc2.bias, dim, 3)
+        logits = self.reweight.drop2(F.linear(hidden, weight, bias)).view(num_samples, 3, dim)
+        return logits.softmax(dim=1).transpose(0, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix an NHWC token map (B, H, W, C) built for this grid size."""
         B, H, W, C = x.shape
@@ -78,10 +91,7 @@ class PermuteMlp(nn.Module):
 
         # Mean over tokens of (h + w + c), without materialising the sum.
         pooled = (h.sum((1, 2)) + w.sum((1, 2)) + c.sum((1, 2))).view(B, C) / (H * W)
-        # Each branch's weights made contiguous (a small copy): as strided slices of the softmax output they
-        # would keep the products below from running vectorised.
-        weights = self.reweight(pooled).view(B, G, S, 3).softmax(dim=-1).permute(3, 0, 1, 2).contiguous()
-        weights = weights.view(3, B, 1, 1, G, S)
+        weights = self.branch_weights(pooled).reshape(3, B, 1, 1, G, S)
         # Out-of-place addcmul: same kernel and rounding as the in-place form, but an in-place op whose result
         # is unused would be dropped as dead code when the model is symbolically traced (torch.fx).
         out = torch.mul(c, weights[2])
