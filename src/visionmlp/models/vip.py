@@ -8,10 +8,10 @@ Official code: https://github.com/houqb/VisionPermutator
 
 The Permute-MLP mixes each channel segment along the height and along the width with fully connected
 layers whose width is (tokens along that axis) x (channels per segment), so a model is built for one
-input size. Here the three branch outputs are combined through strided views instead of being permuted
-back into place, the pooled descriptor is summed branch by branch, in training a residual branch
-runs only for the samples its drop path keeps, and at inference on CPU the blocks run over small slices
-of the batch; the maths and the official parameter layout are unchanged (official
+input size. Here the height and width branch outputs each go back to the token layout in one copy, the
+pooled descriptor is summed branch by branch, the branch weights come out branch-major from a regrouped fc2,
+in training a residual branch runs only for the samples its drop path keeps, and at inference on CPU the
+blocks run over small slices of the batch; the maths and the official parameter layout are unchanged (official
 ``network.N`` keys are mapped onto ``stages`` on load).
 """
 
