@@ -2,7 +2,8 @@
 layers on oneDNN's matmul on CPU (fp32, and bf16 at inference, with weights packed once), a patchify conv whose
 output layout comes from its kernel, a depth-wise conv whose weight gradient avoids a slow oneDNN path, a
 stochastic-depth residual that computes its branch only for the samples it keeps, blocks run over small slices
-of the batch at CPU inference, and the spatial L2 norm of a global response norm.
+of the batch at CPU inference, the spatial L2 norm of a global response norm, and the branch-major rows of a
+re-weighting MLP's last layer.
 
 The functions that branch on run-time values are FX leaves twice over: registered with timm (whose feature
 extractor passes them to the tracer) and wrapped with ``torch.fx.wrap`` for plain ``symbolic_trace``. That
