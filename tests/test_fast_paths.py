@@ -13,7 +13,7 @@ from visionmlp.engine.benchmark import compiled
 from visionmlp.models import layers, ms_mlp, raft_mlp, strip_mlp
 from visionmlp.models.layers import (
     ExpandingDepthwiseConv2d, OneDnnLinear, OneDnnMlp, depthwise_conv2d, drop_path_residual, linear, linear_gelu,
-    branch_major_rows, per_sample_linear,
+    branch_softmax, per_sample_linear,
 )
 from visionmlp.models.ms_mlp import MixShiftBlock
 from synthetic_weights import relative_l2
@@ -356,19 +356,17 @@ def test_expanding_depthwise_conv2d_equals_the_grouped_conv(multiplier, kernel, 
 
 
 @pytest.mark.parametrize("trailing, bias", [((), True), ((1, 1), True), ((), False)])
-def test_branch_major_rows_give_the_same_logits_branch_first(trailing, bias):
+def test_branch_softmax_equals_the_softmax_of_channel_major_logits(trailing, bias):
     # a linear layer's weight, or a 1x1 conv's as in Strip-MLP's re-weighting MLP
     torch.manual_seed(0)
-    channels, branches, hidden = 5, 3, 4
-    weight = torch.randn(channels * branches, hidden, *trailing, dtype=torch.float64)
+    channels, branches, hidden_width = 5, 3, 4
+    weight = torch.randn(channels * branches, hidden_width, *trailing, dtype=torch.float64)
     bias_values = torch.randn(channels * branches, dtype=torch.float64) if bias else None
-    x = torch.randn(2, hidden, dtype=torch.float64)
-    channel_major = F.linear(x, weight.flatten(1), bias_values).view(2, channels, branches)
-    branch_weight, branch_bias = branch_major_rows(weight, bias_values, channels, branches)
-    assert branch_weight.shape == (channels * branches, hidden)
-    assert (branch_bias is None) == (not bias)
-    got = F.linear(x, branch_weight, branch_bias).view(2, branches, channels)
-    torch.testing.assert_close(got, channel_major.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    hidden = torch.randn(2, hidden_width, dtype=torch.float64)
+    channel_major = F.linear(hidden, weight.flatten(1), bias_values).view(2, channels, branches)
+    got = branch_softmax(hidden, weight, bias_values, channels, branches)
+    assert got.shape == (branches, 2, channels)
+    torch.testing.assert_close(got, channel_major.softmax(dim=-1).permute(2, 0, 1), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["vip_s7", "raft_mlp_s"])

@@ -2,8 +2,8 @@
 layers on oneDNN's matmul on CPU (fp32, and bf16 at inference, with weights packed once), a patchify conv whose
 output layout comes from its kernel, a depth-wise conv whose weight gradient avoids a slow oneDNN path, a
 stochastic-depth residual that computes its branch only for the samples it keeps, blocks run over small slices
-of the batch at CPU inference, the spatial L2 norm of a global response norm, and the branch-major rows of a
-re-weighting MLP's last layer.
+of the batch at CPU inference, the spatial L2 norm of a global response norm, and the branch softmax of a re-weighting
+MLP.
 
 The functions that branch on run-time values are FX leaves twice over: registered with timm (whose feature
 extractor passes them to the tracer) and wrapped with ``torch.fx.wrap`` for plain ``symbolic_trace``. That
@@ -23,7 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "ChannelsLastConv2d", "ExpandingDepthwiseConv2d", "OneDnnLinear", "OneDnnMlp", "SkipsDroppedSamples",
-    "blocks_in_batch_slices", "branch_major_rows", "check_input_size", "depthwise_conv2d", "drop_path_residual",
+    "blocks_in_batch_slices", "branch_softmax", "check_input_size", "depthwise_conv2d", "drop_path_residual",
     "in_batch_slices", "linear", "linear_gelu", "onednn_linear_pays", "per_sample_linear", "spatial_l2_norm",
     "use_onednn_linears",
 ]
@@ -251,20 +251,21 @@ def use_onednn_linears(module: nn.Module) -> nn.Module:
     return module
 
 
-def branch_major_rows(
-        weight: torch.Tensor, bias: Optional[torch.Tensor], channels: int, num_branches: int,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """A layer's weight (any trailing dims flattened) and bias with its output rows reordered from (channel,
-    branch) to (branch, channel).
+def branch_softmax(
+        hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], channels: int, num_branches: int,
+) -> torch.Tensor:
+    """The per-sample softmax weights over branches, (num_branches, N, channels), from a re-weighting MLP's hidden
+    activations (N, K) and its last layer (``weight`` with any trailing dims flattened, ``bias``), whose outputs
+    are ordered (channel, branch).
 
-    The re-weighting MLPs of ViP and Strip-MLP emit a logit per channel and branch, channel-major. Taken
-    branch-major, each branch's softmax weights come out contiguous over the channels, so the products that
-    blend the branch maps read them as vectors; inductor's fused blend of the interleaved ones runs scalar.
+    The last layer's rows are taken branch-major, so each branch's weights come out contiguous over the channels
+    and the products that blend the branch maps read them as vectors; inductor's fused blend of the interleaved
+    ones runs scalar.
     """
     weight = weight.reshape(channels, num_branches, -1).transpose(0, 1).reshape(channels * num_branches, -1)
     if bias is not None:
         bias = bias.reshape(channels, num_branches).t().reshape(channels * num_branches)
-    return weight, bias
+    return F.linear(hidden, weight, bias).view(-1, num_branches, channels).softmax(dim=1).transpose(0, 1)
 
 
 def _column_slices(width: int) -> list[tuple[int, int]]:
