@@ -27,14 +27,9 @@ from torch import nn
 
 from visionmlp import create_model
 from visionmlp.config import family_recipe, load_recipe
-from visionmlp.engine.benchmark import (
-    BenchmarkSteps,
-    compiled,
-    default_img_size,
-    parse_model_names,
-    run_benchmark,
-)
+from visionmlp.engine.benchmark import BenchmarkSteps, default_img_size, parse_model_names, run_benchmark
 from visionmlp.engine.comparison import fast_path_copy, interleaved_step_seconds, load_builder
+from visionmlp.engine.compilation import compiled
 from visionmlp.engine.machine import DTYPES, PROC_CLEAR_REFS, linux_libc, matmul_peak_gflops, proc_status_mib
 from visionmlp.engine.quantize import fp32_agreement
 

@@ -9,7 +9,7 @@ from torch._inductor.utils import run_and_get_code
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import visionmlp
-from visionmlp.engine.benchmark import compiled
+from visionmlp.engine.compilation import compiled
 from visionmlp.models import layers, ms_mlp, raft_mlp, strip_mlp
 from visionmlp.models.layers import (
     ExpandingDepthwiseConv2d, OneDnnLinear, OneDnnMlp, depthwise_conv2d, drop_path_residual, linear, linear_gelu,

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch._inductor.config
 import torch.nn.functional as F
 from timm.models import get_pretrained_cfg_value
 from torch import nn
@@ -26,6 +25,7 @@ from ..checkpoint import load_checkpoint_state, read_checkpoint, unwrap_state_di
 from ..data import DataError, build_dataset
 from ..data.datasets import IMG_EXTENSIONS, subset_evenly
 from ..models import MODEL_NAMES, count_batchnorms, create_model, family_module, reparameterize
+from .compilation import compiled
 from .evaluate import checkpoint_variant, transformed_for
 from .machine import (
     DTYPES,
@@ -160,39 +160,6 @@ class BenchmarkSteps:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-
-
-class FrozenCompiled(nn.Module):
-    """A model compiled for inference with its weights frozen into the graph (inductor's ``freezing``).
-
-    Frozen weights are constants: the compiler folds what depends only on them and packs them once for
-    oneDNN, whose matmuls and convolutions then take the pointwise ops that follow them. The setting is on
-    while dynamo traces, not only while inductor compiles (as ``torch.compile(options=...)`` would set it):
-    dynamo lifts the weights of a model it traces without it into graph inputs, which nothing can freeze.
-    The weights must not change after the first call.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.compiled = torch.compile(model)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The compiled model's output; compiled on the first call, which must record no gradients to freeze."""
-        with torch._inductor.config.patch(freezing=True):
-            return self.compiled(*args, **kwargs)
-
-
-def compiled(model: nn.Module, mode: str = "infer") -> nn.Module:
-    """``torch.compile(model)``; for inference a :class:`FrozenCompiled` (weights frozen into the graph).
-
-    Over compilation without freezing in bf16 on 2 cores of an AVX-512 EPYC (torch 2.15): Strip-MLP-T-light
-    103 ms a batch of 8 against 138 ms. Training needs the weights as parameters. Compilations made before in
-    this process are dropped first: each one of another model counts against dynamo's per-function
-    recompilation limit, past which it would silently run the functions eagerly (from the ninth model of one
-    ``--model all`` run on).
-    """
-    torch._dynamo.reset()
-    return FrozenCompiled(model) if mode == "infer" else torch.compile(model)
 
 
 def check_counts(batch_size: int, img_size: int, warmup: int, reps: int, threads: int | None) -> None:
