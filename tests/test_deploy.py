@@ -12,7 +12,9 @@ from synthetic_weights import REFERENCE_DIR, load_reference, reference_input, re
 
 from visionmlp import create_model
 from visionmlp.cli import main
+from visionmlp.engine import evaluate as evaluate_module
 from visionmlp.engine.benchmark import results_notes, run_benchmark
+from visionmlp.engine.compilation import compiled
 from visionmlp.engine.quantize import load_quantized
 
 SIZE = 64
@@ -173,6 +175,36 @@ def test_eval_training_form_deploy_form_and_folded_in_place_agree(repmlpnet_chec
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
     assert results[1]["loss"] == pytest.approx(results[2]["loss"], rel=1e-6)
     assert main(["eval", "--checkpoint", str(deploy), *common]) == 2  # a folded checkpoint needs --deploy
+
+
+def test_eval_runs_the_benchmarks_fast_path_on_data(repmlpnet_checkpoint, capsys, monkeypatch):
+    compiled_models = []
+
+    def recording_compiled(model):
+        weight = model.conv_embedding.conv.weight
+        compiled_models.append((weight.dtype, weight.is_contiguous(memory_format=torch.channels_last)))
+        return compiled(model)
+
+    monkeypatch.setattr(evaluate_module, "compiled", recording_compiled)
+    # 4 images in batches of 3: the compiled graph meets a second batch size
+    common = ["--model", "repmlpnet_t224", "--checkpoint", repmlpnet_checkpoint, "--dataset", "digits", "--img-size",
+              str(SIZE), "--workers", "0", "--batch-size", "3", "--deploy", "--json",
+              "--opts", "model.num_classes", "1000", "data.max_val_images", "4"]
+    results = []
+    for flags in ([], ["--dtype", "bf16", "--channels-last", "--compile"]):
+        capsys.readouterr()
+        assert main(["eval", *common, *flags]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    fp32, fast = results
+    assert (fp32["dtype"], fp32["channels_last"], fp32["compile"]) == ("fp32", False, False)
+    assert (fast["dtype"], fast["channels_last"], fast["compile"]) == ("bf16", True, True)
+    assert fast["images"] == fp32["images"] == 4
+    assert fast["loss"] == pytest.approx(fp32["loss"], rel=2e-2) and fast["loss"] != fp32["loss"]
+    assert compiled_models == [(torch.bfloat16, True)]
+
+    capsys.readouterr()
+    assert main(["eval", *common, "--dtype", "bf16", "--amp", "bf16"]) == 2
+    assert "--amp bf16 autocasts fp32" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (REFERENCE_DIR / "repmlpnet_t224_deploy.safetensors").exists(), reason="no reference")

@@ -27,7 +27,9 @@ from ..models import (
     family_module,
     reparameterize,
 )
+from .compilation import compiled
 from .distributed import DistContext, all_reduce_sum, cleanup, setup
+from .machine import DTYPES, resolve_dtype
 
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -133,12 +135,21 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, amp: str = "none") -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    ctx: DistContext,
+    amp: str = "none",
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
     """Loss and top-1/top-5 accuracy (percent) over the whole loader, summed over all ranks.
 
     Pass the bare model, not the DDP wrapper: ranks may hold one batch more or less than others,
-    and DDP's forward would wait for the ranks that have finished.
+    and DDP's forward would wait for the ranks that have finished. ``dtype`` and ``channels_last`` are
+    those of a model cast to them; its images are cast alike.
     """
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
     model.eval()
     # loss sum, top-1 hits, top-5 hits, images, unreadable images
     totals = torch.zeros(5, dtype=torch.float64, device=ctx.device)
@@ -146,7 +157,7 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, amp: str = 
         totals[4] += skipped
         if images is None:
             continue
-        images = images.to(ctx.device, non_blocking=True)
+        images = images.to(ctx.device, dtype, non_blocking=True, memory_format=memory_format)
         targets = targets.to(ctx.device, non_blocking=True)
         with autocast(ctx.device, amp):
             logits = model(images)
@@ -192,6 +203,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate the folded inference form; the checkpoint may be in training form (folded "
                              "after loading) or deploy form (from visionmlp convert --deploy). To compare the two "
                              "forms without data, use visionmlp convert --check")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                        help="cast the weights and images to this dtype (default: fp32); unlike --amp, every "
+                             "operation then runs in it, as visionmlp benchmark's fast path does")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last weights and images")
+    parser.add_argument("--compile", dest="compile_frozen", action="store_true",
+                        help="torch.compile the model with its weights frozen into the graph, as visionmlp "
+                             "benchmark --compile does")
     parser.add_argument("--allow-unsafe-pickle", action="store_true",
                         help="read a trusted legacy checkpoint that needs full unpickling")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -234,6 +252,13 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
         recipe = args.cfg or family_recipe(args.model)
         config = build_config(recipe, parse_opts(args.opts), flags, pick_recipe=False)
     ctx = setup(config["device"])
+    dtype = resolve_dtype(args.dtype, ctx.device)
+    amp = config["train"]["amp"]
+    if dtype != torch.float32:
+        if args.amp not in (None, "none"):
+            raise ValueError(f"--dtype {args.dtype} casts the weights themselves and --amp {args.amp} autocasts "
+                             "fp32 ones: give one of the two")
+        amp = "none"  # a run recorded with autocast is evaluated in the dtype asked for
     data = config["data"]
     dataset = build_dataset(data["dataset"], "val", None, data_path=data["path"], img_size=data["img_size"] or 32,
                             use_zip=data["zip"], cache_mode=data["cache_mode"], rank=ctx.rank,
@@ -260,10 +285,14 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     dataset = subset_evenly(transformed_for(dataset, config, model), data["max_val_images"])
     loader = build_loader(dataset, training=False, batch_size=data["batch_size"], workers=data["workers"],
                           rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
-    model.to(ctx.device)
-    metrics = evaluate(model, loader, ctx, amp=config["train"]["amp"])
+    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+    model.to(ctx.device, dtype, memory_format=memory_format)
+    if args.compile_frozen:
+        model = compiled(model)
+    metrics = evaluate(model, loader, ctx, amp=amp, dtype=dtype, channels_last=args.channels_last)
     if metrics["skipped_images"]:
         print(f"skipped {metrics['skipped_images']} unreadable images", file=sys.stderr)
     if not ctx.is_main:
         return None
-    return {"model": config["model"]["name"], "checkpoint": str(args.checkpoint), "dataset": data["dataset"], **metrics}
+    return {"model": config["model"]["name"], "checkpoint": str(args.checkpoint), "dataset": data["dataset"],
+            "dtype": args.dtype, "channels_last": args.channels_last, "compile": args.compile_frozen, **metrics}
