@@ -53,6 +53,7 @@ class PermuteMlp(nn.Module):
         super().__init__()
         if dim % num_segments:
             raise ValueError(f"dim ({dim}) must be divisible by the number of segments ({num_segments})")
+        self.dim = dim
         self.num_segments = num_segments
         segment_chs = dim // num_segments
         self.mlp_c = nn.Linear(dim, dim, bias=qkv_bias)
@@ -67,7 +68,7 @@ class PermuteMlp(nn.Module):
         # Branch-major fc2 (the reweight Mlp's drop2 is an identity): a contiguous copy of channel-major weights
         # would be fused away by inductor into a scalar blend. ViP-S7 and -M7 in bf16: 1.04x and 1.06x compiled,
         # eager unchanged.
-        return branch_softmax(hidden, self.reweight.fc2.weight, self.reweight.fc2.bias, self.proj.in_features, 3)
+        return branch_softmax(hidden, self.reweight.fc2.weight, self.reweight.fc2.bias, self.dim, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix an NHWC token map (B, H, W, C) built for this grid size."""
