@@ -117,6 +117,9 @@ def test_cuda_infer_and_train() -> None:
         result = run_benchmark("raft_mlp_s", device="cuda", dtype="bf16", mode=mode, **TINY)
         check_sane(result)
         assert result["peak_memory_mib"] > 0 and "max_memory_allocated" in result["memory_method"]
+    result = run_benchmark("raft_mlp_s", device="cuda", dtype="bf16", compile=True, cuda_graphs=True, **TINY)
+    check_sane(result)
+    assert result["cuda_graphs"] and "fp32_top1_agreement" in result
 
 
 def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -142,6 +145,9 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
         ({"model_name": "raft_mlp_s", "img_size": 0}, "img_size must be >= 1"),
         ({"model_name": "raft_mlp_s", "threads": 0}, "threads must be >= 1"),
         ({"model_name": "vip_s7", "img_size": 64}, "img_size"),
+        ({"model_name": "raft_mlp_s", "cuda_graphs": True}, "--cuda-graphs replays a compiled inference graph: add"),
+        ({"model_name": "raft_mlp_s", "cuda_graphs": True, "compile": True, "mode": "train"}, "keep --mode infer"),
+        ({"model_name": "raft_mlp_s", "cuda_graphs": True, "compile": True}, "--cuda-graphs needs a GPU: add --device"),
     ],
 )
 def test_bad_input(kwargs: dict, message: str) -> None:
@@ -315,15 +321,22 @@ def test_bench_gpu_against_a_baseline_under_autocast(tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(torch, "autocast", recording_autocast)
     args = ["--device", "cpu", "--models", "raft_mlp_s", "--batch-size", "1", "--warmup", "0", "--reps", "1",
-            "--baseline", str(baseline), "--peak-tflops", "0.02"]
+            "--baseline", str(baseline), "--peak-tflops", "0.02", "--compile", "--json", str(tmp_path / "gpu.json")]
     assert bench_gpu.main(args) == 0
     out = capsys.readouterr().out
-    assert "MFU over a bf16 matmul peak of 20 GFLOP/s (given)" in out
-    assert ("| baseline img/s (fp32 weights, bf16 autocast) | baseline MFU "
-            "| ours (bf16, deploy, channels-last) img/s | ours MFU | speed-up | target 2x |") in out
-    assert re.search(r"\| raft_mlp_s \| 2\.0\d \| [\d.]+ \| [\d.]+ % \| [\d.]+ \| [\d.]+ % \| [\d.]+x \| (not )?met "
-                     r"\| 100\.0 % \|", out)
-    assert autocast_dtypes == [None, torch.bfloat16]  # ours runs in bf16 itself; the baseline autocasts
+    assert "MFU over a bf16 matmul peak of 20 GFLOP/s (given); ours: bf16, deploy, channels-last, compiled" in out
+    assert ("| baseline img/s (fp32 weights, bf16 autocast) | baseline MFU | ours eager img/s "
+            "| ours compiled img/s (compile time) | ours MFU | speed-up | target 2x |") in out
+    assert re.search(r"\| raft_mlp_s \| 2\.0\d \| \d+ \| [\d.]+ % \| \d+ \| \d+ \(\d+ s\) \| [\d.]+ % "
+                     r"\| [\d.]+x( compiled)? \| (not )?met \| 100\.0 % \|", out)
+    # ours runs in bf16 itself (its first compiled call, then eager and compiled in turn); the baseline autocasts
+    assert autocast_dtypes == [None, None, None, torch.bfloat16]
+    written = json.loads((tmp_path / "gpu.json").read_text())["results"]["raft_mlp_s"]
+    assert set(written["images_per_s"]) == {"ours", "ours compiled", "baseline"}
+    assert written["compile_seconds"] > 0 and written["top1_agreement"] == {"ours": 100.0, "ours compiled": 100.0}
+    with pytest.raises(SystemExit):
+        bench_gpu.main(["--device", "cpu", "--cuda-graphs"])
+    assert "--cuda-graphs replays compiled graphs: add --compile" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="reps must be >= 1"):
         bench_gpu.main(["--device", "cpu", "--reps", "0"])
     (tmp_path / "empty.py").write_text("x = 1\n")
@@ -336,11 +349,22 @@ def test_bench_gpu_against_a_baseline_under_autocast(tmp_path, capsys, monkeypat
 
 @pytest.mark.parametrize(("baseline_ips", "ours_ips", "verdict"), [(100.0, 200.0, "met"), (100.0, 199.0, "not met")])
 def test_bench_gpu_target_is_twice_the_baseline_and_mfu_uses_our_flop_count(baseline_ips, ours_ips, verdict):
-    result = {"gmacs": 2.0, "gflop_per_image": 4.0, "top1_agreement": 98.4,
+    result = {"gmacs": 2.0, "gflop_per_image": 4.0, "top1_agreement": {"ours": 98.4}, "compile_seconds": None,
               "images_per_s": {"ours": ours_ips, "baseline": baseline_ips}}
     row = _bench_gpu().result_row("m", result, peak_gflops=1000.0)  # 100 img/s x 4 GFLOP = 40 % of 1 TFLOP/s
-    ours = f"{ours_ips:.1f} | {0.4 * ours_ips:.1f} % | {ours_ips / 100:.2f}x"
-    assert row == f"| m | 2.00 | 100.0 | 40.0 % | {ours} | {verdict} | 98.4 % |"
+    ours = f"{ours_ips:.0f} | {0.4 * ours_ips:.1f} % | {ours_ips / 100:.2f}x"
+    assert row == f"| m | 2.00 | 100 | 40.0 % | {ours} | {verdict} | 98.4 % |"
+
+
+@pytest.mark.parametrize(("eager_ips", "compiled_ips", "best"),
+                         [(150.0, 250.0, "2.50x compiled"), (250.0, 150.0, "2.50x")])
+def test_bench_gpu_counts_the_faster_of_our_paths_and_the_lower_agreement(eager_ips, compiled_ips, best):
+    result = {"gmacs": 2.0, "gflop_per_image": 4.0, "top1_agreement": {"ours": 98.4, "ours compiled": 97.0},
+              "compile_seconds": 31.2, "images_per_s": {"ours": eager_ips, "ours compiled": compiled_ips,
+                                                        "baseline": 100.0}}
+    row = _bench_gpu().result_row("m", result, peak_gflops=1000.0)
+    assert row == (f"| m | 2.00 | 100 | 40.0 % | {eager_ips:.0f} | {compiled_ips:.0f} (31 s) | 100.0 % | {best} | met "
+                   "| 97.0 % |")
 
 
 @pytest.mark.parametrize(("ours_mib", "speedup", "verdict"), [

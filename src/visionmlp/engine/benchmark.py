@@ -186,6 +186,7 @@ def benchmark_model(
     reps: int = 10,
     threads: int | None = None,
     fused_optimizer: bool = True,
+    cuda_graphs: bool = False,
     reference: nn.Module | None = None,
     reference_images: torch.Tensor | None = None,
 ) -> dict[str, Any]:
@@ -195,9 +196,11 @@ def benchmark_model(
     AdamW's fused kernel, as ``visionmlp train`` does; ``fused_optimizer=False`` runs its per-parameter loop,
     as the official training scripts do. Given an fp32 ``reference`` (inference only), the timed module's
     top-1 agreement with it on ``reference_images`` (fp32, NCHW) is added (:func:`fp32_agreement`).
+    ``cuda_graphs`` replays the compiled inference graph as CUDA graphs.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    check_cuda_graphs(cuda_graphs, compile, mode, device)
     if reference is not None and (mode != "infer" or reference_images is None):
         raise ValueError("a reference model compares inference outputs: it needs mode='infer' and reference_images")
     check_counts(batch_size, img_size, warmup, reps, threads)
@@ -216,7 +219,7 @@ def benchmark_model(
         memory.start_before_first_step()
         steps.run_counted()
         # counted before compiling: FlopCounterMode dispatches per operator, which a compiled graph hides
-        timed_model = compiled(model, mode) if compile else model
+        timed_model = compiled(model, mode, cuda_graphs) if compile else model
         for _ in range(warmup):
             steps.run(timed_model)
         synchronize(torch_device)
@@ -256,6 +259,7 @@ def benchmark_model(
         "img_size": img_size,
         "channels_last": channels_last,
         "compile": compile,
+        "cuda_graphs": cuda_graphs,
         "threads": used_threads,
         "warmup": warmup,
         "reps": reps,
@@ -293,6 +297,7 @@ def run_benchmark(
     checkpoint: str | os.PathLike | None = None,
     val_data: str | os.PathLike | None = None,
     val_images: int = 100,
+    cuda_graphs: bool = False,
 ) -> dict[str, Any]:
     """Time ``reps`` steps of ``model_name`` after ``warmup`` steps; return throughput, latency, memory, roofline.
 
@@ -300,7 +305,8 @@ def run_benchmark(
     forward, backward and a fused AdamW step under autocast to ``dtype`` with fp32 master weights (and a gradient
     scaler for fp16). FLOPs are counted with ``FlopCounterMode`` on one extra, untimed eager step before the warm-up.
     ``img_size`` defaults to the variant's own resolution. ``quantize="int8"`` times the folded model with its
-    linear layers int8-quantized (dynamic, CPU).
+    linear layers int8-quantized (dynamic, CPU). ``cuda_graphs`` (with ``compile``, inference on a GPU) replays
+    the compiled graph as CUDA graphs.
 
     A ``checkpoint`` of ``visionmlp train`` records its model: ``model_name`` may then be ``None``, and the model
     is built as the run built it (architecture, classes, input size).
@@ -314,6 +320,7 @@ def run_benchmark(
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     if deploy and mode == "train":
         raise ValueError("--deploy folds branches for inference; it cannot be combined with --mode train")
+    check_cuda_graphs(cuda_graphs, compile, mode, device)
     stored = read_checkpoint(checkpoint) if checkpoint is not None else None
     model_name, model_kwargs, run_config = checkpoint_variant(stored, str(checkpoint), model_name)
     native_size = model_kwargs.get("img_size") or default_img_size(model_name)
@@ -350,7 +357,7 @@ def run_benchmark(
     try:
         measured = benchmark_model(
             model, batch_size, img_size, in_chans, device, dtype, mode, channels_last, compile, warmup, reps, threads,
-            reference=reference, reference_images=images,
+            reference=reference, reference_images=images, cuda_graphs=cuda_graphs,
         )
     except RuntimeError as error:
         if img_size == native_size:
@@ -361,6 +368,16 @@ def run_benchmark(
     return {"model": model_name, "family": family_name(model_name), **measured, "deploy": deploy,
             "deploy_form": deploy_form, "quantize": quantize, **quantization,
             "weights": str(checkpoint) if checkpoint is not None else "random init"}
+
+
+def check_cuda_graphs(cuda_graphs: bool, compile: bool, mode: str, device: str) -> None:
+    """Refuse ``cuda_graphs`` anywhere but on a compiled inference graph on a GPU, naming what to change."""
+    if not cuda_graphs:
+        return
+    if not compile or mode != "infer":
+        raise ValueError("--cuda-graphs replays a compiled inference graph: add --compile and keep --mode infer")
+    if resolve_device(device).type != "cuda":
+        raise ValueError(f"--cuda-graphs needs a GPU: add --device cuda (got {device!r})")
 
 
 def _percentile(sorted_values: list[float], percent: float) -> float:
@@ -379,7 +396,7 @@ def results_markdown(results: list[dict[str, Any]]) -> str:
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
-        options = [name for name in ("channels_last", "compile") if r[name]]
+        options = [name for name in ("channels_last", "compile", "cuda_graphs") if r.get(name)]
         options += ["deploy"] if r["deploy_form"].startswith("folded") else []
         options += [f"{r['quantize']}-linear"] if r.get("quantize") else []
         lines.append(
@@ -438,6 +455,8 @@ def add_benchmark_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="compute dtype (default: fp32)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     parser.add_argument("--compile", action="store_true", help="time the torch.compile'd model")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="with --compile on a GPU: replay the compiled graph as CUDA graphs (infer only)")
     parser.add_argument("--deploy", action="store_true", help="fold re-parameterizable branches first (infer only)")
     parser.add_argument("--quantize", choices=list(QUANTIZATION_DTYPES),
                         help="int8: dynamic quantization of the folded model's linear layers (CPU, infer); "
@@ -474,6 +493,7 @@ def benchmark_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "channels_last": args.channels_last,
         "compile": args.compile,
+        "cuda_graphs": args.cuda_graphs,
         "deploy": args.deploy,
         "quantize": args.quantize,
         "warmup": args.warmup,
