@@ -94,7 +94,7 @@ def measure(
     ours = {EAGER: fast}
     compile_seconds = None
     if args.compile:
-        ours[COMPILED] = compiled(fast, cuda_graphs=args.cuda_graphs and device.type == "cuda")
+        ours[COMPILED] = compiled(fast, cuda_graphs=args.cuda_graphs)
         start = time.perf_counter()
         inference_step(ours[COMPILED], images, None)()
         synchronize(device)
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         build_baseline = load_builder(args.baseline) if args.baseline else None
         dtype = resolve_dtype(args.dtype, device)
+        if args.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"--cuda-graphs needs a GPU: use --device cuda (got {args.device!r})")
     except ValueError as error:
         raise SystemExit(f"bench_gpu: error: {error}") from None
     if args.peak_tflops is not None:

@@ -337,6 +337,8 @@ def test_bench_gpu_against_a_baseline_under_autocast(tmp_path, capsys, monkeypat
     with pytest.raises(SystemExit):
         bench_gpu.main(["--device", "cpu", "--cuda-graphs"])
     assert "--cuda-graphs replays compiled graphs: add --compile" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--cuda-graphs needs a GPU: use --device cuda"):
+        bench_gpu.main(["--device", "cpu", "--compile", "--cuda-graphs"])
     with pytest.raises(SystemExit, match="reps must be >= 1"):
         bench_gpu.main(["--device", "cpu", "--reps", "0"])
     (tmp_path / "empty.py").write_text("x = 1\n")

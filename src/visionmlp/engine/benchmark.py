@@ -396,7 +396,7 @@ def results_markdown(results: list[dict[str, Any]]) -> str:
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
-        options = [name for name in ("channels_last", "compile", "cuda_graphs") if r.get(name)]
+        options = [name for name in ("channels_last", "compile", "cuda_graphs") if r[name]]
         options += ["deploy"] if r["deploy_form"].startswith("folded") else []
         options += [f"{r['quantize']}-linear"] if r.get("quantize") else []
         lines.append(

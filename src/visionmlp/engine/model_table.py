@@ -117,7 +117,7 @@ def plot_throughput(results: list[dict[str, Any]], path: str | Path) -> None:
     from matplotlib import pyplot as plt
 
     first = results[0]
-    options = "".join(f", {o}" for o in ("channels_last", "compile", "cuda_graphs", "deploy") if first.get(o))
+    options = "".join(f", {o}" for o in ("channels_last", "compile", "cuda_graphs", "deploy") if first[o])
     figure, axes = plt.subplots(figsize=(8, 5.5), layout="constrained")
     for family, title in FAMILY_TITLES.items():
         rows = [r for r in results if r["family"] == family]
