@@ -141,15 +141,14 @@ def evaluate(
     ctx: DistContext,
     amp: str = "none",
     dtype: torch.dtype | None = None,
-    channels_last: bool = False,
+    memory_format: torch.memory_format = torch.preserve_format,
 ) -> dict[str, float]:
     """Loss and top-1/top-5 accuracy (percent) over the whole loader, summed over all ranks.
 
     Pass the bare model, not the DDP wrapper: ranks may hold one batch more or less than others,
-    and DDP's forward would wait for the ranks that have finished. ``dtype`` and ``channels_last`` are
+    and DDP's forward would wait for the ranks that have finished. ``dtype`` and ``memory_format`` are
     those of a model cast to them; its images are cast alike.
     """
-    memory_format = torch.channels_last if channels_last else torch.preserve_format
     model.eval()
     # loss sum, top-1 hits, top-5 hits, images, unreadable images
     totals = torch.zeros(5, dtype=torch.float64, device=ctx.device)
@@ -289,7 +288,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     model.to(ctx.device, dtype, memory_format=memory_format)
     if args.compile_frozen:
         model = compiled(model)
-    metrics = evaluate(model, loader, ctx, amp=amp, dtype=dtype, channels_last=args.channels_last)
+    metrics = evaluate(model, loader, ctx, amp=amp, dtype=dtype, memory_format=memory_format)
     if metrics["skipped_images"]:
         print(f"skipped {metrics['skipped_images']} unreadable images", file=sys.stderr)
     if not ctx.is_main:
