@@ -68,7 +68,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warm-heap", action="store_true",
                         help="glibc keeps freed memory for reuse, as a long-running process or jemalloc would "
                              "(default: glibc's own settings, which hand large blocks back after each step)")
-    return parser.parse_args(argv)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="measure each variant in this many fresh processes and report the medians (default: 1, "
+                             "in this process)")
+    parser.add_argument("--emit-runs", action="store_true",
+                        help="(run by --processes in a process of its own) print one variant's measurements as JSON")
+    args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error(f"--processes must be 1 or more, got {args.processes}")
+    return args
 
 
 def recipe_model(name: str) -> nn.Module:
@@ -198,6 +206,38 @@ def measure(
     return runs
 
 
+def isolated_measurement(name: str, args: argparse.Namespace, best_dtype: str) -> dict[str, Any]:
+    """:func:`measure` of one variant in a fresh process, whose heap starts empty."""
+    command = [sys.executable, __file__, "--emit-runs", "--models", name, "--threads", str(args.threads),
+               "--batch-size", str(args.batch_size), "--best-dtype", best_dtype, "--warmup", str(args.warmup),
+               "--reps", str(args.reps), "--paired-reps", str(args.paired_reps)]
+    command += ["--baseline", str(args.baseline)] if args.baseline else []
+    command += [flag for flag, on in (("--train", args.train), ("--compile", args.compile),
+                                      ("--warm-heap", args.warm_heap)) if on]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"measuring {name} in a process of its own failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def median_of_runs(runs: list[Any]) -> Any:
+    """The measurements of several processes merged: the median of every figure, the first of anything else."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {key: median_of_runs([run[key] for run in runs]) for key in first}
+    if isinstance(first, float):
+        return statistics.median(runs)
+    return first
+
+
+def summary_line(name: str, runs: dict[str, Any]) -> str:
+    """One line of progress: our fp32 speed and the paired figures."""
+    paired = runs.get("paired_infer")
+    base = "; paired: " + ", ".join(f"{label} {ips:.2f}" for label, ips in paired.items()) if paired else ""
+    fp32 = runs["eager"]
+    return f"{name} ({fp32['img_size']} px): {fp32['images_per_s']:.2f} img/s fp32{base}"
+
+
 def roofline(result: dict[str, Any], images_per_s: float) -> float:
     """Fraction of the matmul peak at ``images_per_s`` with the FLOPs per image of ``result``'s step."""
     return result["step_gflop_per_image"] * images_per_s / result["matmul_peak_gflops"]
@@ -274,13 +314,22 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory_in_heap()
     build_baseline = load_baseline(args.baseline) if args.baseline else None
     best_dtype = fastest_dtype(args.threads) if args.best_dtype == "auto" else args.best_dtype
+    if args.emit_runs:
+        print(json.dumps(measure(names[0], args, best_dtype, build_baseline)))
+        return 0
     results = {}
     for name in names:
-        results[name] = runs = measure(name, args, best_dtype, build_baseline)
-        paired = runs.get("paired_infer")
-        base = "; paired: " + ", ".join(f"{label} {ips:.2f}" for label, ips in paired.items()) if paired else ""
-        fp32 = runs["eager"]
-        print(f"{name} ({fp32['img_size']} px): {fp32['images_per_s']:.2f} img/s fp32{base}", file=sys.stderr)
+        if args.processes == 1:
+            results[name] = runs = measure(name, args, best_dtype, build_baseline)
+        else:
+            # The heap a process starts a model with decides how many page faults each step pays (up to a
+            # fifth of a step): one process is one draw.
+            per_process = []
+            for index in range(args.processes):
+                per_process.append(isolated_measurement(name, args, best_dtype))
+                print(f"process {index + 1}/{args.processes}: {summary_line(name, per_process[-1])}", file=sys.stderr)
+            results[name] = runs = median_of_runs(per_process)
+        print(summary_line(name, runs), file=sys.stderr)
     first = next(iter(results.values()))
     eager = first["eager"]
     fast_path = f"{best_dtype}, deploy, channels-last"
@@ -292,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = torch.device("cpu")
     peaks = ", ".join(f"{d} {matmul_peak_gflops(cpu, DTYPES[d], eager['threads']):.1f}" for d in DTYPES)
     print(f"CPU: {eager['device_name']}, {eager['threads']} threads, batch {args.batch_size}, torch "
-          f"{eager['torch_version']}; matmul peak (GFLOP/s) {peaks}; median of {args.reps} steps; heap "
+          f"{eager['torch_version']}; matmul peak (GFLOP/s) {peaks}; median of {args.reps} steps"
+          f"{f', then of {args.processes} processes' if args.processes > 1 else ''}; heap "
           f"{'kept (--warm-heap)' if args.warm_heap else 'glibc defaults'}\n")
     with_base = build_baseline is not None
     header = ["model", "GMACs"] + (["baseline img/s", "baseline roofline"] if with_base else [])

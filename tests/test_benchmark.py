@@ -241,6 +241,24 @@ def test_bench_cpu_against_a_baseline_file(tmp_path, capsys):
         bench_cpu.main(["--train-memory-of", "baseline", "--models", "raft_mlp_s"])
 
 
+def test_bench_cpu_reports_the_median_of_fresh_processes(capsys):
+    bench_cpu = _bench_cpu()
+    runs = [{"eager": {"images_per_s": ips, "img_size": 224, "dtype": "fp32"}, "paired_infer": {"ours": ips / 2}}
+            for ips in (10.0, 30.0, 12.0)]
+    assert bench_cpu.median_of_runs(runs) == {
+        "eager": {"images_per_s": 12.0, "img_size": 224, "dtype": "fp32"}, "paired_infer": {"ours": 6.0}}
+    args = ["--models", "raft_mlp_s", "--batch-size", "1", "--warmup", "0", "--reps", "1", "--threads", "1",
+            "--best-dtype", "fp32", "--processes", "2"]
+    assert bench_cpu.main(args) == 0
+    captured = capsys.readouterr()
+    assert "median of 1 steps, then of 2 processes" in captured.out
+    assert re.search(r"\| raft_mlp_s \| 2\.0\d \| [\d.]+ \| \d+ % \| [\d.]+ \| 100\.0 % \|", captured.out)
+    assert "process 1/2: raft_mlp_s" in captured.err and "process 2/2: raft_mlp_s" in captured.err
+    with pytest.raises(SystemExit):
+        bench_cpu.main(["--processes", "0"])
+    assert "--processes must be 1 or more, got 0" in capsys.readouterr().err
+
+
 def test_bench_cpu_builds_ours_with_the_drop_path_rate_of_the_family_recipe():
     from timm.layers import DropPath
 
