@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.processes < 1:
         parser.error(f"--processes must be 1 or more, got {args.processes}")
+    if args.emit_runs and ("," in args.models or args.models == "all"):
+        parser.error("--emit-runs measures one variant; name it with --models NAME")
     return args
 
 

@@ -257,6 +257,9 @@ def test_bench_cpu_reports_the_median_of_fresh_processes(capsys):
     with pytest.raises(SystemExit):
         bench_cpu.main(["--processes", "0"])
     assert "--processes must be 1 or more, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_cpu.main(["--emit-runs", "--models", "raft_mlp_s,vip_s7"])
+    assert "--emit-runs measures one variant; name it with --models NAME" in capsys.readouterr().err
 
 
 def test_bench_cpu_builds_ours_with_the_drop_path_rate_of_the_family_recipe():
