@@ -150,13 +150,17 @@ def isolated_train_memory_mib(name: str, which: str, args: argparse.Namespace) -
     """:func:`train_step_memory_mib` of our model or the baseline's, in a fresh process; None where unsupported."""
     if not exact_memory_supported():
         return None
-    command = [sys.executable, __file__, "--train-memory-of", which, "--models", name, "--threads", str(args.threads),
+    options = ["--train-memory-of", which, "--models", name, "--threads", str(args.threads),
                "--batch-size", str(args.batch_size)]
-    if which == "baseline":
-        command += ["--baseline", str(args.baseline)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    options += ["--baseline", str(args.baseline)] if which == "baseline" else []
+    return json_of_fresh_process(options, f"measuring the training memory of {which} {name}")
+
+
+def json_of_fresh_process(options: list[str], task: str) -> Any:
+    """The JSON that this script prints last when run with ``options`` in a fresh process; exits if it fails."""
+    result = subprocess.run([sys.executable, __file__, *options], capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise SystemExit(f"measuring the training memory of {which} {name} failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"{task} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -210,16 +214,13 @@ def measure(
 
 def isolated_measurement(name: str, args: argparse.Namespace, best_dtype: str) -> dict[str, Any]:
     """:func:`measure` of one variant in a fresh process, whose heap starts empty."""
-    command = [sys.executable, __file__, "--emit-runs", "--models", name, "--threads", str(args.threads),
-               "--batch-size", str(args.batch_size), "--best-dtype", best_dtype, "--warmup", str(args.warmup),
-               "--reps", str(args.reps), "--paired-reps", str(args.paired_reps)]
-    command += ["--baseline", str(args.baseline)] if args.baseline else []
-    command += [flag for flag, on in (("--train", args.train), ("--compile", args.compile),
+    options = ["--emit-runs", "--models", name, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
+               "--best-dtype", best_dtype, "--warmup", str(args.warmup), "--reps", str(args.reps),
+               "--paired-reps", str(args.paired_reps)]
+    options += ["--baseline", str(args.baseline)] if args.baseline else []
+    options += [flag for flag, on in (("--train", args.train), ("--compile", args.compile),
                                       ("--warm-heap", args.warm_heap)) if on]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise SystemExit(f"measuring {name} in a process of its own failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json_of_fresh_process(options, f"measuring {name} in a process of its own")
 
 
 def median_of_runs(runs: list[Any]) -> Any:
