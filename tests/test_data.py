@@ -192,3 +192,22 @@ def test_samplers_split_over_ranks():
     assert set(train_shards[1]) == {1, 4, 7, 10}
     eval_shards = [list(EvalShardSampler(11, rank, 3)) for rank in range(3)]
     assert sorted(sum(eval_shards, [])) == list(range(11))  # every image once, no padding
+
+
+def test_randaugment_posterizes_to_zero_bits_on_any_pillow():
+    # RandAugment's increasing posterize keeps 0 bits at magnitude 10: a black image, which Pillow 13 refuses to make
+    from timm.data import auto_augment
+
+    from visionmlp.config import build_config
+    from visionmlp.data import build_transform
+
+    config = build_config()
+    config["aug"]["auto_augment"] = "rand-m10-n1-mstd0-inc1"
+    transform = build_transform(config, {"input_size": (3, 16, 16), "interpolation": "bicubic", "crop_pct": 1.0,
+                                         "mean": (0.5,) * 3, "std": (0.5,) * 3}, training=True)
+    randaugment = next(step for step in transform.transforms if hasattr(step, "ops"))
+    (posterize,) = [op for op in randaugment.ops if op.name == "PosterizeIncreasing"]
+    image = Image.new("RGB", (16, 16), (200, 120, 40))
+    assert posterize.aug_fn(image, 0).getextrema() == ((0, 0),) * 3
+    assert posterize.aug_fn(image, 8) is image
+    assert auto_augment.NAME_TO_OP["PosterizeIncreasing"] is auto_augment.posterize  # timm's own table untouched

@@ -13,8 +13,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 from torchvision import transforms as T
 
 
-def _posterize_keeping_any_bits(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
-    """timm's posterize op, also for 0 bits: Pillow >= 13 rejects 0, which older Pillow turned into black."""
+def _pillow_posterizes_to_zero_bits() -> bool:
+    """Whether this Pillow posterizes to 0 bits (a black image); Pillow 13 raises instead."""
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+    except ValueError:
+        return False
+    return True
+
+
+def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize op, also for 0 bits, which older Pillow turned into black and Pillow 13 rejects."""
     if bits_to_keep >= 8:
         return img
     if bits_to_keep <= 0:
@@ -22,10 +31,17 @@ def _posterize_keeping_any_bits(img: Image.Image, bits_to_keep: int, **_: Any) -
     return ImageOps.posterize(img, bits_to_keep)
 
 
-# RandAugment's increasing posterize reaches 0 bits at magnitude 10 (mstd noise gets there from m9)
-for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-    if auto_augment.NAME_TO_OP.get(_name) is auto_augment.posterize:
-        auto_augment.NAME_TO_OP[_name] = _posterize_keeping_any_bits
+def with_posterize_any_bits(transform: Any) -> Any:
+    """``transform`` with the posterize ops of its timm auto-augment policy replaced by :func:`posterize_any_bits`,
+    where this Pillow rejects 0 bits: RandAugment's increasing posterize reaches 0 bits at magnitude 10 (and from 9
+    with magnitude noise). Changes this transform only, never timm's tables."""
+    if _pillow_posterizes_to_zero_bits():
+        return transform
+    for step in getattr(transform, "transforms", []):
+        for op in getattr(step, "ops", []):
+            if isinstance(op, auto_augment.AugmentOp) and op.aug_fn is auto_augment.posterize:
+                op.aug_fn = posterize_any_bits
+    return transform
 
 
 def build_transform(config: Mapping[str, Any], data_config: Mapping[str, Any], training: bool) -> Any:
@@ -52,7 +68,7 @@ def build_transform(config: Mapping[str, Any], data_config: Mapping[str, Any], t
     if input_size[-1] <= 32 and config["data"]["dataset"] in ("cifar10", "cifar100"):
         # at CIFAR's native 32 px a random-resized crop destroys too much: pad-and-crop instead, as the seeds do
         transform.transforms[0] = T.RandomCrop(input_size[-1], padding=4)
-    return transform
+    return with_posterize_any_bits(transform)
 
 
 class ShardSampler(Sampler[int]):
