@@ -3,19 +3,31 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (synthetic_weights)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-@pytest.fixture
-def onednn_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The post-ops ("none", "gelu") of the oneDNN linear calls made during the test (skipped without oneDNN)."""
-    from visionmlp.models import layers
+class OneDnnLinearCalls(TorchDispatchMode):
+    """Records the post-op ("none", "gelu") of every oneDNN linear product dispatched while it is active."""
 
-    onednn = layers._ONEDNN_LINEAR
-    if onednn is None:
+    def __init__(self) -> None:
+        super().__init__()
+        self.post_ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.name().startswith("mkldnn::_linear_pointwise"):
+            self.post_ops.append(args[3])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def onednn_calls() -> list[str]:
+    """The post-ops of the oneDNN linear products made during the test (skipped where torch has no oneDNN linear)."""
+    from visionmlp.kernels.torch_ops import LINEAR_POINTWISE
+
+    if LINEAR_POINTWISE is None:
         pytest.skip("this torch has no oneDNN linear")
-    calls: list[str] = []
-    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", lambda *args: calls.append(args[3]) or onednn(*args))
-    return calls
+    with OneDnnLinearCalls() as recorder:
+        yield recorder.post_ops

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.layers import set_scriptable
 from torch import nn
 
 import visionmlp
-from visionmlp.models import ms_mlp
+from visionmlp.kernels import ms_mlp as ms_kernels
+from visionmlp.kernels.tuning import MS_MLP_TRAIN_HIDDEN_BYTES
 from visionmlp.models.ms_mlp import MixShiftBlock, MsMlp, checkpoint_filter_fn
 
-from synthetic_weights import load_reference, synthetic_state_dict
+from synthetic_weights import load_reference, relative_l2, synthetic_state_dict
 
 OFFICIAL_MIX_SIZES = [(1, 1, 3, 5, 7), (1, 3, 3, 5, 7), (1, 5, 5, 5, 7), (1, 7, 7, 7, 7)]
 
@@ -45,26 +45,29 @@ def _naive_block(block: MixShiftBlock, x: torch.Tensor) -> torch.Tensor:
     return x + out.permute(0, 3, 1, 2)
 
 
+FORMS = pytest.mark.parametrize("fast_kernels", [False, True], ids=["reference", "fast"])
+
+
+@FORMS
 @pytest.mark.parametrize("mix_sizes", OFFICIAL_MIX_SIZES + [(3, 1, 5, 1, 3)])
 @pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 4), (7, 7)])
-def test_block_matches_per_group_roll_and_conv(mix_sizes, size):
+def test_block_matches_per_group_roll_and_conv(mix_sizes, size, fast_kernels):
     # 23 channels split 5-5-5-5-3 (torch.chunk); maps smaller than the shift distance wrap around
-    block = _randomize(MixShiftBlock(23, mix_sizes=mix_sizes)).double().eval()
+    block = _randomize(MixShiftBlock(23, mix_sizes=mix_sizes, fast_kernels=fast_kernels)).double().eval()
     x = torch.randn(2, 23, *size, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(block(x), _naive_block(block, x), rtol=1e-12, atol=1e-12)
+        channels_last = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(block(channels_last), _naive_block(block, x), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("hidden_limit", [None, 16 * 2**10])
+@FORMS
 @pytest.mark.parametrize("size", [(2, 3), (7, 6), (7, 7)])
-def test_block_gradients_match_per_group_roll_and_conv(size, hidden_limit, monkeypatch):
-    # The group roll has its own backward (the opposite roll); every input and weight gradient must agree.
-    # At 7 x 7 the batch has 98 tokens, more than fc2's 92 inputs, so the layer scale is folded into fc2.
-    # The depth-wise biases of the 3x3 to 7x7 kernels are added after the branches' sum in training.
-    # With a 16 KiB limit on the hidden activations (736 bytes a token), the channel MLP runs in slices.
-    if hidden_limit is not None:
-        monkeypatch.setattr(ms_mlp, "_CPU_TRAIN_HIDDEN_BYTES", hidden_limit)
-    block = _randomize(MixShiftBlock(23, mix_sizes=(1, 3, 3, 5, 7))).double().train()
+def test_block_gradients_match_per_group_roll_and_conv(size, fast_kernels):
+    # The fast group roll has its own backward (the opposite roll); every input and weight gradient must agree.
+    # At 7 x 7 the batch has 98 tokens, more than fc2's 92 inputs, so the fast form folds the layer scale into fc2.
+    # Its depth-wise biases of the 3x3 to 7x7 kernels are added after the branches' sum in training.
+    block = _randomize(MixShiftBlock(23, mix_sizes=(1, 3, 3, 5, 7), fast_kernels=fast_kernels)).double().train()
     x = torch.randn(2, 23, *size, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(2, 23, *size, dtype=torch.float64)
     ours = torch.autograd.grad((block(x) * upstream).sum(), [x, *block.parameters()])
@@ -73,51 +76,56 @@ def test_block_gradients_match_per_group_roll_and_conv(size, hidden_limit, monke
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def _saved_bytes(block: MixShiftBlock, x: torch.Tensor) -> int:
-    """Bytes of the tensors autograd keeps for the block's backward, parameters excluded."""
-    params = {p.data_ptr() for p in block.parameters()}
+def test_fast_block_trains_in_token_slices_at_full_width_with_the_reference_gradients():
+    # MS-MLP-T's first-stage width at 64 x 64 and batch 3: a 19 MB hidden activation, two slices in CPU training
+    torch.manual_seed(0)
+    reference = MixShiftBlock(96, fast_kernels=False).train()
+    fast = MixShiftBlock(96, fast_kernels=True).train()
+    fast.load_state_dict(_randomize(reference).state_dict())
+    x = torch.randn(3, 96, 64, 64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert ms_kernels._tokens_per_slice(fast, x.permute(0, 2, 3, 1)) < 3 * 64 * 64
+    got = torch.autograd.grad(fast(x).square().sum(), [x, *fast.parameters()])
+    expected = torch.autograd.grad(reference(x).square().sum(), [x, *reference.parameters()])
+    for g, e in zip(got, expected):
+        assert relative_l2(g, e) <= 1e-5
+
+
+def _saved_bytes(fn, x: torch.Tensor, params: list[torch.Tensor]) -> int:
+    """Bytes of the tensors autograd keeps for the backward of ``fn(x)``, parameters excluded."""
+    param_ptrs = {p.data_ptr() for p in params}
     saved = {}
 
     def keep(t: torch.Tensor) -> torch.Tensor:
-        if t.data_ptr() not in params:
+        if t.data_ptr() not in param_ptrs:
             saved[t.data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        block(x)
+        fn(x)
     return sum(saved.values())
 
 
-def test_training_keeps_the_scaled_fc2_instead_of_its_output():
-    # 2 x 16 x 16 tokens of 10 channels: fc2's output (512 x 10) is larger than its weight (10 x 40)
+def test_fast_channel_mlp_keeps_the_scaled_fc2_instead_of_its_output():
+    # 512 tokens of 10 channels: fc2's output (512 x 10) is larger than its weight (10 x 40)
     torch.manual_seed(0)
-    fast = MixShiftBlock(10, mix_sizes=(1, 3, 3, 5, 7)).train()
-    with set_scriptable(True):
-        plain = MixShiftBlock(10, mix_sizes=(1, 3, 3, 5, 7)).train()
-    plain.load_state_dict(fast.state_dict())
-    x = torch.randn(2, 10, 16, 16, requires_grad=True)
+    block = MixShiftBlock(10, mix_sizes=(1, 3, 3, 5, 7)).train()
+    tokens = torch.randn(2, 16, 16, 10, requires_grad=True)
+    params = list(block.parameters())
     fc2_output, fc2_weight = 2 * 16 * 16 * 10 * 4, 10 * 40 * 4
-    assert _saved_bytes(plain, x) - _saved_bytes(fast, x) == fc2_output - fc2_weight
-
-
-def test_token_slices_on_cpu_give_the_same_block_output():
-    block = _randomize(MixShiftBlock(10, mix_sizes=(1, 3, 3, 5, 7))).double().eval()
-    x = torch.randn(1, 10, 40, 36, dtype=torch.float64)  # 1440 tokens: more than one slice of the channel MLP
-    with torch.no_grad():
-        torch.testing.assert_close(block(x), _naive_block(block, x), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(block(x.contiguous(memory_format=torch.channels_last)), block(x))
+    reference = _saved_bytes(lambda t: block.gamma * block.mlp(block.norm(t)), tokens, params)
+    fast = _saved_bytes(lambda t: ms_kernels._channel_mlp(block, t), tokens, params)
+    assert reference - fast == fc2_output - fc2_weight
 
 
 def test_channel_mlp_slices_keep_cpu_training_activations_under_the_limit():
     block = MixShiftBlock(96)  # fc1: 384 outputs
     x = torch.empty(8, 56, 56, 96)  # MS-MLP-T's first stage at batch 8: a 38.5 MB hidden activation in fp32
-    size = ms_mlp._cpu_tokens_per_slice(block, x)
-    assert size == 8363 and size * 384 * 4 <= ms_mlp._CPU_TRAIN_HIDDEN_BYTES  # three slices
-    with torch.no_grad():  # at inference, cache-sized slices, of the same bytes in bf16
-        assert ms_mlp._cpu_tokens_per_slice(block, x) == 1024
-        assert ms_mlp._cpu_tokens_per_slice(block, x.bfloat16()) == 2048
-    assert ms_mlp._cpu_tokens_per_slice(block, x.to("meta")) == 8 * 56 * 56  # off the CPU: one call
-    assert ms_mlp._cpu_tokens_per_slice(block, x[:0]) == 0  # every sample dropped
+    size = ms_kernels._tokens_per_slice(block, x)
+    assert size == 8363 and size * 384 * 4 <= MS_MLP_TRAIN_HIDDEN_BYTES  # three slices
+    with torch.no_grad():  # at inference, one call
+        assert ms_kernels._tokens_per_slice(block, x) == 8 * 56 * 56
+    assert ms_kernels._tokens_per_slice(block, x.to("meta")) == 8 * 56 * 56  # off the CPU: one call
+    assert ms_kernels._tokens_per_slice(block, x[:0]) == 0  # every sample dropped
 
 
 def test_channel_split_follows_torch_chunk_and_rejects_impossible_widths():

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import visionmlp
-from visionmlp.models import raft_mlp
+from visionmlp.kernels import raft_mlp as raft_kernels
 from visionmlp.models.raft_mlp import CrossScaleEmbed, RaftBlock, checkpoint_filter_fn
 
-from synthetic_weights import load_reference, synthetic_state_dict
+from synthetic_weights import load_reference, relative_l2, synthetic_state_dict
 
 SMALL = 64  # token grids 16, 8, 4, 2
 TINY = dict(embed_dims=(8, 16, 16, 32), depths=(1, 1, 2, 1))  # the real layout, narrow and shallow for speed
@@ -55,12 +55,11 @@ def _direct_raft_block(block: RaftBlock, x: torch.Tensor) -> torch.Tensor:
     return x + block.mlp_channels(block.norm_channels(x))
 
 
-@pytest.mark.parametrize("raft_major", [False, True], ids=["token-last", "raft-major"])
+@pytest.mark.parametrize("fast_kernels", [False, True], ids=["reference", "fast"])
 @pytest.mark.parametrize("grid", [(6, 6), (4, 10)])
-def test_raft_block_matches_direct_formulation(grid, raft_major, monkeypatch):
-    monkeypatch.setattr(raft_mlp, "_raft_major_pays", lambda x: raft_major)
+def test_raft_block_matches_direct_formulation(grid, fast_kernels):
     torch.manual_seed(0)
-    block = _randomize(RaftBlock(12, grid, raft_size=3)).double().eval()
+    block = _randomize(RaftBlock(12, grid, raft_size=3, fast_kernels=fast_kernels)).double().eval()
     x = torch.randn(2, *grid, 12, dtype=torch.float64)
     expected = _direct_raft_block(block, x)
     expected_grads = torch.autograd.grad(expected.square().sum(), list(block.parameters()))
@@ -69,8 +68,38 @@ def test_raft_block_matches_direct_formulation(grid, raft_major, monkeypatch):
     for got_grad, expected_grad in zip(torch.autograd.grad(got.square().sum(), list(block.parameters())),
                                        expected_grads):
         torch.testing.assert_close(got_grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("along", [1, 2], ids=["vertical", "horizontal"])
+def test_raft_major_branch_equals_the_token_last_branch(along):
+    # the fast block's two forms of a token-mixing branch, in float64 (the block takes raft-major in bf16 only)
+    torch.manual_seed(0)
+    block = _randomize(RaftBlock(12, (4, 10), raft_size=3)).double()
+    norm, mlp = (block.norm_vertical, block.mlp_vertical) if along == 1 else (block.norm_horizontal,
+                                                                              block.mlp_horizontal)
+    x = torch.randn(2, 4, 10, 3, 4, dtype=torch.float64)
+    token_last = raft_kernels._token_last_branch(x, norm, mlp, along)
+    raft_major = raft_kernels._raft_major_branch(x, norm, mlp, along)
+    torch.testing.assert_close(raft_major, token_last, rtol=1e-10, atol=1e-12)
+    params = list(norm.parameters()) + list(mlp.parameters())
+    for got, expected in zip(torch.autograd.grad(raft_major.square().sum(), params),
+                             torch.autograd.grad(token_last.square().sum(), params)):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     with torch.no_grad():  # without autograd the raft-major GELU works in place
-        torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(raft_kernels._raft_major_branch(x, norm, mlp, along), token_last,
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_fast_block_in_bf16_matches_the_reference_in_fp32():
+    torch.manual_seed(0)
+    reference = _randomize(RaftBlock(32, (8, 8), raft_size=2, fast_kernels=False)).eval()
+    fast = RaftBlock(32, (8, 8), raft_size=2, fast_kernels=True).eval()
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 8, 8, 32)
+    with torch.no_grad():
+        expected = reference(x)
+        got = fast.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
+    assert relative_l2(got, expected) <= 2e-2
 
 
 @pytest.mark.parametrize("kernels", [(4, 8), (2, 4), (2,), (2, 4, 6)])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import visionmlp
-from visionmlp.models.repmlpnet import RepMLPBlock, checkpoint_filter_fn, pointwise_conv
+from visionmlp.models.repmlpnet import RepMLPBlock, checkpoint_filter_fn
 
 from synthetic_weights import relative_l2
 
@@ -220,36 +220,3 @@ def test_fx_trace_matches_eager(deploy):
         # the input-size check is kept in the graph as a leaf call
         with pytest.raises(ValueError, match="partition size"):
             fx_model(torch.randn(1, 3, SMALL + 32, SMALL))
-
-
-@pytest.mark.parametrize("size", [2, 9])  # 4 pixels: one product over all pixels; 81: one per image
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_pointwise_conv_products_equal_a_1x1_convolution(size, with_bias):
-    torch.manual_seed(0)
-    x = torch.randn(3, 6, size, size, dtype=torch.float64)
-    weight = torch.randn(10, 6, 1, 1, dtype=torch.float64)
-    bias = torch.randn(10, dtype=torch.float64) if with_bias else None
-    with torch.no_grad():
-        out = pointwise_conv(x, weight, bias)
-    torch.testing.assert_close(out, F.conv2d(x, weight, bias), rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_pointwise_conv_in_fp32_on_cpu_takes_one_onednn_product_per_image(with_bias, onednn_calls):
-    x, weight = torch.randn(3, 64, 16, 16), torch.randn(128, 64, 1, 1)
-    bias = torch.randn(128) if with_bias else None
-    with torch.no_grad():
-        out = pointwise_conv(x, weight, bias)
-    assert len(onednn_calls) == 3
-    expected = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double())
-    assert relative_l2(out.double(), expected) <= 1e-6
-
-
-def test_pointwise_conv_trains_through_the_convolution():
-    # the conv's backward keeps no transposed copies, so training peaks no higher than the official code
-    x = torch.randn(2, 6, 3, 3, requires_grad=True)
-    weight = torch.randn(10, 6, 1, 1, requires_grad=True)
-    assert "Convolution" in pointwise_conv(x, weight, None).grad_fn.name()
-    assert "Convolution" in pointwise_conv(x.detach(), weight, None).grad_fn.name()
-    with torch.no_grad():
-        assert pointwise_conv(x, weight, None).grad_fn is None

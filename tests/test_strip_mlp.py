@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from synthetic_weights import (
     REFERENCE_DIR,
     load_reference,
@@ -13,10 +12,9 @@ from synthetic_weights import (
     synthetic_state_dict,
 )
 from timm.layers import DropPath
-from timm.layers.grn import GlobalResponseNorm
 
 import visionmlp
-from visionmlp.models.layers import spatial_l2_norm
+from visionmlp.kernels import spatial_l2_norm
 from visionmlp.models.strip_mlp import ChannelMixing, StripMLPBlock, StripMLPNet
 
 SMALL = 64  # smallest size with a 2x2 last-stage grid; keeps these tests fast
@@ -99,25 +97,18 @@ def test_our_state_dict_passes_filter_unchanged():
 
 
 @pytest.mark.parametrize("grid_size", [8, 2])  # 64 tokens > 16 channels: GRN scales fc2's weight; 4 < 16: the input
-def test_folded_grn_matches_plain_grn_mlp_with_gradients(grid_size):
+def test_fast_channel_mixing_folds_grn_into_fc2_with_the_same_gradients(grid_size):
     torch.manual_seed(0)
-    mixing = ChannelMixing(16, 3, grid_size).double().train()
-    assert mixing.scale_fc2_weight == (grid_size == 8)
-    for p in mixing.parameters():
+    reference = ChannelMixing(16, 3, fast_kernels=False).double().train()
+    for p in reference.parameters():
         torch.nn.init.normal_(p, std=0.3)
+    fast = ChannelMixing(16, 3, fast_kernels=True).double().train()
+    fast.load_state_dict(reference.state_dict())
     x = torch.randn(2, 16, grid_size, grid_size, dtype=torch.float64, requires_grad=True)
-    grn = GlobalResponseNorm(48).double()
-    grn.load_state_dict(mixing.grn.state_dict())
-
-    def plain(inp: torch.Tensor) -> torch.Tensor:
-        y = mixing.norm(mixing.conv_dw(inp).permute(0, 2, 3, 1))
-        y = mixing.fc2(grn(F.gelu(mixing.fc1(y))))
-        return y.permute(0, 3, 1, 2)
-
-    ours, ref = mixing(x), plain(x)
+    ours, ref = fast(x), reference(x)
     torch.testing.assert_close(ours, ref)
-    g_ours = torch.autograd.grad(ours.square().sum(), [mixing.grn.weight, x])
-    g_ref = torch.autograd.grad(ref.square().sum(), [grn.weight, x])
+    g_ours = torch.autograd.grad(ours.square().sum(), [fast.grn.weight, x])
+    g_ref = torch.autograd.grad(ref.square().sum(), [reference.grn.weight, x])
     torch.testing.assert_close(g_ours, g_ref)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..models.layers import linear
+from ..kernels import linear
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The matmul peak grows square sizes from the minimum until one matmul is slow enough to saturate the device
@@ -97,8 +97,8 @@ def num_threads(threads: int | None) -> Iterator[None]:
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, threads: int) -> float:
     """This machine's matmul peak in GFLOP/s with ``threads`` CPU threads: the fastest square matmul (cached)."""
     best = 0.0
-    # F.linear has its own kernels on some CPUs (bf16 through oneDNN, far faster than mm), and the models' linear
-    # takes oneDNN's fp32 matmul on CPU (twice MKL's sgemm on an AMD EPYC): the peak is the fastest of the three
+    # F.linear has its own kernels on some CPUs (bf16 through oneDNN, far faster than mm), and the fast kernels'
+    # linear takes oneDNN's fp32 matmul on CPU: the peak is the fastest of the three
     for matmul in (torch.mm, F.linear, linear):
         size = PEAK_MATMUL_MIN_SIZE
         while True:

@@ -43,14 +43,18 @@ def create_model(
     pretrained: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
     deploy: bool = False,
+    fast_kernels: bool | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build variant ``name`` through timm; ``checkpoint_path`` loads an official or visionmlp checkpoint.
 
     With ``deploy=True`` the model comes in its folded inference form (see :func:`reparameterize`);
-    the checkpoint may then be in training form (folded after loading) or already folded.
+    the checkpoint may then be in training form (folded after loading) or already folded. ``fast_kernels``
+    chooses between the fast kernels and the reference maths (default: :func:`visionmlp.use_fast_kernels`).
     """
     family_module(name)
+    if fast_kernels is not None:
+        kwargs["fast_kernels"] = fast_kernels
     if deploy:
         if checkpoint_path is None:
             model = timm.create_model(name, pretrained=pretrained, **_architecture_deploy(name), **kwargs)

@@ -6,21 +6,15 @@ A PyTorch implementation of the model from
 
 Official repository: https://github.com/JegZheng/MS-MLP
 
-Each block splits its channels into groups, rolls every group by its own distance along the width
-(and, in a second branch, along the height), mixes each group spatially with a depth-wise conv whose
-kernel grows with the distance, adds the two branches and follows with a channel MLP.
+Each block splits its channels into groups, rolls every group by its own distance along the width (and, in a
+second branch, along the height), mixes each group spatially with a depth-wise conv whose kernel grows with the
+distance, adds the two branches and follows with a channel MLP with layer scale.
 
-The state dict keeps the official per-group depth-wise convs (``dwconv_lr.<i>`` / ``dwconv_td.<i>``).
-The forward pass computes the same sums with fewer, larger ops than the official code: groups that
-share a kernel size share one conv call per branch (kernels concatenated on the fly), 1x1 groups are a
-per-channel affine, the rolls are slice copies (one autograd node each, whose gradient is the
-opposite roll), on CPU the channel MLP runs over slices of tokens (cache-sized at inference, below glibc's
-fresh-mapping size in training), and while gradients are recorded the layer scale multiplies its last
-linear layer instead of its output. In training, a block's residual branch runs only for the samples its
-drop path keeps, and the depth-wise biases are added after the two branches' sum.
-Activations stay channels-last between blocks. ``checkpoint_filter_fn`` maps official checkpoints onto
-this layout (patch merging moves to the start of the next stage, the final norm and
-classifier into ``head``).
+The state dict keeps the official per-group depth-wise convs (``dwconv_lr.<i>`` / ``dwconv_td.<i>``);
+``checkpoint_filter_fn`` maps official checkpoints onto this layout (patch merging moves to the start of the next
+stage, the final norm and classifier into ``head``). With fast kernels (``visionmlp.set_fast_kernels``) each block
+computes the same sums with fewer, larger ops (``visionmlp.kernels.ms_mlp``) and the linear layers run on oneDNN's
+matmul on CPU.
 """
 import re
 from functools import partial
@@ -30,17 +24,16 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, LayerNorm2d, Mlp, NormMlpClassifierHead
-from timm.layers import is_scriptable, register_notrace_function, to_2tuple, trunc_normal_
+from timm.layers import register_notrace_function, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
+from .. import kernels
 from ..checkpoint import load_pretrained_file
-from .layers import SkipsDroppedSamples, depthwise_conv2d, drop_path_residual, linear, use_onednn_linears
+from ..kernels.ms_mlp import mix_shift_block as mix_shift_block_kernel
 
-torch.fx.wrap('depthwise_conv2d')
-torch.fx.wrap('drop_path_residual')
-torch.fx.wrap('linear')
+torch.fx.wrap('mix_shift_block_kernel')
 
 __all__ = ['MsMlp', 'MixShiftBlock', 'checkpoint_filter_fn']
 
@@ -49,15 +42,6 @@ StateDict = Dict[str, torch.Tensor]
 # Per-stage kernel sizes of the five channel groups, as in the official configs of all three sizes.
 _MIX_SIZES = ((1, 1, 3, 5, 7), (1, 3, 3, 5, 7), (1, 5, 5, 5, 7), (1, 7, 7, 7, 7))
 _SHIFT_DISTS = (-2, -1, 0, 1, 2)
-# Tokens per slice of the channel MLP at CPU inference in fp32: its hidden activations (4x wider) then stay in
-# cache. Slices of the same bytes hold twice the tokens in bf16, 4-5 % faster there than 1024 on a 2-core EPYC
-# (fp32 ran alike from 1024 to 4096).
-_CPU_FP32_TOKENS_PER_CHUNK = 1024
-# Largest hidden activation of one channel-MLP call in CPU training. glibc maps every block above its mmap
-# threshold (at most 32 MiB) afresh from the system, with a page fault per 4 KiB at every step. MS-MLP-T's
-# first-stage MLP at batch 8 has a 38.5 MB hidden activation; in slices its training step ran 4 % faster in
-# paired steps on a 2-core EPYC (limits from 6 to 16 MiB alike).
-_CPU_TRAIN_HIDDEN_BYTES = 16 * 2**20
 
 
 def _group_sizes(dim: int, num_groups: int) -> Tuple[int, ...]:
@@ -89,125 +73,6 @@ def check_input_multiple(x: torch.Tensor, total_stride: int, patch_size: int) ->
     return x
 
 
-@register_notrace_function  # a leaf under FX: the slice bounds depend on the (traced) map size
-@torch.fx.wrap
-def roll_groups(x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int) -> torch.Tensor:
-    """A channels-last copy of ``x`` with each channel group cyclically rolled by its own shift along ``dim``."""
-    if torch.compiler.is_compiling():
-        # Functional, for inductor to fuse into what reads it. Its oneDNN fusions of frozen weights fail on the
-        # scatters that the slice copies below become (torch 2.15).
-        return torch.cat([group.roll(shift, dim) for group, shift in zip(x.split(group_sizes, 1), shifts)], 1)
-    if torch.jit.is_scripting() or not torch.is_grad_enabled():  # no graph to record: skip the Function's overhead
-        return _rolled_copy(x, group_sizes, shifts, dim)
-    return _roll_groups_autograd(x, group_sizes, shifts, dim)
-
-
-class _RollGroups(torch.autograd.Function):
-    """The group roll as one autograd node, whose gradient is the opposite roll: one copy.
-
-    Recorded slice by slice instead, autograd would zero-fill and accumulate a gradient the size of ``x``
-    for every slice copied, about twenty per block.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int) -> torch.Tensor:
-        ctx.roll = (group_sizes, [-shift for shift in shifts], dim)
-        return _rolled_copy(x, group_sizes, shifts, dim)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None, None]:
-        return _rolled_copy(grad, *ctx.roll), None, None, None
-
-
-@torch.jit.unused  # TorchScript cannot compile autograd Functions; scripted models take the plain copy above
-def _roll_groups_autograd(x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int) -> torch.Tensor:
-    return _RollGroups.apply(x, group_sizes, shifts, dim)
-
-
-def _rolled_copy(x: torch.Tensor, group_sizes: List[int], shifts: List[int], dim: int) -> torch.Tensor:
-    """A new channels-last tensor holding ``x`` with each channel group cyclically rolled by its shift along ``dim``."""
-    out = torch.empty_like(x, memory_format=torch.channels_last)
-    length = x.shape[dim]
-    start = 0
-    for size, shift in zip(group_sizes, shifts):
-        src = x.narrow(1, start, size)
-        dst = out.narrow(1, start, size)
-        shift = shift % length
-        if shift == 0:
-            dst.copy_(src)
-        else:
-            dst.narrow(dim, shift, length - shift).copy_(src.narrow(dim, 0, length - shift))
-            dst.narrow(dim, 0, shift).copy_(src.narrow(dim, length - shift, shift))
-        start += size
-    return out
-
-
-def _kernel_runs(mix_sizes: Sequence[int]) -> Tuple[Tuple[int, int, int], ...]:
-    """(first group, end group, kernel size) for each run of consecutive groups with equal kernel sizes."""
-    runs = []
-    for i, k in enumerate(mix_sizes):
-        if runs and runs[-1][2] == k:
-            runs[-1] = (runs[-1][0], i + 1, k)
-        else:
-            runs.append((i, i + 1, k))
-    return tuple(runs)
-
-
-def _cat_biases(biases: List[Optional[torch.Tensor]]) -> torch.Tensor:
-    """Concatenate conv biases (all present; TorchScript types ``conv.bias`` as optional)."""
-    present: List[torch.Tensor] = []
-    for bias in biases:
-        if bias is not None:
-            present.append(bias)
-    return torch.cat(present)
-
-
-def _fold_scale_pays(block: 'MixShiftBlock', x: torch.Tensor) -> bool:
-    """Whether to scale fc2's weight rather than its output: while gradients are recorded, autograd then keeps
-    that weight-sized product instead of the output, which is larger when there are more tokens than fc2 has
-    inputs."""
-    return torch.is_grad_enabled() and x.shape[:-1].numel() > block.mlp.fc2.in_features
-
-
-def _cpu_tokens_per_slice(block: 'MixShiftBlock', x: torch.Tensor) -> int:
-    """Tokens per call of ``block``'s channel MLP over ``x`` (all of them off the CPU).
-
-    At inference, slices of as many bytes as ``_CPU_FP32_TOKENS_PER_CHUNK`` fp32 tokens keep the hidden
-    activations in cache. In training they are saved for the backward anyway, and small slices would only
-    shorten the matrix products: equal slices whose hidden activations stay under ``_CPU_TRAIN_HIDDEN_BYTES``.
-    """
-    num_tokens = x.shape[:-1].numel()
-    if x.device.type != 'cpu':
-        return num_tokens
-    if not torch.is_grad_enabled():
-        return min(num_tokens, _CPU_FP32_TOKENS_PER_CHUNK * 4 // x.element_size())
-    hidden_bytes = num_tokens * block.mlp.fc1.out_features * x.element_size()
-    num_slices = max(1, -(-hidden_bytes // _CPU_TRAIN_HIDDEN_BYTES))
-    return -(-num_tokens // num_slices)
-
-
-@register_notrace_function  # a leaf under FX: it branches on the device, the grad mode and the token count
-@torch.fx.wrap
-def channel_mlp_in_slices(
-        block: 'MixShiftBlock', x: torch.Tensor, shortcut: Optional[torch.Tensor] = None, scale: float = 1.,
-) -> torch.Tensor:
-    """``shortcut + block.channel_mlp(x) * scale`` (no shortcut: without it) for channels-last (B, H, W, C)
-    tensors, the fast way: over slices of the tokens on CPU (``_cpu_tokens_per_slice``), each call scaling
-    fc2's weight rather than its output where that pays (``_fold_scale_pays``). The same result up to rounding.
-    """
-    num_tokens, dim = x.shape[:3].numel(), x.shape[-1]
-    size = _cpu_tokens_per_slice(block, x)
-    if size >= num_tokens:
-        y = block.channel_mlp(x, fold_scale=_fold_scale_pays(block, x), scale=scale)
-        return y if shortcut is None else shortcut + y
-    shortcuts = None if shortcut is None else shortcut.reshape(num_tokens, dim).split(size)
-    parts: List[torch.Tensor] = []
-    for i, tokens in enumerate(x.reshape(num_tokens, dim).split(size)):
-        y = block.channel_mlp(tokens, fold_scale=_fold_scale_pays(block, tokens), scale=scale)
-        parts.append(y if shortcuts is None else shortcuts[i] + y)
-    return torch.cat(parts).view(x.shape)
-
-
 class ConvPatchEmbed(nn.Module):
     """Non-overlapping patches by a strided conv, then LayerNorm over channels; NCHW in and out."""
 
@@ -220,7 +85,7 @@ class ConvPatchEmbed(nn.Module):
         return self.norm(self.proj(x))
 
 
-class MixShiftBlock(SkipsDroppedSamples, nn.Module):
+class MixShiftBlock(nn.Module):
     """Grouped shift + depth-wise mixing along width and height, then a channel MLP with layer scale."""
 
     def __init__(
@@ -233,18 +98,16 @@ class MixShiftBlock(SkipsDroppedSamples, nn.Module):
             drop_path: float = 0.,
             act_layer: type = nn.GELU,
             norm_layer: type = LayerNorm,
+            fast_kernels: bool = False,
     ):
         super().__init__()
         if len(mix_sizes) != len(shift_dists):
             raise ValueError(f'need one mix size per shift distance, got {list(mix_sizes)} and {list(shift_dists)}')
         if any(k < 1 or k % 2 == 0 for k in mix_sizes):
             raise ValueError(f'mix sizes must be odd and positive to keep the map size, got {list(mix_sizes)}')
-        # lists, not tuples: TorchScript slices lists (not tuples) by run-time indices
+        self.fast_kernels = fast_kernels
         self.group_sizes = list(_group_sizes(dim, len(shift_dists)))
-        self.group_starts = [sum(self.group_sizes[:i]) for i in range(len(self.group_sizes) + 1)]
         self.shift_dists = list(shift_dists)
-        self.kernel_runs = list(_kernel_runs(mix_sizes))
-        self.run_channels = [self.group_starts[last] - self.group_starts[first] for first, last, _ in self.kernel_runs]
         self.dwconv_lr = nn.ModuleList([
             nn.Conv2d(c, c, kernel_size=k, padding=k // 2, groups=c) for c, k in zip(self.group_sizes, mix_sizes)])
         self.dwconv_td = nn.ModuleList([
@@ -253,77 +116,26 @@ class MixShiftBlock(SkipsDroppedSamples, nn.Module):
         self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=act_layer)
         self.gamma = nn.Parameter(ls_init_value * torch.ones(dim)) if ls_init_value > 0 else None
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        # The fast channel MLP (``channel_mlp_in_slices``) is a leaf call that takes this module, which TorchScript
-        # cannot compile; a model built under timm's set_scriptable(True) runs the plain form, also in FX graphs.
-        self.fast_channel_mlp = not is_scriptable()
-
-    def _mix_run(
-            self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], first: int, last: int,
-            kernel_size: int, dim: int,
-    ) -> torch.Tensor:
-        """One branch for groups ``first..last-1``, which share ``kernel_size``: roll along ``dim``, then mix."""
-        rolled = roll_groups(x, self.group_sizes[first:last], self.shift_dists[first:last], dim)
-        if kernel_size == 1 and bias is not None:  # a per-channel affine; conv2d would take a slow path
-            return torch.addcmul(bias[:, None, None], rolled, weight.view(-1, 1, 1))
-        return depthwise_conv2d(rolled, weight, bias)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of the width-rolled and height-rolled branches, each mixed by its per-group kernels."""
-        lr_weights = [conv.weight for conv in self.dwconv_lr]
-        lr_biases: List[Optional[torch.Tensor]] = [conv.bias for conv in self.dwconv_lr]
-        td_weights = [conv.weight for conv in self.dwconv_td]
-        td_biases: List[Optional[torch.Tensor]] = [conv.bias for conv in self.dwconv_td]
-        # Consecutive groups with equal kernel sizes share one conv call per branch (kernels concatenated).
-        # One split rather than a narrow per run: its gradient is one concatenation, where each narrow's
-        # would be a zero-filled tensor the size of x.
-        runs = x.split(self.run_channels, dim=1)
-        mixed: List[torch.Tensor] = []
-        for i, (first, last, k) in enumerate(self.kernel_runs):
-            run = runs[i]  # indexed: under FX the split is one traced value that cannot be iterated
-            lr_weight, lr_bias = torch.cat(lr_weights[first:last]), _cat_biases(lr_biases[first:last])
-            td_weight, td_bias = torch.cat(td_weights[first:last]), _cat_biases(td_biases[first:last])
-            # oneDNN's depth-wise backward takes a slow path for the bias gradient of kernels over 3x3 (20-40 %
-            # of a 5x5 or 7x7 conv's forward and backward on an EPYC; MS-MLP-T's training step 4 % faster
-            # without it): in training the biases are added after the branches' sum, a plain sum's gradient.
-            biases_apart = k > 1 and self.training
-            lr = self._mix_run(run, lr_weight, None if biases_apart else lr_bias, first, last, k, 3)
-            td = self._mix_run(run, td_weight, None if biases_apart else td_bias, first, last, k, 2)
-            mixed.append(torch.add(lr, td).add_((lr_bias + td_bias)[:, None, None]) if biases_apart else lr + td)
-        return mixed[0] if len(mixed) == 1 else torch.cat(mixed, dim=1)
-
-    def channel_mlp(self, x: torch.Tensor, fold_scale: bool, scale: float = 1.) -> torch.Tensor:
-        """LayerNorm, MLP and layer scale (times ``scale``) over the last (channel) dim; ``fold_scale``: scale
-        fc2, not its output."""
-        x = self.norm(x)
-        gamma = self.gamma
-        if gamma is None:
-            return self.mlp(x) if scale == 1. else self.mlp(x) * scale
-        if scale != 1.:
-            gamma = gamma * scale
-        if not fold_scale:
-            return self.mlp(x) * gamma
-        mlp = self.mlp
-        x = mlp.norm(mlp.drop1(mlp.act(mlp.fc1(x))))
-        bias = mlp.fc2.bias
-        if bias is not None:
-            bias = bias * gamma
-        return mlp.drop2(linear(x, mlp.fc2.weight * gamma[:, None], bias))
-
-    @torch.jit.unused
-    def residual_branch(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        """The block's residual branch on channels-last (B, H, W, C) tokens, times ``scale`` (for
-        ``drop_path_residual``)."""
-        mixed = self.mix(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return channel_mlp_in_slices(self, mixed, scale=scale)
+        """Sum of the width-shifted and height-shifted branches, each group rolled by its distance and mixed by its
+        own depth-wise conv."""
+        groups = x.split(self.group_sizes, dim=1)
+        lr: List[torch.Tensor] = []
+        td: List[torch.Tensor] = []
+        for i, (conv_lr, conv_td) in enumerate(zip(self.dwconv_lr, self.dwconv_td)):
+            lr.append(conv_lr(torch.roll(groups[i], self.shift_dists[i], 3)))
+            td.append(conv_td(torch.roll(groups[i], self.shift_dists[i], 2)))
+        return torch.cat(lr, dim=1) + torch.cat(td, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or not self.fast_channel_mlp:
-            mixed = self.mix(x).permute(0, 2, 3, 1)
-            return x + self.drop_path(self.channel_mlp(mixed, fold_scale=False).permute(0, 3, 1, 2))
-        if self.skips_dropped_samples():
-            return drop_path_residual(self, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        mixed = self.mix(x).permute(0, 2, 3, 1)
-        return channel_mlp_in_slices(self, mixed, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        """NCHW in and out."""
+        if self.fast_kernels and not torch.jit.is_scripting():
+            return mix_shift_block_kernel(self, x)
+        y = self.mlp(self.norm(self.mix(x).permute(0, 2, 3, 1)))
+        if self.gamma is not None:
+            y = self.gamma * y
+        return x + self.drop_path(y.permute(0, 3, 1, 2))
 
 
 class MsMlpStage(nn.Module):
@@ -342,6 +154,7 @@ class MsMlpStage(nn.Module):
             drop_path_rates: Sequence[float] = (),
             norm_layer: type = LayerNorm,
             norm_layer_2d: type = LayerNorm2d,
+            fast_kernels: bool = False,
     ):
         super().__init__()
         self.grad_checkpointing = False
@@ -356,6 +169,7 @@ class MsMlpStage(nn.Module):
                 ls_init_value=ls_init_value,
                 drop_path=drop_path_rates[i],
                 norm_layer=norm_layer,
+                fast_kernels=fast_kernels,
             )
             for i in range(depth)])
 
@@ -389,8 +203,10 @@ class MsMlp(nn.Module):
             norm_eps: float = 1e-6,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.1,
+            fast_kernels: Optional[bool] = None,
     ):
         super().__init__()
+        self.fast_kernels = kernels.resolve_fast_kernels(fast_kernels)
         num_stages = len(depths)
         if len(mix_sizes) != num_stages:
             raise ValueError(f'need one list of mix sizes per stage ({num_stages}), got {len(mix_sizes)}')
@@ -421,6 +237,7 @@ class MsMlp(nn.Module):
                 drop_path_rates=dp_rates[i].tolist(),
                 norm_layer=norm_layer,
                 norm_layer_2d=norm_layer_2d,
+                fast_kernels=self.fast_kernels,
             ))
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
@@ -428,7 +245,8 @@ class MsMlp(nn.Module):
         self.head = NormMlpClassifierHead(
             self.num_features, num_classes, pool_type=global_pool, norm_layer=norm_layer_2d)
         self.apply(self._init_weights)
-        use_onednn_linears(self)
+        if self.fast_kernels:
+            kernels.use_onednn_linears(self)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -15,11 +15,11 @@ Differences from the official implementation (same maths, same weights after con
     sizes with bicubic interpolation. Here another size means building the model for it.
   * the cross-scale embedding runs as a single strided convolution whose kernel is the sum of the
     zero-padded per-scale kernels, instead of one unfold per scale followed by a linear layer.
-  * activations stay channels-last between blocks and each token-mixing MLP needs one permute in and
-    one out; in bf16 on CPU the token-mixing MLPs multiply raft-major maps from the left, whose permutes
-    move whole runs of channels.
-  * in training, a residual branch runs only for the samples its drop path keeps; at inference on CPU
-    the blocks run over small slices of the batch.
+  * activations stay channels-last (NHWC) between blocks; each token-mixing MLP permutes its rafts in and out.
+
+With fast kernels (``visionmlp.set_fast_kernels``) the linear layers run on oneDNN's matmul on CPU, each block runs
+on raft-shaped views without copies (raft-major in bf16, see ``visionmlp.kernels.raft_mlp``), and in training a
+residual branch runs only for the samples its drop path keeps; the maths is the same.
 """
 import math
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
@@ -33,16 +33,16 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
+from .. import kernels
 from ..checkpoint import StateDict, load_pretrained_file
-from .layers import (
-    SkipsDroppedSamples, blocks_in_batch_slices, check_input_size, drop_path_residual, use_onednn_linears,
-)
+from ..kernels.raft_mlp import raft_block as raft_block_kernel
+from .layers import check_input_size
 
 __all__ = ['RaftMLP', 'checkpoint_filter_fn']
 
 
 torch.fx.wrap('check_input_size')
-torch.fx.wrap('drop_path_residual')
+torch.fx.wrap('raft_block_kernel')
 
 
 class CrossScaleEmbed(nn.Module):
@@ -95,24 +95,12 @@ class CrossScaleEmbed(nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
-@torch.jit.unused
-def _raft_major_pays(x: torch.Tensor) -> bool:
-    """Whether the token-mixing MLPs run raft-major (``RaftBlock.raft_major_branch``): on CPU in bf16.
-
-    Mixing the last dim of a token-last map (B, across, g, r, along) needs full transposes in and out, one value
-    at a time; the raft-major map moves runs of g channels, and oneDNN computes its bf16 batched products.
-    RaftMLP-S in bf16 on a Zen 5 EPYC: 1.09-1.13x. In fp32 the batched products run on MKL, slower than the
-    oneDNN linears of the token-last form (0.82x). Symbolic traces keep the token-last form.
-    """
-    return not isinstance(x, torch.fx.Proxy) and x.dtype == torch.bfloat16 and x.device.type == 'cpu'
-
-
-class RaftBlock(SkipsDroppedSamples, nn.Module):
+class RaftBlock(nn.Module):
     """Vertical raft mixing, horizontal raft mixing, channel mixing; each a pre-norm residual MLP.
 
-    Channels are ordered (raft, group): channel ``c = r * (dim // raft_size) + g``. A raft is the set
-    of ``raft_size`` channels sharing a group index ``g``; the vertical MLP mixes, for one column and
-    one group, the ``raft_size * H`` values indexed (r, h), and the horizontal MLP likewise with (r, w).
+    Channels are ordered (raft, group): channel ``c = r * (dim // raft_size) + g``. A raft is the set of
+    ``raft_size`` channels sharing a group index ``g``; the vertical MLP mixes, for one column and one group, the
+    ``raft_size * H`` values indexed (r, h), and the horizontal MLP likewise with (r, w).
     """
 
     def __init__(
@@ -124,6 +112,7 @@ class RaftBlock(SkipsDroppedSamples, nn.Module):
             channel_mlp_ratio: float = 4.,
             proj_drop: float = 0.,
             drop_path: float = 0.,
+            fast_kernels: bool = False,
             device=None,
             dtype=None,
     ) -> None:
@@ -131,6 +120,7 @@ class RaftBlock(SkipsDroppedSamples, nn.Module):
         dd = {'device': device, 'dtype': dtype}
         if dim % raft_size:
             raise ValueError(f'dim {dim} must be divisible by raft_size {raft_size}')
+        self.fast_kernels = fast_kernels
         self.grid_size = tuple(grid_size)
         self.raft_size = raft_size
         self.groups = dim // raft_size
@@ -143,74 +133,31 @@ class RaftBlock(SkipsDroppedSamples, nn.Module):
         self.mlp_channels = Mlp(dim, int(dim * channel_mlp_ratio), drop=proj_drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
-    def vertical_branch(self, x: torch.Tensor, scale: float = 1.) -> torch.Tensor:
-        """The vertical token-mixing branch, times ``scale``, of raft-shaped ``x`` (B, H, W, r, g); raft-shaped."""
-        if not torch.jit.is_scripting() and _raft_major_pays(x):
-            return self.raft_major_branch(x, 1, scale)
-        B, H, W = x.shape[:3]
-        # (B, H, W, r, g) -> (B, W, g, r, H): the vertical MLP's inputs become the last dim
-        y = self.norm_vertical(x.flatten(3)).reshape(x.shape).permute(0, 2, 4, 3, 1)
-        y = self.mlp_vertical(y.reshape(B, W, self.groups, self.raft_size * H))
-        if scale != 1.:
-            y = y * scale
-        return y.reshape(B, W, self.groups, self.raft_size, H).permute(0, 4, 1, 3, 2)
+    def vertical_mixing(self, x: torch.Tensor) -> torch.Tensor:
+        """The vertical token-mixing branch of NHWC ``x``: each raft of a column mixed over its (r, h) values."""
+        B, H, W, C = x.shape
+        r, g = self.raft_size, self.groups
+        y = self.norm_vertical(x).reshape(B, H, W, r, g).permute(0, 2, 4, 3, 1).reshape(B, W, g, r * H)
+        return self.mlp_vertical(y).reshape(B, W, g, r, H).permute(0, 4, 1, 3, 2).reshape(B, H, W, C)
 
-    def horizontal_branch(self, x: torch.Tensor, scale: float = 1.) -> torch.Tensor:
-        """The horizontal token-mixing branch, times ``scale``, of raft-shaped ``x`` (B, H, W, r, g); raft-shaped."""
-        if not torch.jit.is_scripting() and _raft_major_pays(x):
-            return self.raft_major_branch(x, 2, scale)
-        B, H, W = x.shape[:3]
-        # (B, H, W, r, g) -> (B, H, g, r, W)
-        y = self.norm_horizontal(x.flatten(3)).reshape(x.shape).permute(0, 1, 4, 3, 2)
-        y = self.mlp_horizontal(y.reshape(B, H, self.groups, self.raft_size * W))
-        if scale != 1.:
-            y = y * scale
-        return y.reshape(B, H, self.groups, self.raft_size, W).permute(0, 1, 4, 3, 2)
+    def horizontal_mixing(self, x: torch.Tensor) -> torch.Tensor:
+        """The horizontal token-mixing branch of NHWC ``x``: each raft of a row mixed over its (r, w) values."""
+        B, H, W, C = x.shape
+        r, g = self.raft_size, self.groups
+        y = self.norm_horizontal(x).reshape(B, H, W, r, g).permute(0, 1, 4, 3, 2).reshape(B, H, g, r * W)
+        return self.mlp_horizontal(y).reshape(B, H, g, r, W).permute(0, 1, 4, 3, 2).reshape(B, H, W, C)
 
-    @torch.jit.unused
-    def raft_major_branch(self, x: torch.Tensor, along: int, scale: float = 1.) -> torch.Tensor:
-        """The vertical (``along`` 1) or horizontal (2) branch of raft-shaped ``x``, computed raft-major.
-
-        Each sample becomes one matrix: a row per raft value (r, position along ``along``), a column per raft
-        (position across, g); the MLP's weights multiply it from the left.
-        """
-        if along == 1:
-            norm, mlp = self.norm_vertical, self.mlp_vertical
-        else:
-            norm, mlp = self.norm_horizontal, self.mlp_horizontal
-        order = (0, 3, along, 3 - along, 4)  # (B, r, along, across, g): the permutes move runs of g channels
-        y = norm(x.flatten(3)).reshape(x.shape).permute(order)
-        batch, raft_major = x.shape[0], y.shape
-        y = y.reshape(batch, raft_major[1] * raft_major[2], raft_major[3] * raft_major[4])
-        hidden = torch.baddbmm(mlp.fc1.bias.unsqueeze(-1), mlp.fc1.weight.expand(batch, -1, -1), y)
-        # in place without autograd: one activation-sized buffer fewer to map and page in
-        hidden = mlp.drop1(torch.ops.aten.gelu_(hidden) if not torch.is_grad_enabled() else mlp.act(hidden))
-        y = mlp.drop2(torch.baddbmm(mlp.fc2.bias.unsqueeze(-1), mlp.fc2.weight.expand(batch, -1, -1), hidden))
-        if scale != 1.:
-            y = y * scale
-        return y.view(raft_major).permute([order.index(dim) for dim in range(5)])
-
-    def channel_branch(self, x: torch.Tensor, scale: float = 1.) -> torch.Tensor:
-        """The channel-MLP branch of NHWC ``x``, times ``scale``."""
-        y = self.mlp_channels(self.norm_channels(x))
-        return y * scale if scale != 1. else y
+    def channel_mixing(self, x: torch.Tensor) -> torch.Tensor:
+        """The channel-MLP branch of NHWC ``x``."""
+        return self.mlp_channels(self.norm_channels(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """NHWC in, NHWC out."""
-        B, C = x.shape[0], x.shape[-1]
-        H, W = self.grid_size
-        # The token-mixing branches work on rafts (B, H, W, r, g) and return permuted views of that shape,
-        # which the residual sums take as they are, without a copy.
-        rafts = (B, H, W, self.raft_size, self.groups)
-        x = x.reshape(rafts)
-        if torch.jit.is_scripting() or not self.skips_dropped_samples():
-            x = x + self.drop_path(self.vertical_branch(x))
-            x = (x + self.drop_path(self.horizontal_branch(x))).reshape(B, H, W, C)
-            return x + self.drop_path(self.channel_branch(x))
-        # in training, each branch runs only for the samples its drop path keeps
-        x = drop_path_residual(self, x, 'vertical_branch')
-        x = drop_path_residual(self, x, 'horizontal_branch').reshape(B, H, W, C)
-        return drop_path_residual(self, x, 'channel_branch')
+        if self.fast_kernels and not torch.jit.is_scripting():
+            return raft_block_kernel(self, x)
+        x = x + self.drop_path(self.vertical_mixing(x))
+        x = x + self.drop_path(self.horizontal_mixing(x))
+        return x + self.drop_path(self.channel_mixing(x))
 
 
 class RaftStage(nn.Module):
@@ -228,6 +175,7 @@ class RaftStage(nn.Module):
             channel_mlp_ratio: float = 4.,
             proj_drop: float = 0.,
             drop_path: float = 0.,
+            fast_kernels: bool = False,
             device=None,
             dtype=None,
     ) -> None:
@@ -238,18 +186,17 @@ class RaftStage(nn.Module):
         self.blocks = nn.Sequential(*[
             RaftBlock(
                 dim, grid_size, raft_size=raft_size, token_mlp_ratio=token_mlp_ratio,
-                channel_mlp_ratio=channel_mlp_ratio, proj_drop=proj_drop, drop_path=drop_path, **dd)
+                channel_mlp_ratio=channel_mlp_ratio, proj_drop=proj_drop, drop_path=drop_path,
+                fast_kernels=fast_kernels, **dd)
             for _ in range(depth)
         ])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed an NCHW map and mix; returns NHWC."""
         x = self.embed(x)
-        if torch.jit.is_scripting():
-            return self.blocks(x)
-        if self.grad_checkpointing:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
-        return blocks_in_batch_slices(self.blocks, x)
+        return self.blocks(x)
 
 
 class RaftMLP(nn.Module):
@@ -274,6 +221,7 @@ class RaftMLP(nn.Module):
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            fast_kernels: Optional[bool] = None,
             device=None,
             dtype=None,
     ) -> None:
@@ -294,8 +242,10 @@ class RaftMLP(nn.Module):
             proj_drop_rate: Dropout inside the MLPs.
             drop_path_rate: Stochastic depth rate, the same for every residual branch as in the official code
                 (whose ImageNet settings train with 0.1).
+            fast_kernels: Take the fast kernels (default: ``visionmlp.use_fast_kernels()``).
         """
         super().__init__()
+        self.fast_kernels = kernels.resolve_fast_kernels(fast_kernels)
         dd = {'device': device, 'dtype': dtype}
         if global_pool not in ('', 'avg'):
             raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
@@ -314,19 +264,20 @@ class RaftMLP(nn.Module):
         self.feature_info = []
         prev_chans = in_chans
         reduction = 1
-        for i, (dim, depth, kernels) in enumerate(zip(embed_dims, depths, embed_kernels)):
+        for i, (dim, depth, stage_kernels) in enumerate(zip(embed_dims, depths, embed_kernels)):
             reduction *= strides[i]
             stages.append(RaftStage(
-                prev_chans, dim, (self.img_size[0] // reduction, self.img_size[1] // reduction), depth, kernels,
+                prev_chans, dim, (self.img_size[0] // reduction, self.img_size[1] // reduction), depth, stage_kernels,
                 raft_size=raft_size, token_mlp_ratio=token_mlp_ratio, channel_mlp_ratio=channel_mlp_ratio,
-                proj_drop=proj_drop_rate, drop_path=drop_path_rate, **dd))
+                proj_drop=proj_drop_rate, drop_path=drop_path_rate, fast_kernels=self.fast_kernels, **dd))
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'stages.{i}'))
             prev_chans = dim
         self.stages = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(self.num_features, **dd)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        use_onednn_linears(self)
+        if self.fast_kernels:
+            kernels.use_onednn_linears(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:

@@ -16,9 +16,11 @@ Because the FC size is the partition area, the model is built for one image size
 partition covers the whole stage map at ``img_size``, as in the official configurations.
 
 Differences from the official code: the partition FC runs as one batched matmul instead of a
-grouped 1x1 convolution, the FFN's 1x1 convolutions run as matmuls, and the conv branches run as
-one depth-wise convolution over all channels of the partitions; all are the same maths. Drop-path
-(off by default, as in the official models) is available on both residual branches.
+grouped 1x1 convolution, and the conv branches run as one depth-wise convolution over all channels
+of the partitions; both are the same maths. Drop-path (off by default, as in the official models) is
+available on both residual branches. With fast kernels (``visionmlp.set_fast_kernels``) the classifier runs
+on oneDNN's matmul on CPU; the FFN's 1x1 convolutions as matrix products did not pay on the CPUs measured
+(docs/performance.md).
 """
 
 
@@ -44,9 +46,9 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from .. import kernels
 from ..checkpoint import StateDict, load_pretrained_file
 from .fold import bn_scale_shift, fold_bn_before
-from .layers import onednn_linear_pays, per_sample_linear
 
 __all__ = ["RepMLPBlock", "RepMLPNet"]
 
@@ -241,33 +243,6 @@ class RepMLPBlock(nn.Module):
         self.deploy = True
 
 
-@register_notrace_function  # a leaf under FX: the form depends on the (traced) map size
-@torch.fx.wrap
-def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A 1x1 conv: matrix products at inference, much faster on CPU than an NCHW conv; the conv in training.
-
-    Products over an NCHW map keep transposed copies of their operands for backward, or one weight gradient
-    per image; the conv's backward needs neither, so training keeps it (at the same speed). At inference,
-    maps with more pixels than the weight has rows or columns take one product per image, where a single
-    product over all pixels would copy its input and output transposed; smaller maps take the single product.
-    """
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return F.conv2d(x, weight, bias)
-    B, C, H, W = x.shape
-    weight = weight.view(weight.shape[0], C)
-    images = x.reshape(B, C, H * W)
-    if (H * W > max(weight.shape[0], weight.shape[1])
-            or (not torch.jit.is_scripting() and onednn_linear_pays(weight, images[0].t()))):
-        # weight @ image as a linear layer with the image as its weight; on oneDNN's fp32 matmul, per image,
-        # also for small maps (1.4-1.9x the speed of one batched product on a Zen 5 EPYC)
-        out = per_sample_linear(weight.expand(B, -1, -1), images.transpose(1, 2))
-    else:
-        out = torch.matmul(weight, images)
-    if bias is not None:  # the deploy form, with the BN folded into the conv
-        out = out + bias.view(-1, 1)
-    return out.view(B, -1, H, W)
-
-
 class ConvFfn(nn.Module):
     """Pointwise conv FFN with BN after each conv: conv-BN-GELU-conv-BN."""
 
@@ -277,8 +252,8 @@ class ConvFfn(nn.Module):
         self.ffn_fc2 = ConvNormAct(hidden_dim, dim, 1, apply_act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.ffn_fc1.bn(pointwise_conv(x, self.ffn_fc1.conv.weight, self.ffn_fc1.conv.bias))
-        return self.ffn_fc2.bn(pointwise_conv(x, self.ffn_fc2.conv.weight, self.ffn_fc2.conv.bias))
+        """NCHW in and out."""
+        return self.ffn_fc2(self.ffn_fc1(x))
 
 
 class RepMLPNetLayer(nn.Module):
@@ -329,6 +304,7 @@ class RepMLPNet(nn.Module):
         gp_reduction: Hidden-layer reduction of the global perceptron.
         ffn_ratio: FFN hidden width as a multiple of the stage width.
         deploy: Build the folded inference form (as after :meth:`locality_injection`).
+        fast_kernels: Take the fast kernels (default: ``visionmlp.use_fast_kernels()``).
     """
 
     def __init__(
@@ -347,8 +323,10 @@ class RepMLPNet(nn.Module):
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
             deploy: bool = False,
+            fast_kernels: bool | None = None,
     ):
         super().__init__()
+        self.fast_kernels = kernels.resolve_fast_kernels(fast_kernels)
         num_stages = len(depths)
         img_size = to_2tuple(img_size)
         stride = patch_size * 2 ** (num_stages - 1)
@@ -387,6 +365,8 @@ class RepMLPNet(nn.Module):
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if self.fast_kernels:
+            kernels.use_onednn_linears(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:

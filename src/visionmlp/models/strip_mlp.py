@@ -5,24 +5,24 @@ Paper: `Strip-MLP: Efficient Token Interaction for Vision MLP`
     ICCV 2023, https://arxiv.org/abs/2307.11458
 Official code: https://github.com/Med-Process/Strip_MLP
 
-A four-stage network that runs channels-last from its stem (a ``ChannelsLastConv2d``) on. On CPU its 1x1
-convs run up to 10x faster than in NCHW at the first stage (oneDNN takes a slow path for NCHW maps of few
-channels), its 3x3 and strip depthwise convs up to 4x, and their weight gradients several times. Each block
-mixes tokens (a depthwise conv, then half the channels go through the cascaded strip MLP layers and half
-through local strip convs with a learned re-weighting) and then channels (7x7 depthwise conv, LayerNorm, MLP
-with global response norm). Stages 2 and 3 also feed strided depthwise shortcuts forward to the later
-stages.
+A four-stage network. Each block mixes tokens (a pre-activated depth-wise conv, then half the channels go through
+the cascaded strip MLP layers and half through local strip convs with a learned re-weighting) and then channels
+(7x7 depth-wise conv, LayerNorm, an MLP with global response norm). Stages 2 and 3 also feed strided depth-wise
+shortcuts forward to the later stages.
 
-The strip MLP layers mix whole rows and columns of the token grid with dense weights, so a model is
-built for one `img_size`. The official model re-uses one hard-coded drop-path rate of 0.1 for every
-block whatever it is asked for; here `drop_path_rate` (default 0.1, applied to every block alike) sets it.
+The strip MLP layers mix whole rows and columns of the token grid with dense weights, so a model is built for one
+``img_size``. The official model re-uses one hard-coded drop-path rate of 0.1 for every block whatever it is asked
+for; here ``drop_path_rate`` (default 0.1, applied to every block alike) sets it.
+
+With fast kernels (``visionmlp.set_fast_kernels``) the network runs channels-last from its stem on, where oneDNN
+has its fast paths for 1x1 and depth-wise convs on CPU, and each mixing step runs its fast form
+(``visionmlp.kernels.strip_mlp``); the maths is the same.
 """
 
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.layers.grn import GlobalResponseNorm
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -30,51 +30,38 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from .. import kernels
 from ..checkpoint import load_pretrained_file
+from ..kernels.strip_mlp import channel_mixing as channel_mixing_kernel
+from ..kernels.strip_mlp import local_strip_mixing as local_strip_mixing_kernel
+from ..kernels.strip_mlp import strip_mixing as strip_mixing_kernel
+from ..kernels.strip_mlp import token_mixing as token_mixing_kernel
 from .fold import fold_bn_after
-from .layers import (
-    ChannelsLastConv2d, ExpandingDepthwiseConv2d, branch_softmax, check_input_size, depthwise_conv2d,
-    in_batch_slices, linear, linear_gelu, per_sample_linear, spatial_l2_norm, use_onednn_linears,
-)
+from .layers import check_input_size
 
 __all__ = ["StripMLPNet"]
 
 _NUM_STAGES = 4
-# Largest hidden activation of one channel-MLP call at CPU inference. A whole batch's (24 MB at Strip-MLP-T's
-# first stage at batch 8) is mapped afresh by glibc, with a page fault per 4 KiB, at every call; groups of
-# samples re-use the memory the previous group freed. Inference 6-9 % faster on a 2-core EPYC in paired runs
-# (Strip-MLP-T-light, -T, -S; 2 MiB and 8-16 MiB gained less).
-_CPU_INFER_HIDDEN_BYTES = 4 * 2**20
 
-torch.fx.wrap("check_input_size")
-torch.fx.wrap("depthwise_conv2d")
-torch.fx.wrap("linear")
-torch.fx.wrap("linear_gelu")
-torch.fx.wrap("per_sample_linear")
-torch.fx.wrap("spatial_l2_norm")
-
-
-def _conv1x1_of_concat(
-    a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """A 1x1 conv of ``cat([a, b], 1)`` without materialising the concatenation."""
-    split = a.shape[1]
-    return F.conv2d(a, weight[:, :split], bias).add_(F.conv2d(b, weight[:, split:]))
+for _leaf in ("check_input_size", "channel_mixing_kernel", "local_strip_mixing_kernel", "strip_mixing_kernel",
+              "token_mixing_kernel"):
+    torch.fx.wrap(_leaf)
 
 
 class StripMixing(nn.Module):
     """Cascaded group strip mixing: a row strip MLP, then a column strip MLP, each fused with its input.
 
-    The channels are cut into ``channel_patches`` patches of ``dim // channel_patches`` channels; a strip
-    MLP owns one dense (L x L) matrix per channel of a patch for each of 3 taps across neighbouring strips,
-    shared by all patches. ``proj_h`` mixes along each row (its taps span neighbouring rows), ``proj_w``
-    along each column. Weights keep the official grouped-conv layout ``(groups * L, L, 1, 3)``.
+    The channels are cut into ``channel_patches`` patches of ``groups = dim // channel_patches`` channels; a strip
+    MLP owns one dense (L x L) matrix per channel of a patch for each of 3 taps across neighbouring strips, shared by
+    all patches. ``proj_h`` mixes along each row (its taps span neighbouring rows), ``proj_w`` along each column.
+    Weights keep the official grouped-conv layout ``(groups * L, L, 1, 3)``.
     """
 
-    def __init__(self, dim: int, grid_size: int, channel_patches: int) -> None:
+    def __init__(self, dim: int, grid_size: int, channel_patches: int, fast_kernels: bool = False) -> None:
         super().__init__()
         if dim % channel_patches:
             raise ValueError(f"strip mixing width {dim} is not divisible into {channel_patches} channel patches")
+        self.fast_kernels = fast_kernels
         self.dim = dim
         self.grid_size = grid_size
         self.channel_patches = channel_patches
@@ -95,34 +82,24 @@ class StripMixing(nn.Module):
         coords = torch.arange(grid_size)
         self.register_buffer("pos_index", coords[None, :] - coords[:, None] + grid_size, persistent=False)
 
-    def _position_bias(self, table: torch.Tensor) -> torch.Tensor:
+    def position_bias(self, table: torch.Tensor) -> torch.Tensor:
+        """The (C, H, W) relative position bias of ``table``."""
         return table[self.pos_index].permute(2, 0, 1)
 
-    def _strip_mlp(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # x: (N, patches, S, groups, L). Dense over the L positions of each strip per group, 3 taps across
-        # the S strips. Laid out with (groups, L) innermost, i.e. channels-last for the grouped conv, which
-        # then runs without reordering its input. The grid is square and fixed at build time, so S = L =
-        # grid_size; only the batch size is read from the tensor (keeps the module FX-traceable).
-        n = x.shape[0]
-        p, s, g, length = self.channel_patches, self.grid_size, self.groups, self.grid_size
-        x = x.reshape(n, p, s, g * length).permute(0, 3, 1, 2)
-        x = F.conv2d(x, weight, bias, padding=(0, 1), groups=g)
-        return x.permute(0, 2, 3, 1).reshape(n, p, s, g, length)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        c, h, w = self.dim, self.grid_size, self.grid_size
-        p, g = self.channel_patches, self.groups
-        rows = (x + self._position_bias(self.pos_h)).view(n, p, g, h, w).permute(0, 1, 3, 2, 4)
-        # Both strip MLPs write their outputs channels-last, the network's layout: a 1x1 conv of a mixed pair
-        # would take oneDNN's slow path.
-        rows = self._strip_mlp(rows, self.proj_h.weight, self.proj_h.bias).permute(0, 2, 4, 1, 3)
-        rows = rows.reshape(n, h, w, c).permute(0, 3, 1, 2)
-        rows = self.act(self.norm(_conv1x1_of_concat(rows, x, self.fuse_h.weight, self.fuse_h.bias)))
-        cols = (rows + self._position_bias(self.pos_w)).view(n, p, g, h, w).permute(0, 1, 4, 2, 3)
-        cols = self._strip_mlp(cols, self.proj_w.weight, self.proj_w.bias).permute(0, 4, 2, 1, 3)
-        cols = cols.reshape(n, h, w, c).permute(0, 3, 1, 2)
-        return _conv1x1_of_concat(x, cols, self.fuse_w.weight)
+        """Strip-mix an NCHW map of the built grid size."""
+        if self.fast_kernels and not torch.jit.is_scripting():
+            return strip_mixing_kernel(self, x)
+        N, C, H, W = x.shape
+        P, G = self.channel_patches, self.groups
+        # rows: for each group, a dense map over the W tokens of a row, with taps over the neighbouring rows
+        rows = (x + self.position_bias(self.pos_h)).reshape(N, P, G, H, W).permute(0, 2, 4, 1, 3)
+        rows = self.proj_h(rows.reshape(N, G * W, P, H)).reshape(N, G, W, P, H).permute(0, 3, 1, 4, 2)
+        rows = self.act(self.norm(self.fuse_h(torch.cat([rows.reshape(N, C, H, W), x], dim=1))))
+        # columns: the same over the H tokens of a column, taps over the neighbouring columns
+        cols = (rows + self.position_bias(self.pos_w)).reshape(N, P, G, H, W).permute(0, 2, 3, 1, 4)
+        cols = self.proj_w(cols.reshape(N, G * H, P, W)).reshape(N, G, H, P, W).permute(0, 3, 1, 2, 4)
+        return self.fuse_w(torch.cat([x, cols.reshape(N, C, H, W)], dim=1))
 
     def fold_batchnorm(self) -> int:
         """Fold ``norm`` into ``fuse_h`` (see :mod:`visionmlp.models.fold`); returns how many BNs it folded."""
@@ -134,52 +111,53 @@ class StripMixing(nn.Module):
 
 
 class LocalStripMixing(nn.Module):
-    """Local strip mixing: 3x7 and 7x3 depthwise strips plus identity, blended by per-channel softmax weights."""
+    """Local strip mixing: 3x7 and 7x3 depth-wise strips plus identity, blended by per-channel softmax weights."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, fast_kernels: bool = False) -> None:
         super().__init__()
-        self.dim = dim
+        self.fast_kernels = fast_kernels
         self.conv_row = nn.Conv2d(dim, dim, (3, 7), padding=(1, 3), groups=dim, bias=False)
         self.conv_col = nn.Conv2d(dim, dim, (7, 3), padding=(3, 1), groups=dim, bias=False)
         self.reweight = Mlp(dim, dim // 2, dim * 3, use_conv=True)
 
     def branch_weights(self, pooled: torch.Tensor) -> torch.Tensor:
-        """The softmax weights of the column, row and identity branches per sample and channel, (3, N, C, 1, 1)."""
-        hidden = self.reweight.norm(self.reweight.drop1(self.reweight.act(self.reweight.fc1(pooled)))).flatten(1)
-        # branch-major fc2 (the reweight Mlp's drop2 is an identity): Strip-MLP-T-light in bf16 1.04x compiled,
-        # 1.03x eager
-        weights = branch_softmax(hidden, self.reweight.fc2.weight, self.reweight.fc2.bias, self.dim, 3)
-        return weights[..., None, None]
+        """The softmax weights of the column, row and identity branches per sample and channel, (3, N, C)."""
+        N, C = pooled.shape[:2]
+        return self.reweight(pooled).reshape(N, C, 3).permute(2, 0, 1).softmax(dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_row = depthwise_conv2d(x, self.conv_row.weight)
-        x_col = depthwise_conv2d(x, self.conv_col.weight)
-        # The pooled sum of the three branches is the sum of their pooled means.
-        pooled = x_col.mean((2, 3), keepdim=True) + x_row.mean((2, 3), keepdim=True) + x.mean((2, 3), keepdim=True)
-        weights = self.branch_weights(pooled)
-        # Chained so that every in-place op feeds the output (FX dead-code elimination drops unused results).
-        return (x_col * weights[0]).addcmul_(x_row, weights[1]).addcmul_(x, weights[2])
+        """Blend the row strip, column strip and identity branches of an NCHW map."""
+        if self.fast_kernels and not torch.jit.is_scripting():
+            return local_strip_mixing_kernel(self, x)
+        x_row = self.conv_row(x)
+        x_col = self.conv_col(x)
+        a = self.branch_weights((x_col + x_row + x).mean((2, 3), keepdim=True))[..., None, None]
+        return x_col * a[0] + x_row * a[1] + x * a[2]
 
 
 class TokenMixing(nn.Module):
-    """Pre-activated depthwise 3x3 conv, a 1x1 conv, then strip mixing on one half and local mixing on the other."""
+    """Pre-activated depth-wise 3x3 conv, a 1x1 conv, then strip mixing on one half and local mixing on the other."""
 
-    def __init__(self, dim: int, grid_size: int, channel_patches: int) -> None:
+    def __init__(self, dim: int, grid_size: int, channel_patches: int, fast_kernels: bool = False) -> None:
         super().__init__()
+        self.fast_kernels = fast_kernels
         self.norm = nn.BatchNorm2d(dim)
         self.act = nn.GELU()
         self.conv_dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
         self.proj_in = nn.Conv2d(dim, dim, 1)
         self.proj_in_norm = nn.BatchNorm2d(dim)
-        self.strip = StripMixing(dim // 2, grid_size, channel_patches)
-        self.local = LocalStripMixing(dim // 2)
+        self.strip = StripMixing(dim // 2, grid_size, channel_patches, fast_kernels)
+        self.local = LocalStripMixing(dim // 2, fast_kernels)
         self.fuse = nn.Conv2d(dim, dim, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mix the tokens of an NCHW map."""
+        if self.fast_kernels and not torch.jit.is_scripting():
+            return token_mixing_kernel(self, x)
         x = self.conv_dw(self.act(self.norm(x)))
         x = self.act(self.proj_in_norm(self.proj_in(x)))
         x_strip, x_local = x.chunk(2, dim=1)
-        return _conv1x1_of_concat(self.strip(x_strip), self.local(x_local), self.fuse.weight)
+        return self.fuse(torch.cat([self.strip(x_strip), self.local(x_local)], dim=1))
 
     def fold_batchnorm(self) -> int:
         """Fold ``proj_in_norm`` into ``proj_in``; ``norm`` stays (a GELU separates it from ``conv_dw``)."""
@@ -191,64 +169,51 @@ class TokenMixing(nn.Module):
 
 
 class ChannelMixing(nn.Module):
-    """Depthwise 7x7 conv, then a channels-last LayerNorm and GRN MLP (ConvNeXt-V2 style, no residual)."""
+    """Depth-wise 7x7 conv, then a channels-last LayerNorm and GRN MLP (ConvNeXt-V2 style, no residual)."""
 
-    def __init__(self, dim: int, mlp_ratio: int, grid_size: int) -> None:
+    def __init__(self, dim: int, mlp_ratio: int, fast_kernels: bool = False) -> None:
         super().__init__()
         hidden = mlp_ratio * dim
-        # GRN scales the hidden activations per sample and channel. Scaling fc2's weight instead costs
-        # dim * hidden products per sample against tokens * hidden: cheaper where the map has more tokens.
-        self.scale_fc2_weight = grid_size * grid_size > dim
+        self.fast_kernels = fast_kernels
         self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim, bias=False)
         self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden)  # with an exact GELU (linear_gelu)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
         self.grn = GlobalResponseNorm(hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """LayerNorm, fc1 with GELU, GRN and fc2 over a channels-last (N, H, W, C) map."""
-        x = linear_gelu(self.norm(x), self.fc1.weight, self.fc1.bias)
-        n, hidden = x.shape[0], x.shape[3]
-        # GRN is x * (1 + gamma * r) + beta with a per-sample, per-channel ratio r; beta passes through fc2
-        # into a constant bias, and the scale goes on the hidden activations or on fc2's weight.
-        x_g = spatial_l2_norm(x)
-        ratio = x_g / (x_g.mean(dim=-1, keepdim=True) + self.grn.eps)
-        scale = torch.addcmul(torch.ones_like(ratio), self.grn.weight, ratio)
-        bias = F.linear(self.grn.bias, self.fc2.weight, self.fc2.bias)
-        if self.scale_fc2_weight:
-            return per_sample_linear(x, self.fc2.weight * scale.unsqueeze(1), bias)
-        return linear(x * scale.view(n, 1, 1, hidden), self.fc2.weight, bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Channels-last in, so that the permute below is free and the MLP runs on contiguous rows.
-        x = depthwise_conv2d(x.contiguous(memory_format=torch.channels_last), self.conv_dw.weight)
-        x = x.permute(0, 2, 3, 1)
-        if torch.jit.is_scripting():
-            return self.mlp(x).permute(0, 3, 1, 2)
-        # GRN's statistics are per sample, so groups of samples give the same result
-        slice_bytes = _CPU_INFER_HIDDEN_BYTES * self.fc1.in_features // self.fc1.out_features
-        return in_batch_slices(self.mlp, x, slice_bytes).permute(0, 3, 1, 2)
+        """Mix the channels of an NCHW map."""
+        if self.fast_kernels and not torch.jit.is_scripting():
+            return channel_mixing_kernel(self, x)
+        x = self.conv_dw(x).permute(0, 2, 3, 1)
+        x = self.fc2(self.grn(self.act(self.fc1(self.norm(x)))))
+        return x.permute(0, 3, 1, 2)
 
 
 class StripMLPBlock(nn.Module):
     """Token mixing then channel mixing, each residual with drop path."""
 
-    def __init__(self, dim: int, grid_size: int, mlp_ratio: int, channel_patches: int, drop_path: float) -> None:
+    def __init__(
+            self, dim: int, grid_size: int, mlp_ratio: int, channel_patches: int, drop_path: float,
+            fast_kernels: bool = False,
+    ) -> None:
         super().__init__()
-        self.token_mixing = TokenMixing(dim, grid_size, channel_patches)
-        self.channel_mixing = ChannelMixing(dim, mlp_ratio, grid_size)
+        self.token_mixing = TokenMixing(dim, grid_size, channel_patches, fast_kernels)
+        self.channel_mixing = ChannelMixing(dim, mlp_ratio, fast_kernels)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """NCHW in and out."""
         x = x + self.drop_path(self.token_mixing(x))
         return x + self.drop_path(self.channel_mixing(x))
 
 
 class StripMLPStage(nn.Module):
-    """Optional 2x2 strided downsampling, then blocks; may start and pass on strided depthwise shortcuts.
+    """Optional 2x2 strided downsampling, then blocks; may start and pass on strided depth-wise shortcuts.
 
-    ``shortcut`` projects this stage's downsampled input towards the next stage; ``shortcut_relay``
-    carries the shortcut received from the previous stage one stage further.
+    ``shortcut`` projects this stage's downsampled input towards the next stage; ``shortcut_relay`` carries the
+    shortcut received from the previous stage one stage further.
     """
 
     def __init__(
@@ -263,15 +228,18 @@ class StripMLPStage(nn.Module):
         downsample: bool,
         shortcut: bool,
         shortcut_relay: bool,
+        fast_kernels: bool = False,
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
         self.downsample = nn.Conv2d(in_dim, dim, 2, stride=2, bias=False) if downsample else nn.Identity()
+        # a depth-wise conv with two outputs per channel; oneDNN's form of it is slow, the fast kernel's is not
+        shortcut_layer = kernels.ExpandingDepthwiseConv2d if fast_kernels else nn.Conv2d
         strided_shortcut = dict(kernel_size=2, stride=2, groups=dim, bias=False)
-        self.shortcut = ExpandingDepthwiseConv2d(dim, 2 * dim, **strided_shortcut) if shortcut else None
-        self.shortcut_relay = ExpandingDepthwiseConv2d(dim, 2 * dim, **strided_shortcut) if shortcut_relay else None
+        self.shortcut = shortcut_layer(dim, 2 * dim, **strided_shortcut) if shortcut else None
+        self.shortcut_relay = shortcut_layer(dim, 2 * dim, **strided_shortcut) if shortcut_relay else None
         self.blocks = nn.Sequential(*[
-            StripMLPBlock(dim, grid_size, mlp_ratio, channel_patches, drop_path) for _ in range(depth)
+            StripMLPBlock(dim, grid_size, mlp_ratio, channel_patches, drop_path, fast_kernels) for _ in range(depth)
         ])
 
     def forward(
@@ -313,6 +281,7 @@ class StripMLPNet(nn.Module):
             official rule (2 for widths that are multiples of 80, else 4).
         drop_rate: Dropout before the classifier (the official model has none).
         drop_path_rate: Stochastic depth rate, the same for every block (official: always 0.1).
+        fast_kernels: Take the fast kernels (default: ``visionmlp.use_fast_kernels()``).
     """
 
     def __init__(
@@ -328,8 +297,10 @@ class StripMLPNet(nn.Module):
         channel_patches: int | Sequence[int] | None = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
+        fast_kernels: bool | None = None,
     ) -> None:
         super().__init__()
+        self.fast_kernels = kernels.resolve_fast_kernels(fast_kernels)
         img_size = to_2tuple(img_size)
         multiple = patch_size * 2 ** (_NUM_STAGES - 1)
         if img_size[0] != img_size[1] or img_size[0] % multiple or img_size[0] <= 0:
@@ -355,8 +326,9 @@ class StripMLPNet(nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.drop_rate = drop_rate
 
-        self.stem = ChannelsLastConv2d(
-            in_chans, embed_dim, patch_size, stride=patch_size, bias=False)
+        # the fast kernels run channels-last from here on (see the module docstring)
+        stem_layer = kernels.ChannelsLastConv2d if self.fast_kernels else nn.Conv2d
+        self.stem = stem_layer(in_chans, embed_dim, patch_size, stride=patch_size, bias=False)
         grid_size = img_size[0] // patch_size
         self.stages = nn.ModuleList()
         self.feature_info = []
@@ -364,13 +336,14 @@ class StripMLPNet(nn.Module):
             stage_grid = grid_size // 2 ** i
             self.stages.append(StripMLPStage(
                 dims[max(i - 1, 0)], dim, depths[i], stage_grid, mlp_ratio, channel_patches[i], drop_path_rate,
-                downsample=i > 0, shortcut=i in (1, 2), shortcut_relay=i == 2,
+                downsample=i > 0, shortcut=i in (1, 2), shortcut_relay=i == 2, fast_kernels=self.fast_kernels,
             ))
             self.feature_info.append({"num_chs": dim, "reduction": patch_size * 2 ** i, "module": f"stages.{i}"})
         self.norm = nn.BatchNorm2d(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        use_onednn_linears(self)
+        if self.fast_kernels:
+            kernels.use_onednn_linears(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:

@@ -8,11 +8,12 @@ Official code: https://github.com/houqb/VisionPermutator
 
 The Permute-MLP mixes each channel segment along the height and along the width with fully connected
 layers whose width is (tokens along that axis) x (channels per segment), so a model is built for one
-input size. Here the height and width branch outputs each go back to the token layout in one copy, the
-pooled descriptor is summed branch by branch, the branch weights come out branch-major from a regrouped fc2,
-in training a residual branch runs only for the samples its drop path keeps, and at inference on CPU the
-blocks run over small slices of the batch; the maths and the official parameter layout are unchanged (official
-``network.N`` keys are mapped onto ``stages`` on load).
+input size. Tokens are NHWC throughout, as in the official code; official ``network.N`` keys are mapped onto
+``stages`` on load.
+
+With fast kernels (``visionmlp.set_fast_kernels``) the linear layers run on oneDNN's matmul on CPU, the stem
+writes its tokens channels-last, and in training a residual branch runs only for the samples its drop path
+keeps; the maths is the same.
 """
 
 
@@ -29,21 +30,13 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from .. import kernels
 from ..checkpoint import StateDict, load_pretrained_file
-from .layers import (
-    ChannelsLastConv2d,
-    SkipsDroppedSamples,
-    blocks_in_batch_slices,
-    branch_softmax,
-    check_input_size,
-    drop_path_residual,
-    use_onednn_linears,
-)
+from .layers import check_input_size
 
 __all__ = ["PermuteMlp", "PermutatorBlock", "PermutatorStage", "VisionPermutator"]
 
 torch.fx.wrap("check_input_size")
-torch.fx.wrap("drop_path_residual")
 
 
 class PermuteMlp(nn.Module):
@@ -53,7 +46,6 @@ class PermuteMlp(nn.Module):
         super().__init__()
         if dim % num_segments:
             raise ValueError(f"dim ({dim}) must be divisible by the number of segments ({num_segments})")
-        self.dim = dim
         self.num_segments = num_segments
         segment_chs = dim // num_segments
         self.mlp_c = nn.Linear(dim, dim, bias=qkv_bias)
@@ -62,42 +54,24 @@ class PermuteMlp(nn.Module):
         self.reweight = Mlp(dim, dim // 4, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def branch_weights(self, pooled: torch.Tensor) -> torch.Tensor:
-        """The softmax weights of the height, width and channel branches per sample and channel, (3, B, C)."""
-        hidden = self.reweight.norm(self.reweight.drop1(self.reweight.act(self.reweight.fc1(pooled))))
-        # Branch-major fc2 (the reweight Mlp's drop2 is an identity): a contiguous copy of channel-major weights
-        # would be fused away by inductor into a scalar blend. ViP-S7 and -M7 in bf16: 1.04x and 1.06x compiled,
-        # eager unchanged.
-        return branch_softmax(hidden, self.reweight.fc2.weight, self.reweight.fc2.bias, self.dim, 3)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix an NHWC token map (B, H, W, C) built for this grid size."""
         B, H, W, C = x.shape
         G = self.num_segments
         S = C // G
-        x = x.reshape(B, H, W, G, S)
-        # The height branch sees each segment's column as one vector of H * S values, the width branch
-        # each segment's row as W * S values. Their outputs are copied back to the token layout (B, H, W, G,
-        # S): the sums and products below read permuted views in runs of only S values, several times
-        # slower than one copy (measured 6-8x on an AMD EPYC, in fp32 and bf16).
-        h = self.mlp_h(x.permute(0, 3, 2, 1, 4).reshape(B, G, W, H * S))
-        h = h.view(B, G, W, H, S).permute(0, 3, 2, 1, 4).contiguous()
-        w = self.mlp_w(x.permute(0, 1, 3, 2, 4).reshape(B, H, G, W * S))
-        w = w.view(B, H, G, W, S).transpose(2, 3).contiguous()
-        c = self.mlp_c(x.view(B, H, W, C)).view(B, H, W, G, S)
-
-        # Mean over tokens of (h + w + c), without materialising the sum.
-        pooled = (h.sum((1, 2)) + w.sum((1, 2)) + c.sum((1, 2))).view(B, C) / (H * W)
-        weights = self.branch_weights(pooled).reshape(3, B, 1, 1, G, S)
-        # Out-of-place addcmul: same kernel and rounding as the in-place form, but an in-place op whose result
-        # is unused would be dropped as dead code when the model is symbolically traced (torch.fx).
-        out = torch.mul(c, weights[2])
-        out = torch.addcmul(out, h, weights[0])
-        out = torch.addcmul(out, w, weights[1])
-        return self.proj(out.view(B, H, W, C))
+        # height mixing: the H tokens of one segment's column are one vector of H * S values; width alike
+        h = x.reshape(B, H, W, G, S).permute(0, 3, 2, 1, 4).reshape(B, G, W, H * S)
+        h = self.mlp_h(h).reshape(B, G, W, H, S).permute(0, 3, 2, 1, 4).reshape(B, H, W, C)
+        w = x.reshape(B, H, W, G, S).permute(0, 1, 3, 2, 4).reshape(B, H, G, W * S)
+        w = self.mlp_w(w).reshape(B, H, G, W, S).permute(0, 1, 3, 2, 4).reshape(B, H, W, C)
+        c = self.mlp_c(x)
+        # a softmax over the three branches per sample and channel, from the pooled sum of the branches
+        a = self.reweight((h + w + c).mean((1, 2))).reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)
+        a = a[:, :, None, None, :]
+        return self.proj(h * a[0] + w * a[1] + c * a[2])
 
 
-class PermutatorBlock(SkipsDroppedSamples, nn.Module):
+class PermutatorBlock(nn.Module):
     """Pre-norm residual block: Permute-MLP token mixing, then a channel MLP."""
 
     def __init__(
@@ -110,32 +84,31 @@ class PermutatorBlock(SkipsDroppedSamples, nn.Module):
             drop_path: float = 0.,
             act_layer: type[nn.Module] = nn.GELU,
             norm_layer: type[nn.Module] = nn.LayerNorm,
+            fast_kernels: bool = False,
     ) -> None:
         super().__init__()
+        self.fast_kernels = fast_kernels
         self.norm1 = norm_layer(dim)
         self.attn = PermuteMlp(dim, grid_size, num_segments, qkv_bias=qkv_bias)  # `attn`: the official key
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
 
-    def token_branch(self, x: torch.Tensor, scale: float = 1.) -> torch.Tensor:
-        """The Permute-MLP residual branch, times ``scale``."""
-        y = self.attn(self.norm1(x))
-        return y * scale if scale != 1. else y
+    def token_mixing(self, x: torch.Tensor) -> torch.Tensor:
+        """The Permute-MLP residual branch."""
+        return self.attn(self.norm1(x))
 
-    def channel_branch(self, x: torch.Tensor, scale: float = 1.) -> torch.Tensor:
-        """The channel-MLP residual branch, times ``scale``."""
-        y = self.mlp(self.norm2(x))
-        return y * scale if scale != 1. else y
+    def channel_mixing(self, x: torch.Tensor) -> torch.Tensor:
+        """The channel-MLP residual branch."""
+        return self.mlp(self.norm2(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """NHWC tokens in, NHWC tokens out."""
-        if torch.jit.is_scripting() or not self.skips_dropped_samples():
-            x = x + self.drop_path(self.token_branch(x))
-            return x + self.drop_path(self.channel_branch(x))
-        # in training, each branch runs only for the samples its drop path keeps
-        x = drop_path_residual(self, x, "token_branch")
-        return drop_path_residual(self, x, "channel_branch")
+        if self.fast_kernels and not torch.jit.is_scripting():
+            x = kernels.drop_path_residual(x, self.token_mixing, self.drop_path)
+            return kernels.drop_path_residual(x, self.channel_mixing, self.drop_path)
+        x = x + self.drop_path(self.token_mixing(x))
+        return x + self.drop_path(self.channel_mixing(x))
 
 
 class PermutatorStage(nn.Module):
@@ -154,6 +127,7 @@ class PermutatorStage(nn.Module):
             drop_path_rates: Sequence[float] = (),
             act_layer: type[nn.Module] = nn.GELU,
             norm_layer: type[nn.Module] = nn.LayerNorm,
+            fast_kernels: bool = False,
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
@@ -171,20 +145,17 @@ class PermutatorStage(nn.Module):
                 drop_path=drop_path_rates[i] if drop_path_rates else 0.,
                 act_layer=act_layer,
                 norm_layer=norm_layer,
+                fast_kernels=fast_kernels,
             )
             for i in range(depth)
         ])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """NHWC tokens in, NHWC tokens (downsampled if the stage has a stride) out."""
-        # Tokens are NHWC; the NCHW view of a contiguous NHWC tensor is channels-last, so the conv keeps
-        # that layout and the permute back is free.
         x = self.downsample(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        if torch.jit.is_scripting():
-            return self.blocks(x)
-        if self.grad_checkpointing:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
-        return blocks_in_batch_slices(self.blocks, x)
+        return self.blocks(x)
 
 
 class VisionPermutator(nn.Module):
@@ -207,8 +178,10 @@ class VisionPermutator(nn.Module):
             drop_path_rate: float = 0.,
             act_layer: type[nn.Module] = nn.GELU,
             norm_layer: type[nn.Module] = nn.LayerNorm,
+            fast_kernels: bool | None = None,
     ) -> None:
         super().__init__()
+        self.fast_kernels = kernels.resolve_fast_kernels(fast_kernels)
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         img_size = to_2tuple(img_size)
@@ -235,9 +208,8 @@ class VisionPermutator(nn.Module):
             output_fmt="NHWC",
             strict_img_size=False,  # check_input_size in forward says what to do about another size
         )
-        # A channels-last conv output is read as a contiguous NHWC token map; otherwise every residual add of
-        # the first stage would keep a strided layout.
-        self.patch_embed.proj = ChannelsLastConv2d(in_chans, embed_dims[0], patch_size, stride=patch_size)
+        if self.fast_kernels:
+            self.patch_embed.proj = kernels.ChannelsLastConv2d(in_chans, embed_dims[0], patch_size, stride=patch_size)
         grid_size = self.patch_embed.grid_size
         # Stochastic depth grows linearly over all blocks (plain Python: the model may be built on "meta").
         num_blocks = sum(depths)
@@ -262,6 +234,7 @@ class VisionPermutator(nn.Module):
                 drop_path_rates=dpr[i],
                 act_layer=act_layer,
                 norm_layer=norm_layer,
+                fast_kernels=self.fast_kernels,
             ))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f"stages.{i}"))
             in_dim = embed_dims[i]
@@ -270,7 +243,8 @@ class VisionPermutator(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
-        use_onednn_linears(self)
+        if self.fast_kernels:
+            kernels.use_onednn_linears(self)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
