@@ -14,7 +14,7 @@ from visionmlp import create_model
 from visionmlp.cli import main
 from visionmlp.engine import evaluate as evaluate_module
 from visionmlp.engine.benchmark import results_notes, run_benchmark
-from visionmlp.engine.compilation import compiled
+from visionmlp.inference import FrozenCompiled, optimize_for_inference
 from visionmlp.engine.quantize import load_quantized
 
 SIZE = 64
@@ -178,14 +178,16 @@ def test_eval_training_form_deploy_form_and_folded_in_place_agree(repmlpnet_chec
 
 
 def test_eval_runs_the_benchmarks_fast_path_on_data(repmlpnet_checkpoint, capsys, monkeypatch):
-    compiled_models = []
+    prepared = []
 
-    def recording_compiled(model):
+    def recording_optimize_for_inference(model, **kwargs):
+        result = optimize_for_inference(model, **kwargs)
         weight = model.conv_embedding.conv.weight
-        compiled_models.append((weight.dtype, weight.is_contiguous(memory_format=torch.channels_last)))
-        return compiled(model)
+        prepared.append((isinstance(result, FrozenCompiled), weight.dtype,
+                         weight.is_contiguous(memory_format=torch.channels_last)))
+        return result
 
-    monkeypatch.setattr(evaluate_module, "compiled", recording_compiled)
+    monkeypatch.setattr(evaluate_module, "optimize_for_inference", recording_optimize_for_inference)
     # 4 images in batches of 3: the compiled graph meets a second batch size
     common = ["--model", "repmlpnet_t224", "--checkpoint", repmlpnet_checkpoint, "--dataset", "digits", "--img-size",
               str(SIZE), "--workers", "0", "--batch-size", "3", "--deploy", "--json",
@@ -200,7 +202,7 @@ def test_eval_runs_the_benchmarks_fast_path_on_data(repmlpnet_checkpoint, capsys
     assert (fast["dtype"], fast["channels_last"], fast["compile"]) == ("bf16", True, True)
     assert fast["images"] == fp32["images"] == 4
     assert fast["loss"] == pytest.approx(fp32["loss"], rel=2e-2) and fast["loss"] != fp32["loss"]
-    assert compiled_models == [(torch.bfloat16, True)]
+    assert prepared == [(False, torch.float32, False), (True, torch.bfloat16, True)]  # eval goes through it
 
     capsys.readouterr()
     assert main(["eval", *common, "--dtype", "bf16", "--amp", "bf16"]) == 2

@@ -1,6 +1,8 @@
 """visionmlp: MS-MLP, Vision Permutator, Strip-MLP, RaftMLP and RepMLPNet as timm models, with tools."""
 
 from .checkpoint import read_checkpoint, unwrap_state_dict
+from .inference import optimize_for_inference
+from .kernels import set_fast_kernels, use_fast_kernels
 from .models import (
     MODEL_NAMES,
     RepMLPBlock,
@@ -20,7 +22,10 @@ __all__ = [
     "create_model",
     "fold_batchnorm",
     "list_models",
+    "optimize_for_inference",
     "read_checkpoint",
     "reparameterize",
+    "set_fast_kernels",
     "unwrap_state_dict",
+    "use_fast_kernels",
 ]

@@ -24,8 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..checkpoint import load_checkpoint_state, read_checkpoint, unwrap_state_dict
 from ..data import DataError, build_dataset
 from ..data.datasets import IMG_EXTENSIONS, subset_evenly
-from ..models import MODEL_NAMES, count_batchnorms, create_model, family_module, reparameterize
-from .compilation import compiled
+from ..inference import optimize_for_inference
+from ..models import MODEL_NAMES, count_batchnorms, create_model, family_module
 from .evaluate import checkpoint_variant, transformed_for
 from .machine import (
     DTYPES,
@@ -60,9 +60,9 @@ def has_deploy_form(model: nn.Module) -> bool:
 
 
 def fold_for_deploy(model: nn.Module) -> str:
-    """Fold ``model`` in place into its deploy form (:func:`visionmlp.reparameterize`); what that did to it."""
+    """Fold ``model`` in place into its deploy form (``optimize_for_inference``'s folding); what that did to it."""
     branches, batchnorms = has_deploy_form(model), count_batchnorms(model)
-    reparameterize(model)
+    optimize_for_inference(model, fold=True, inplace=True)
     if not branches and count_batchnorms(model) == batchnorms:
         return "none: this model has no re-parameterizable branches or foldable BatchNorms and runs as is"
     return "folded (visionmlp.reparameterize)"
@@ -192,7 +192,8 @@ def benchmark_model(
 ) -> dict[str, Any]:
     """Measure any classifier ``nn.Module`` (ours or an official one, side by side) as :func:`run_benchmark` does.
 
-    The model is moved to ``device`` (and, for ``infer``, cast to ``dtype``) in place. Training steps use
+    For ``infer`` a copy of the model prepared by :func:`visionmlp.optimize_for_inference` is timed (cast to
+    ``dtype``, channels-last, compiled); for ``train`` the model itself, moved to ``device``. Training steps use
     AdamW's fused kernel, as ``visionmlp train`` does; ``fused_optimizer=False`` runs its per-parameter loop,
     as the official training scripts do. Given an fp32 ``reference`` (inference only), the timed module's
     top-1 agreement with it on ``reference_images`` (fp32, NCHW) is added (:func:`fp32_agreement`).
@@ -211,7 +212,11 @@ def benchmark_model(
     compute_dtype = torch_dtype if mode == "infer" else torch.float32
 
     with num_threads(threads):
-        model.train(mode == "train").to(device=torch_device, dtype=compute_dtype, memory_format=memory_format)
+        if mode == "infer":
+            model = optimize_for_inference(model, dtype=compute_dtype, channels_last=channels_last, fold=False,
+                                           device=torch_device)
+        else:
+            model.train().to(device=torch_device, memory_format=memory_format)
         inputs = torch.randn(batch_size, in_chans, img_size, img_size, device=torch_device, dtype=compute_dtype)
         steps = BenchmarkSteps(model, inputs.contiguous(memory_format=memory_format), mode, torch_dtype, torch_device,
                        fused_optimizer)
@@ -219,7 +224,10 @@ def benchmark_model(
         memory.start_before_first_step()
         steps.run_counted()
         # counted before compiling: FlopCounterMode dispatches per operator, which a compiled graph hides
-        timed_model = compiled(model, mode, cuda_graphs) if compile else model
+        timed_model = model
+        if compile:
+            timed_model = (optimize_for_inference(model, fold=False, compile=True, cuda_graphs=cuda_graphs, inplace=True)
+                           if mode == "infer" else torch.compile(model))
         for _ in range(warmup):
             steps.run(timed_model)
         synchronize(torch_device)
@@ -335,7 +343,9 @@ def run_benchmark(
         raise ValueError("--val-data checks an inference path against plain fp32 eager: use it with --mode infer and "
                          "at least one of --dtype bf16|fp16, --deploy, --channels-last, --compile, --quantize")
     in_chans = get_pretrained_cfg_value(model_name, "input_size")[0]
-    model = create_model(model_name, **{**model_kwargs, "img_size": img_size})
+    # torch's dynamic quantization takes plain nn.Linear layers only: the reference form
+    kernel_choice = {"fast_kernels": False} if quantize is not None else {}
+    model = create_model(model_name, **{**model_kwargs, "img_size": img_size, **kernel_choice})
     if stored is not None:  # read once above; loaded as create_model(checkpoint_path=...) would
         load_checkpoint_state(model, unwrap_state_dict(stored), family_module(model_name).checkpoint_filter_fn)
     reference = images = None
@@ -505,9 +515,13 @@ def benchmark_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def run_all(
     names: list[str | None], progress: Callable[[str], None] | None = None, **kwargs: Any
 ) -> list[dict[str, Any]]:
-    """:func:`run_benchmark` for each name in turn, reporting each finished model through ``progress``."""
+    """:func:`run_benchmark` for each name in turn, reporting each finished model through ``progress``: the loop of
+    the benchmark commands, which own their process. With ``compile`` it drops dynamo's compilations between models,
+    each of which would count against its recompilation limit (past it dynamo runs eagerly, silently)."""
     results = []
     for name in names:
+        if kwargs.get("compile"):
+            torch._dynamo.reset()
         results.append(run_benchmark(name, **kwargs))
         if progress is not None:
             progress(f"{results[-1]['model']}: {results[-1]['images_per_s']:.1f} img/s")

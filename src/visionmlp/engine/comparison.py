@@ -7,7 +7,6 @@ drifts slows all of them alike; only ratios of such paired times compare two imp
 
 from __future__ import annotations
 
-import copy
 import functools
 import importlib.util
 import time
@@ -18,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .benchmark import MODES, BenchmarkSteps, check_counts, fold_for_deploy
+from ..inference import optimize_for_inference
+from .benchmark import MODES, BenchmarkSteps, check_counts
 from .machine import num_threads, synchronize
 
 
@@ -47,11 +47,12 @@ class FastPath(nn.Module):
         return self.model(x.to(self.dtype).contiguous(memory_format=torch.channels_last))
 
 
-def fast_path_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> FastPath:
-    """Our fast path of ``model``, on a copy: the deploy form, in ``dtype``, channels-last."""
-    fast = copy.deepcopy(model)
-    fold_for_deploy(fast)
-    return FastPath(fast.to(dtype=dtype, memory_format=torch.channels_last), dtype)
+def fast_path_copy(model: nn.Module, dtype: torch.dtype = torch.float32, compile: bool = False,
+                   cuda_graphs: bool = False) -> FastPath:
+    """Our fast path of ``model``, on a copy (:func:`visionmlp.optimize_for_inference`): the deploy form, in
+    ``dtype``, channels-last, compiled with frozen weights if asked."""
+    fast = optimize_for_inference(model, dtype=dtype, channels_last=True, compile=compile, cuda_graphs=cuda_graphs)
+    return FastPath(fast, dtype)
 
 
 def seconds_in_turn(

@@ -97,6 +97,8 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     output = check_output_suffix(args.output)
     deploy = args.deploy or args.quantize is not None
     result: dict[str, Any] = {"model": name, "output": str(output), "form": "deploy" if deploy else "training"}
+    if args.quantize:
+        kwargs["fast_kernels"] = False  # torch's dynamic quantization takes plain nn.Linear layers only
     if deploy:
         model = deploy_model_from_state_dict(name, state_dict, **kwargs).eval()
         with torch.device("meta"):

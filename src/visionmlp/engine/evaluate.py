@@ -19,15 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..checkpoint import check_state_dict_fits, read_checkpoint, unwrap_state_dict
 from ..config import ConfigError, add_config_arguments, build_config, family_recipe, flags_from_args, parse_opts
 from ..data import DataError, build_dataset, build_loader, build_transform, subset_evenly
-from ..models import (
-    MODEL_NAMES,
-    convert_official_state_dict,
-    create_model,
-    deploy_model_from_state_dict,
-    family_module,
-    reparameterize,
-)
-from .compilation import compiled
+from ..inference import optimize_for_inference
+from ..models import MODEL_NAMES, convert_official_state_dict, create_model, deploy_model_from_state_dict, family_module
 from .distributed import DistContext, all_reduce_sum, cleanup, setup
 from .machine import DTYPES, resolve_dtype
 
@@ -279,15 +272,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
             state_dict = convert_official_state_dict(name, checkpoint, **model_kwargs(config, num_classes))
         check_state_dict_fits(model, state_dict, repr(name))  # strict: a classifier of another size is an error
         model.load_state_dict(state_dict, strict=True)
-        if args.deploy:
-            reparameterize(model)
     dataset = subset_evenly(transformed_for(dataset, config, model), data["max_val_images"])
     loader = build_loader(dataset, training=False, batch_size=data["batch_size"], workers=data["workers"],
                           rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
-    model.to(ctx.device, dtype, memory_format=memory_format)
-    if args.compile_frozen:
-        model = compiled(model)
+    model = optimize_for_inference(model, dtype=dtype, channels_last=args.channels_last, fold=args.deploy,
+                                   compile=args.compile_frozen, device=ctx.device, inplace=True)
     metrics = evaluate(model, loader, ctx, amp=amp, dtype=dtype, memory_format=memory_format)
     if metrics["skipped_images"]:
         print(f"skipped {metrics['skipped_images']} unreadable images", file=sys.stderr)

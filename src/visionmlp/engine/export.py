@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..inference import optimize_for_inference
 from ..models import deploy_model_from_state_dict
 from .convert import add_model_arguments, input_size, model_from_flags, random_batch, training_form_model
 
@@ -78,11 +79,13 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     if output.suffix != suffix:
         raise ValueError(f"--format {args.format} writes {suffix} files; got --output {str(output)!r}")
     name, state_dict, kwargs, _ = model_from_flags(args)
+    # an exported graph runs elsewhere (onnxruntime, another torch): the reference maths, public ops only
+    kwargs["fast_kernels"] = False
     if args.deploy:
         model = deploy_model_from_state_dict(name, state_dict, **kwargs)
     else:
         model = training_form_model(name, state_dict, **kwargs)
-    model.eval()
+    model = optimize_for_inference(model, fold=args.deploy, inplace=True)
     img_size = kwargs.get("img_size") or input_size(model)
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary_path(output)

@@ -13,6 +13,7 @@ import torch
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from torch import nn
 
+from ..inference import optimize_for_inference
 from ..models import deploy_model_from_state_dict
 from .convert import add_model_arguments, model_from_flags, training_form_model
 from .evaluate import resolve_input_config
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         name, state_dict, kwargs, config = model_from_flags(args)
         build = deploy_model_from_state_dict if args.deploy else training_form_model
-        results = predict(build(name, state_dict, **kwargs), args.images, args.top_k, kwargs.get("img_size"), config)
+        model = optimize_for_inference(build(name, state_dict, **kwargs), fold=args.deploy, inplace=True)
+        results = predict(model, args.images, args.top_k, kwargs.get("img_size"), config)
     except (FileNotFoundError, ValueError) as exc:
         print(f"visionmlp predict: error: {exc}", file=sys.stderr)
         return 2

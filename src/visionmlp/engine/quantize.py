@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..models import create_model
-from ..models.layers import OneDnnLinear
+from ..kernels import OneDnnLinear
 
 QUANTIZATION_DTYPES = {"int8": torch.qint8}
 
@@ -49,11 +49,11 @@ def quantize_dynamic_int8(model: nn.Module, example: torch.Tensor) -> tuple[nn.M
     """An int8 dynamically quantized copy of ``model`` (CPU) and the names of the layers it quantized."""
     from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
+    if any(isinstance(module, OneDnnLinear) for module in model.modules()):
+        raise ValueError("dynamic quantization replaces plain nn.Linear layers: build the model with "
+                         "fast_kernels=False (its reference form)")
     model = copy.deepcopy(model).cpu().eval()
     names = called_linear_layers(model, example.cpu())
-    for module in model.modules():
-        if isinstance(module, OneDnnLinear):
-            module.__class__ = nn.Linear  # torch's dynamic quantization maps the plain class only
     with warnings.catch_warnings():
         # torch announces the future removal of quantized tensors on every quantized weight
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
@@ -64,7 +64,7 @@ def quantize_dynamic_int8(model: nn.Module, example: torch.Tensor) -> tuple[nn.M
 
 def load_quantized(name: str, checkpoint_path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     """A model saved by ``visionmlp convert --quantize int8``: load its folded weights, then quantize again."""
-    model = create_model(name, deploy=True, checkpoint_path=checkpoint_path, **kwargs).eval()
+    model = create_model(name, deploy=True, checkpoint_path=checkpoint_path, fast_kernels=False, **kwargs).eval()
     size = kwargs.get("img_size") or model.pretrained_cfg["input_size"][-1]
     return quantize_dynamic_int8(model, torch.zeros(1, 3, size, size))[0]
 

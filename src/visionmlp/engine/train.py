@@ -38,11 +38,10 @@ from .reporting import RunRecorder, log, use_progress_bars
 
 ADAM_LIKE = ("adam", "adamw", "nadam", "nadamw", "radam", "adamp", "lamb", "lambw", "adan")
 
-# Measured on 2 cores of an AVX-512 EPYC, batch 8 (README, "Speed on this machine class"): compiled graphs leave out the
-# oneDNN linear layers that the eager step uses.
+# Compiled graphs leave out the fast kernels the eager step uses on CPU (docs/performance.md has the figures).
 COMPILE_ON_CPU_WARNING = (
-    "warning: --compile makes a training step on a CPU slower, not faster (vip_s7 3.5 img/s against 5.9 eager "
-    "on a 2-core EPYC); leave it off on a CPU, and use it on a GPU"
+    "warning: --compile makes a training step on a CPU slower, not faster (docs/performance.md); leave it off on a "
+    "CPU, and use it on a GPU"
 )
 
 
