@@ -31,3 +31,15 @@ def onednn_calls() -> list[str]:
         pytest.skip("this torch has no oneDNN linear")
     with OneDnnLinearCalls() as recorder:
         yield recorder.post_ops
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "reference"])
+def both_forms(request: pytest.FixtureRequest):
+    """Runs the test twice, with the models it builds taking the fast kernels and the reference maths
+    (through the public switch)."""
+    import visionmlp
+
+    previous = visionmlp.use_fast_kernels()
+    visionmlp.set_fast_kernels(request.param)
+    yield request.param
+    visionmlp.set_fast_kernels(previous)

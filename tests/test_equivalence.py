@@ -15,6 +15,9 @@ import torch
 from synthetic_weights import REFERENCE_DIR, load_reference, reference_input, relative_l2, synthetic_state_dict
 from visionmlp import MODEL_NAMES, convert_official_state_dict, reparameterize
 
+# every test here runs with the fast kernels and with the reference maths
+pytestmark = pytest.mark.usefixtures("both_forms")
+
 CASES = sorted(p.name.removesuffix(".safetensors") for p in REFERENCE_DIR.glob("*.safetensors"))
 
 

@@ -356,6 +356,7 @@ def test_depthwise_conv2d_keeps_conv2d_where_its_weight_gradient_is_fast_or_not_
     x, weight = torch.randn(1, 4, 8, 8), torch.randn(4, 1, 7, 7, requires_grad=True)
     sliced = "_ColumnSlicedGradDepthwiseConvBackward"
     assert type(depthwise_conv2d(x, weight).grad_fn).__name__ == sliced
+    assert type(depthwise_conv2d(x, weight, torch.zeros(4)).grad_fn).__name__ != sliced  # a bias: conv2d
     assert type(depthwise_conv2d(x, torch.randn(4, 1, 7, 3, requires_grad=True)).grad_fn).__name__ != sliced
     assert type(depthwise_conv2d(x[..., :6], weight).grad_fn).__name__ != sliced  # narrower than the kernel
     assert type(depthwise_conv2d(x.requires_grad_(), weight.detach()).grad_fn).__name__ != sliced
@@ -418,3 +419,31 @@ def test_fast_stems_write_channels_last_tokens_and_keep_the_image_itself_for_bac
         out = stem(x)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert image_sized and all(t.data_ptr() == x.data_ptr() for t in image_sized)
+
+
+def test_fast_blocks_have_the_reference_second_derivatives():
+    # double backward through every custom autograd Function of the fast forms (float64, where oneDNN steps aside)
+    from visionmlp.models.ms_mlp import MixShiftBlock
+    from visionmlp.models.raft_mlp import RaftBlock
+    from visionmlp.models.strip_mlp import ChannelMixing, LocalStripMixing
+
+    cases = [
+        (lambda fast: MixShiftBlock(15, mix_sizes=(1, 3, 3, 5, 7), fast_kernels=fast), (2, 15, 8, 8)),
+        (lambda fast: ChannelMixing(8, 3, fast_kernels=fast), (2, 8, 8, 8)),
+        (lambda fast: LocalStripMixing(8, fast_kernels=fast), (2, 8, 8, 8)),
+        (lambda fast: RaftBlock(12, (4, 4), raft_size=3, fast_kernels=fast), (2, 4, 4, 12)),
+    ]
+    for build, shape in cases:
+        torch.manual_seed(0)
+        reference = build(False).double()
+        for p in reference.parameters():
+            nn.init.normal_(p, std=0.3)
+        fast = build(True).double()
+        fast.load_state_dict(reference.state_dict())
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        results = []
+        for block in (fast, reference):
+            (grad,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+            results.append(torch.autograd.grad(grad.square().sum(), [x, *block.parameters()]))
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)

@@ -12,6 +12,9 @@ import torch
 import visionmlp
 from visionmlp import MODEL_NAMES, create_model
 
+# every test here runs with the fast kernels and with the reference maths
+pytestmark = pytest.mark.usefixtures("both_forms")
+
 REFERENCE_TABLE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "models.md"
 
 # Exact parameter counts of the official implementations at the default resolution (training form).

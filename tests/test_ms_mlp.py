@@ -14,6 +14,9 @@ from visionmlp.models.ms_mlp import MixShiftBlock, MsMlp, checkpoint_filter_fn
 
 from synthetic_weights import load_reference, relative_l2, synthetic_state_dict
 
+# every test here runs with the fast kernels and with the reference maths
+pytestmark = pytest.mark.usefixtures("both_forms")
+
 OFFICIAL_MIX_SIZES = [(1, 1, 3, 5, 7), (1, 3, 3, 5, 7), (1, 5, 5, 5, 7), (1, 7, 7, 7, 7)]
 
 
@@ -50,9 +53,10 @@ FORMS = pytest.mark.parametrize("fast_kernels", [False, True], ids=["reference",
 
 @FORMS
 @pytest.mark.parametrize("mix_sizes", OFFICIAL_MIX_SIZES + [(3, 1, 5, 1, 3)])
-@pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 4), (7, 7)])
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 4), (7, 7), (24, 30)])
 def test_block_matches_per_group_roll_and_conv(mix_sizes, size, fast_kernels):
-    # 23 channels split 5-5-5-5-3 (torch.chunk); maps smaller than the shift distance wrap around
+    # 23 channels split 5-5-5-5-3 (torch.chunk); maps smaller than the shift distance wrap around; 2 x 24 x 30
+    # tokens are more than one slice of the fast channel MLP at inference
     block = _randomize(MixShiftBlock(23, mix_sizes=mix_sizes, fast_kernels=fast_kernels)).double().eval()
     x = torch.randn(2, 23, *size, dtype=torch.float64)
     with torch.no_grad():
@@ -122,8 +126,9 @@ def test_channel_mlp_slices_keep_cpu_training_activations_under_the_limit():
     x = torch.empty(8, 56, 56, 96)  # MS-MLP-T's first stage at batch 8: a 38.5 MB hidden activation in fp32
     size = ms_kernels._tokens_per_slice(block, x)
     assert size == 8363 and size * 384 * 4 <= MS_MLP_TRAIN_HIDDEN_BYTES  # three slices
-    with torch.no_grad():  # at inference, one call
-        assert ms_kernels._tokens_per_slice(block, x) == 8 * 56 * 56
+    with torch.no_grad():  # at inference, cache-sized slices, of the same bytes in bf16
+        assert ms_kernels._tokens_per_slice(block, x) == 1024
+        assert ms_kernels._tokens_per_slice(block, x.bfloat16()) == 2048
     assert ms_kernels._tokens_per_slice(block, x.to("meta")) == 8 * 56 * 56  # off the CPU: one call
     assert ms_kernels._tokens_per_slice(block, x[:0]) == 0  # every sample dropped
 

@@ -16,6 +16,9 @@ from visionmlp.models.raft_mlp import CrossScaleEmbed, RaftBlock, checkpoint_fil
 
 from synthetic_weights import load_reference, relative_l2, synthetic_state_dict
 
+# every test here runs with the fast kernels and with the reference maths
+pytestmark = pytest.mark.usefixtures("both_forms")
+
 SMALL = 64  # token grids 16, 8, 4, 2
 TINY = dict(embed_dims=(8, 16, 16, 32), depths=(1, 1, 2, 1))  # the real layout, narrow and shallow for speed
 

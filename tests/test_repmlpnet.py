@@ -13,6 +13,9 @@ from visionmlp.models.repmlpnet import RepMLPBlock, checkpoint_filter_fn
 
 from synthetic_weights import relative_l2
 
+# every test here runs with the fast kernels and with the reference maths
+pytestmark = pytest.mark.usefixtures("both_forms")
+
 SMALL = 64  # stage maps (= partitions) 16, 8, 4 and 2 pixels wide
 TINY = dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), sharesets=(1, 4, 16, 32))  # fast, same structure
 NAMES = ("repmlpnet_t224", "repmlpnet_b224", "repmlpnet_t256", "repmlpnet_b256", "repmlpnet_d256", "repmlpnet_l256")

@@ -17,6 +17,9 @@ import visionmlp
 from visionmlp.kernels import spatial_l2_norm
 from visionmlp.models.strip_mlp import ChannelMixing, StripMLPBlock, StripMLPNet
 
+# every test here runs with the fast kernels and with the reference maths
+pytestmark = pytest.mark.usefixtures("both_forms")
+
 SMALL = 64  # smallest size with a 2x2 last-stage grid; keeps these tests fast
 
 
@@ -116,7 +119,9 @@ def test_spatial_l2_norm_gradient_equals_tensor_norms():
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
     x[1, :, :, 2] = 0  # a zero norm: its gradient is zero, as Tensor.norm's is
     x.requires_grad_(True)
-    torch.autograd.gradcheck(spatial_l2_norm, (torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True),))
+    probe = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(spatial_l2_norm, (probe,))
+    torch.autograd.gradgradcheck(spatial_l2_norm, (probe,))
     grad = torch.randn(2, 5, dtype=torch.float64)
     ours, ref = spatial_l2_norm(x), x.norm(p=2, dim=(1, 2))
     torch.testing.assert_close(ours, ref)

@@ -11,6 +11,9 @@ from visionmlp.models.vip import PermuteMlp, checkpoint_filter_fn
 
 from synthetic_weights import REFERENCE_DIR, load_reference, synthetic_state_dict
 
+# every test here runs with the fast kernels and with the reference maths
+pytestmark = pytest.mark.usefixtures("both_forms")
+
 SMALL = 56  # 8 x 8 tokens after the patch embedding, 4 x 4 after the transition
 
 

@@ -11,7 +11,7 @@ Nothing here changes a weight or keeps a derived copy of one: forms that do (pac
 compiling) belong to the explicit :func:`visionmlp.optimize_for_inference`.
 """
 
-from . import ms_mlp, raft_mlp, strip_mlp
+from . import ms_mlp, raft_mlp, strip_mlp, vip
 from .conv import ChannelsLastConv2d, ExpandingDepthwiseConv2d, depthwise_conv2d
 from .linear import OneDnnLinear, OneDnnMlp, linear, linear_gelu, per_sample_linear, use_onednn_linears
 from .norm import spatial_l2_norm
@@ -22,5 +22,5 @@ __all__ = [
     "ChannelsLastConv2d", "ENVIRONMENT_VARIABLE", "ExpandingDepthwiseConv2d", "OneDnnLinear", "OneDnnMlp",
     "depthwise_conv2d", "drop_path_residual", "linear", "linear_gelu", "ms_mlp", "per_sample_linear", "raft_mlp",
     "resolve_fast_kernels", "set_fast_kernels", "spatial_l2_norm", "strip_mlp", "use_fast_kernels",
-    "use_onednn_linears",
+    "use_onednn_linears", "vip",
 ]

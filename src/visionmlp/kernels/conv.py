@@ -67,17 +67,18 @@ class _ColumnSlicedGradDepthwiseConv(torch.autograd.Function):
         return grad_input, grad_weight
 
 
-def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.conv2d(x, weight, padding=(kh // 2, kw // 2), groups=channels)`` for an odd depth-wise ``weight``
-    (channels, 1, kh, kw) without bias: the output has the input's size.
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=channels)`` for an odd depth-wise ``weight``
+    (channels, 1, kh, kw): the output has the input's size.
 
     Where its weight gradient is recorded on CPU, for kernels wider than oneDNN's fast weight-gradient path, on
-    maps at least as wide as the kernel, that gradient is taken in column slices (``_ColumnSlicedGradDepthwiseConv``).
+    maps at least as wide as the kernel, and without a bias, that gradient is taken in column slices
+    (``_ColumnSlicedGradDepthwiseConv``).
     """
-    if (weight.requires_grad and torch.is_grad_enabled() and FAST_WEIGHT_GRAD_WIDTH < weight.shape[3] <= x.shape[3]
-            and eager_on_cpu(x)):
+    if (bias is None and weight.requires_grad and torch.is_grad_enabled()
+            and FAST_WEIGHT_GRAD_WIDTH < weight.shape[3] <= x.shape[3] and eager_on_cpu(x)):
         return _ColumnSlicedGradDepthwiseConv.apply(x, weight)
-    return F.conv2d(x, weight, None, 1, (weight.shape[2] // 2, weight.shape[3] // 2), 1, weight.shape[0])
+    return F.conv2d(x, weight, bias, 1, (weight.shape[2] // 2, weight.shape[3] // 2), 1, weight.shape[0])
 
 
 class ExpandingDepthwiseConv2d(nn.Conv2d):

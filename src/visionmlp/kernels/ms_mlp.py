@@ -8,8 +8,8 @@
 * in training the depth-wise biases are added after the two branches' sum (oneDNN's bias gradient of kernels over
   3x3 takes a slow path), and the layer scale multiplies fc2's weight instead of its output where that leaves
   autograd a smaller tensor to keep;
-* in CPU training the channel MLP runs over slices of the tokens whose hidden activations stay under glibc's
-  fresh-mapping size (``tuning.py``);
+* on CPU the channel MLP runs over slices of the tokens: cache-sized at inference (also in compiled graphs), under
+  glibc's fresh-mapping size in training (``tuning.py``);
 * in CPU training the block's residual branch runs only for the samples its drop path keeps.
 """
 
@@ -18,12 +18,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from timm.layers import register_notrace_function
+from timm.layers import DropPath, register_notrace_function
 
 from .conv import depthwise_conv2d
 from .linear import linear
 from .residual import drop_path_residual
-from .tuning import MS_MLP_TRAIN_HIDDEN_BYTES
+from .tuning import MS_MLP_INFER_FP32_TOKENS_PER_SLICE, MS_MLP_TRAIN_HIDDEN_BYTES
 
 if TYPE_CHECKING:
     from ..models.ms_mlp import MixShiftBlock
@@ -95,8 +95,7 @@ def _branch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, si
     rolled = roll_groups(x, sizes, shifts, dim)
     if kernel_size == 1 and bias is not None:  # a per-channel affine; conv2d would take a slow path
         return torch.addcmul(bias[:, None, None], rolled, weight.view(-1, 1, 1))
-    out = depthwise_conv2d(rolled, weight)
-    return out if bias is None else out + bias[:, None, None]
+    return depthwise_conv2d(rolled, weight, bias)
 
 
 def mix(block: MixShiftBlock, x: torch.Tensor) -> torch.Tensor:
@@ -132,29 +131,42 @@ def _channel_mlp(block: MixShiftBlock, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _tokens_per_slice(block: MixShiftBlock, x: torch.Tensor) -> int:
-    """Tokens per channel-MLP call: in CPU training equal slices whose hidden activations stay under
-    ``MS_MLP_TRAIN_HIDDEN_BYTES``; elsewhere all tokens at once."""
+    """Tokens per channel-MLP call on CPU: without gradients as many bytes as ``MS_MLP_INFER_FP32_TOKENS_PER_SLICE``
+    fp32 tokens (the hidden activations stay in cache); in training equal slices whose hidden activations stay under
+    ``MS_MLP_TRAIN_HIDDEN_BYTES``. Off the CPU all tokens at once."""
     num_tokens = x.shape[:-1].numel()
-    if x.device.type != "cpu" or not torch.is_grad_enabled():
+    if x.device.type != "cpu":
         return num_tokens
+    if not torch.is_grad_enabled():
+        return min(num_tokens, MS_MLP_INFER_FP32_TOKENS_PER_SLICE * 4 // x.element_size())
     hidden_bytes = num_tokens * block.mlp.fc1.out_features * x.element_size()
     return -(-num_tokens // max(1, -(-hidden_bytes // MS_MLP_TRAIN_HIDDEN_BYTES)))
 
 
-def _channel_mlp_in_slices(block: MixShiftBlock, x: torch.Tensor) -> torch.Tensor:
-    """The channel MLP of channels-last (B, H, W, C) ``x``, over slices of its tokens."""
+def _channel_mlp_in_slices(
+        block: MixShiftBlock, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+    """The channel MLP of channels-last (B, H, W, C) ``x`` over slices of its tokens, each slice added to its part
+    of ``shortcut`` if one is given."""
     size = _tokens_per_slice(block, x)
     tokens = x.reshape(-1, x.shape[-1])
-    if size >= tokens.shape[0]:
-        return _channel_mlp(block, x)
-    return torch.cat([_channel_mlp(block, part) for part in tokens.split(size)]).view(x.shape)
+    if size >= tokens.shape[0]:  # one call (also for an empty batch, every sample dropped)
+        return _channel_mlp(block, x) if shortcut is None else shortcut + _channel_mlp(block, x)
+    parts = [_channel_mlp(block, part) for part in tokens.split(size)]
+    if shortcut is not None:
+        parts = [add + part for part, add in zip(parts, shortcut.reshape(tokens.shape).split(size))]
+    return torch.cat(parts).view(x.shape)
 
 
 @register_notrace_function  # an FX leaf: the model file wraps it
 def mix_shift_block(block: MixShiftBlock, x: torch.Tensor) -> torch.Tensor:
     """``MixShiftBlock.forward`` of an NCHW ``x`` (channels-last in memory, as the stem writes it)."""
-    def residual_branch(tokens: torch.Tensor) -> torch.Tensor:
-        return _channel_mlp_in_slices(block, mix(block, tokens.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+    tokens = x.permute(0, 2, 3, 1)
+    if isinstance(block.drop_path, DropPath) and block.drop_path.training:
+        def residual_branch(t: torch.Tensor) -> torch.Tensor:
+            return _channel_mlp_in_slices(block, mix(block, t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
-    return drop_path_residual(x.permute(0, 2, 3, 1), residual_branch, block.drop_path).permute(0, 3, 1, 2)
+        return drop_path_residual(tokens, residual_branch, block.drop_path).permute(0, 3, 1, 2)
+    # no sample dropped: the shortcut is added slice by slice, as each slice of the MLP's output is written
+    mixed = mix(block, x).permute(0, 2, 3, 1)
+    return _channel_mlp_in_slices(block, mixed, tokens).permute(0, 3, 1, 2)
 

@@ -14,7 +14,6 @@ from timm.layers import register_notrace_function
 from torch import nn
 
 from .residual import drop_path_residual
-from .torch_ops import eager_on_cpu
 
 if TYPE_CHECKING:
     from ..models.raft_mlp import RaftBlock
@@ -23,9 +22,11 @@ __all__ = ["raft_block"]
 
 
 def _raft_major(x: torch.Tensor) -> bool:
-    """Whether the token mixing runs raft-major: bf16 on CPU, where oneDNN computes the batched products and the
-    permutes move runs of g channels instead of single values. In fp32 the token-last form's linears are faster."""
-    return x.dtype == torch.bfloat16 and eager_on_cpu(x)
+    """Whether the token mixing runs raft-major: bf16 on CPU, eager or compiled, where oneDNN computes the batched
+    products and the permutes move runs of g channels instead of single values. In fp32 the token-last form's linears
+    are faster. Traces (FX, TorchScript's tracer) keep the token-last form."""
+    return (not isinstance(x, torch.fx.Proxy) and not torch.jit.is_tracing() and x.device.type == "cpu"
+            and x.dtype == torch.bfloat16)
 
 
 def _token_last_branch(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, along: int) -> torch.Tensor:

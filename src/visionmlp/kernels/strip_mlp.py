@@ -16,6 +16,7 @@ from timm.layers import register_notrace_function
 from .conv import depthwise_conv2d
 from .linear import linear, linear_gelu, per_sample_linear
 from .norm import spatial_l2_norm
+from .vip import branch_softmax
 
 if TYPE_CHECKING:
     from ..models.strip_mlp import ChannelMixing, LocalStripMixing, StripMixing, TokenMixing
@@ -58,12 +59,14 @@ def strip_mixing(module: StripMixing, x: torch.Tensor) -> torch.Tensor:
 
 @register_notrace_function  # an FX leaf: the model file wraps it
 def local_strip_mixing(module: LocalStripMixing, x: torch.Tensor) -> torch.Tensor:
-    """``LocalStripMixing.forward`` with the strip convs' weight gradients in column slices and the pooled sum of the
-    branches taken as the sum of their pooled means."""
+    """``LocalStripMixing.forward`` with the strip convs' weight gradients in column slices, the pooled sum of the
+    branches taken as the sum of their pooled means, and branch-major blend weights (:func:`.vip.branch_softmax`)."""
     x_row = depthwise_conv2d(x, module.conv_row.weight)
     x_col = depthwise_conv2d(x, module.conv_col.weight)
     pooled = x_col.mean((2, 3), keepdim=True) + x_row.mean((2, 3), keepdim=True) + x.mean((2, 3), keepdim=True)
-    weights = module.branch_weights(pooled)[..., None, None]
+    reweight = module.reweight
+    hidden = reweight.norm(reweight.drop1(reweight.act(reweight.fc1(pooled)))).flatten(1)
+    weights = branch_softmax(hidden, reweight.fc2.weight, reweight.fc2.bias, x.shape[1], 3)[..., None, None]
     return (x_col * weights[0]).addcmul_(x_row, weights[1]).addcmul_(x, weights[2])
 
 

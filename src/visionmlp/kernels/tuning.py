@@ -13,6 +13,11 @@ ONEDNN_LINEAR_MIN_MACS = 2**20
 # 7x7 kernel ran 4x faster at 7x7 to 28x28, 2x at 56x56.
 FAST_WEIGHT_GRAD_WIDTH = 3
 
+# Tokens per slice of MS-MLP's channel MLP at CPU inference in fp32 (twice as many in bf16): the hidden activations
+# stay in cache. Zen 5: bf16 4-5 % faster than 1024 bf16 tokens. Zen 4 (MS-MLP-T, batch 8, paired against one call):
+# MEASURED_BELOW.
+MS_MLP_INFER_FP32_TOKENS_PER_SLICE = 1024
+
 # Largest hidden activation of one MS-MLP channel-MLP call in CPU training. glibc maps every block above its mmap
 # threshold (at most 32 MiB) afresh, with a page fault per 4 KiB at every step; MS-MLP-T's first-stage MLP at batch 8
 # has a 38.5 MB hidden activation (Zen 5: training step 4 % faster; Zen 4: 7 %).

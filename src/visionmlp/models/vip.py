@@ -12,8 +12,9 @@ input size. Tokens are NHWC throughout, as in the official code; official ``netw
 ``stages`` on load.
 
 With fast kernels (``visionmlp.set_fast_kernels``) the linear layers run on oneDNN's matmul on CPU, the stem
-writes its tokens channels-last, and in training a residual branch runs only for the samples its drop path
-keeps; the maths is the same.
+writes its tokens channels-last, the Permute-MLP blends its branches with contiguous weights
+(``visionmlp.kernels.vip``), and in training a residual branch runs only for the samples its drop path keeps; the
+maths is the same.
 """
 
 
@@ -32,20 +33,26 @@ from torch import nn
 
 from .. import kernels
 from ..checkpoint import StateDict, load_pretrained_file
+from ..kernels.vip import permute_mlp as permute_mlp_kernel
 from .layers import check_input_size
 
 __all__ = ["PermuteMlp", "PermutatorBlock", "PermutatorStage", "VisionPermutator"]
 
 torch.fx.wrap("check_input_size")
+torch.fx.wrap("permute_mlp_kernel")
 
 
 class PermuteMlp(nn.Module):
     """Weighted Permute-MLP: height, width and channel mixing fused by per-channel softmax weights."""
 
-    def __init__(self, dim: int, grid_size: tuple[int, int], num_segments: int, qkv_bias: bool = False) -> None:
+    def __init__(
+            self, dim: int, grid_size: tuple[int, int], num_segments: int, qkv_bias: bool = False,
+            fast_kernels: bool = False,
+    ) -> None:
         super().__init__()
         if dim % num_segments:
             raise ValueError(f"dim ({dim}) must be divisible by the number of segments ({num_segments})")
+        self.fast_kernels = fast_kernels
         self.num_segments = num_segments
         segment_chs = dim // num_segments
         self.mlp_c = nn.Linear(dim, dim, bias=qkv_bias)
@@ -56,6 +63,8 @@ class PermuteMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix an NHWC token map (B, H, W, C) built for this grid size."""
+        if self.fast_kernels and not torch.jit.is_scripting():
+            return permute_mlp_kernel(self, x)
         B, H, W, C = x.shape
         G = self.num_segments
         S = C // G
@@ -89,7 +98,7 @@ class PermutatorBlock(nn.Module):
         super().__init__()
         self.fast_kernels = fast_kernels
         self.norm1 = norm_layer(dim)
-        self.attn = PermuteMlp(dim, grid_size, num_segments, qkv_bias=qkv_bias)  # `attn`: the official key
+        self.attn = PermuteMlp(dim, grid_size, num_segments, qkv_bias, fast_kernels)  # `attn`: the official key
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
