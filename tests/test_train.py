@@ -150,17 +150,22 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert [r["train_loss"] for r in got] == pytest.approx([r["train_loss"] for r in expected], rel=1e-6)
 
 
-def test_two_process_torchrun_with_gloo(tmp_path):
+def torchrun_train(*args: str) -> subprocess.CompletedProcess:
+    """``visionmlp train ARGS`` in two CPU processes under torchrun (gloo), on a free local port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    output = tmp_path / "ddp"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(port), "-m", "visionmlp", "train", "--device", "cpu", "--epochs", "1",
-         "--output", str(output), *TINY],
+         "--master_port", str(port), "-m", "visionmlp", "train", "--device", "cpu", *args],
         env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_process_torchrun_with_gloo(tmp_path):
+    output = tmp_path / "ddp"
+    result = torchrun_train("--epochs", "1", "--output", str(output), *TINY)
     records = read_metrics(output)
     assert len(records) == 1 and records[0]["world_size"] == 2
     assert result.stdout.count("epoch 1/1: train loss") == 1  # only rank 0 logs

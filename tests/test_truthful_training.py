@@ -7,16 +7,13 @@ version counters), with fast kernels on: no derived form of a weight may outlive
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import visionmlp
-from test_train import read_metrics, subprocess_env
+from test_train import read_metrics, torchrun_train
 from visionmlp.cli import main
 from visionmlp.engine.distributed import DistContext
 from visionmlp.engine.evaluate import evaluate
@@ -77,16 +74,8 @@ def test_resumed_run_logs_what_eval_measures(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_process_run_logs_what_eval_measures(tmp_path, capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     output = tmp_path / "ddp"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(port), "-m", "visionmlp", "train", "--device", "cpu", "--model", "raft_mlp_s",
-         "--img-size", "32", "--epochs", "2", "--output", str(output), *FEW_IMAGES],
-        env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_train("--model", "raft_mlp_s", "--img-size", "32", "--epochs", "2", "--output", str(output), *FEW_IMAGES)
     record = read_metrics(output)[-1]
     assert record["world_size"] == 2
     assert_logged_equals_eval(record, eval_json(output / "last.pt", capsys))
