@@ -57,10 +57,11 @@ def synthetic_state_dict(layout: dict[str, list]) -> dict[str, torch.Tensor]:
     return {k: synthetic_tensor(k, shape, dtype) for k, (shape, dtype) in layout.items()}
 
 
-def reference_input(img_size: int, batch: int = 2) -> torch.Tensor:
-    """The float64 input batch every reference was computed on."""
+def reference_input(img_size: int | list[int], batch: int = 2) -> torch.Tensor:
+    """The float64 input batch every reference was computed on (``img_size``: a side, or height and width)."""
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
     g = torch.Generator().manual_seed(1234)
-    return torch.randn(batch, 3, img_size, img_size, generator=g, dtype=torch.float64)
+    return torch.randn(batch, 3, height, width, generator=g, dtype=torch.float64)
 
 
 def save_reference(case: str, layout: dict[str, list], logits: torch.Tensor, **meta) -> Path:

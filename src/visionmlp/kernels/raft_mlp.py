@@ -1,8 +1,8 @@
-"""RaftMLP's fast block: token mixing on raft-shaped views without copies, raft-major in bf16 on CPU.
+"""RaftMLP's fast token mixing: on raft-shaped views without copies, raft-major in bf16 on CPU.
 
-:func:`raft_block` computes what ``RaftBlock.forward`` computes (``visionmlp.models.raft_mlp``): the token-mixing
-branches return permuted views of the raft-shaped map (B, H, W, r, g), which the residual sums take as they are, and
-in CPU training each branch runs only for the samples its drop path keeps.
+:func:`token_mixing` computes what ``RaftBlock.token_mixing`` computes (``visionmlp.models.raft_mlp``): the branches
+return permuted views of the raft-shaped map (B, H, W, r, g), which the residual sums take as they are, and in CPU
+training each branch runs only for the samples its drop path keeps.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .residual import drop_path_residual
 if TYPE_CHECKING:
     from ..models.raft_mlp import RaftBlock
 
-__all__ = ["raft_block"]
+__all__ = ["token_mixing"]
 
 
 def _raft_major(x: torch.Tensor) -> bool:
@@ -54,8 +54,8 @@ def _raft_major_branch(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, along: 
 
 
 @register_notrace_function  # an FX leaf: the model file wraps it
-def raft_block(block: RaftBlock, x: torch.Tensor) -> torch.Tensor:
-    """``RaftBlock.forward`` of NHWC ``x``, computed on raft-shaped views."""
+def token_mixing(block: RaftBlock, x: torch.Tensor) -> torch.Tensor:
+    """``RaftBlock.token_mixing`` of NHWC ``x`` (on the block's grid), computed on raft-shaped views."""
     B, H, W, C = x.shape
     branch = _raft_major_branch if _raft_major(x) else _token_last_branch
     rafts = x.reshape(B, H, W, block.raft_size, block.groups)
@@ -63,4 +63,4 @@ def raft_block(block: RaftBlock, x: torch.Tensor) -> torch.Tensor:
         rafts, lambda t: branch(t, block.norm_vertical, block.mlp_vertical, 1), block.drop_path)
     rafts = drop_path_residual(
         rafts, lambda t: branch(t, block.norm_horizontal, block.mlp_horizontal, 2), block.drop_path)
-    return drop_path_residual(rafts.reshape(B, H, W, C), block.channel_mixing, block.drop_path)
+    return rafts.reshape(B, H, W, C)

@@ -11,8 +11,10 @@ embedding: patches of several sizes around the same centre, concatenated and pro
 
 Differences from the official implementation (same maths, same weights after conversion):
   * the model is built for one input size (``img_size``) and keeps no per-call state; the official
-    levels record the last input's size on their modules during ``forward`` and resample other
-    sizes with bicubic interpolation. Here another size means building the model for it.
+    levels record the last input's size on their modules during ``forward`` and resize other sizes
+    to the trained grid around the token mixing (bicubic). ``dynamic_img_size=True`` does the same here,
+    without state: the way to fine-tune or run at another size, since the token MLPs' hidden layers
+    (twice their input width, in no spatial order) cannot be resampled (:func:`check_token_grid`).
   * the cross-scale embedding runs as a single strided convolution whose kernel is the sum of the
     zero-padded per-scale kernels, instead of one unfold per scale followed by a linear layer.
   * activations stay channels-last (NHWC) between blocks; each token-mixing MLP permutes its rafts in and out.
@@ -35,14 +37,22 @@ from timm.models._manipulate import checkpoint_seq
 
 from .. import kernels
 from ..checkpoint import StateDict, load_pretrained_file
-from ..kernels.raft_mlp import raft_block as raft_block_kernel
+from ..kernels.raft_mlp import token_mixing as raft_token_mixing_kernel
 from .layers import check_input_size
 
 __all__ = ['RaftMLP', 'checkpoint_filter_fn']
 
 
 torch.fx.wrap('check_input_size')
-torch.fx.wrap('raft_block_kernel')
+torch.fx.wrap('raft_token_mixing_kernel')
+
+
+def resize_tokens(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """An NHWC token map resized to ``size`` tokens (bicubic, the official code's choice); ``x`` if it has them."""
+    if (x.shape[1], x.shape[2]) == tuple(size):
+        return x
+    x = F.interpolate(x.permute(0, 3, 1, 2), size, mode='bicubic', align_corners=False)
+    return x.permute(0, 2, 3, 1)
 
 
 class CrossScaleEmbed(nn.Module):
@@ -112,6 +122,7 @@ class RaftBlock(nn.Module):
             channel_mlp_ratio: float = 4.,
             proj_drop: float = 0.,
             drop_path: float = 0.,
+            dynamic_img_size: bool = False,
             fast_kernels: bool = False,
             device=None,
             dtype=None,
@@ -121,6 +132,7 @@ class RaftBlock(nn.Module):
         if dim % raft_size:
             raise ValueError(f'dim {dim} must be divisible by raft_size {raft_size}')
         self.fast_kernels = fast_kernels
+        self.dynamic_img_size = dynamic_img_size
         self.grid_size = tuple(grid_size)
         self.raft_size = raft_size
         self.groups = dim // raft_size
@@ -151,12 +163,23 @@ class RaftBlock(nn.Module):
         """The channel-MLP branch of NHWC ``x``."""
         return self.mlp_channels(self.norm_channels(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """NHWC in, NHWC out."""
+    def token_mixing(self, x: torch.Tensor) -> torch.Tensor:
+        """The vertical and then the horizontal residual branch, NHWC in and out, on this block's grid."""
         if self.fast_kernels and not torch.jit.is_scripting():
-            return raft_block_kernel(self, x)
+            return raft_token_mixing_kernel(self, x)
         x = x + self.drop_path(self.vertical_mixing(x))
-        x = x + self.drop_path(self.horizontal_mixing(x))
+        return x + self.drop_path(self.horizontal_mixing(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """NHWC in, NHWC out. With ``dynamic_img_size`` a map of another size is resized (bicubic) to the block's
+        grid for the token mixing and back, as the official code runs inputs of other sizes."""
+        if self.dynamic_img_size:
+            size = (x.shape[1], x.shape[2])
+            x = resize_tokens(self.token_mixing(resize_tokens(x, self.grid_size)), size)
+        else:
+            x = self.token_mixing(x)
+        if self.fast_kernels and not torch.jit.is_scripting():
+            return kernels.drop_path_residual(x, self.channel_mixing, self.drop_path)
         return x + self.drop_path(self.channel_mixing(x))
 
 
@@ -175,6 +198,7 @@ class RaftStage(nn.Module):
             channel_mlp_ratio: float = 4.,
             proj_drop: float = 0.,
             drop_path: float = 0.,
+            dynamic_img_size: bool = False,
             fast_kernels: bool = False,
             device=None,
             dtype=None,
@@ -182,17 +206,25 @@ class RaftStage(nn.Module):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         self.grad_checkpointing = False
+        self.dynamic_img_size = dynamic_img_size
         self.embed = CrossScaleEmbed(in_chans, dim, embed_kernels, **dd)
         self.blocks = nn.Sequential(*[
             RaftBlock(
                 dim, grid_size, raft_size=raft_size, token_mlp_ratio=token_mlp_ratio,
                 channel_mlp_ratio=channel_mlp_ratio, proj_drop=proj_drop, drop_path=drop_path,
-                fast_kernels=fast_kernels, **dd)
+                dynamic_img_size=dynamic_img_size, fast_kernels=fast_kernels, **dd)
             for _ in range(depth)
         ])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embed an NCHW map and mix; returns NHWC."""
+        """Embed an NCHW map and mix; returns NHWC. With ``dynamic_img_size`` a map whose sides are not multiples
+        of the stride is first resized (bicubic) up to the next multiples, as the official code does."""
+        if self.dynamic_img_size:
+            stride = self.embed.stride
+            height, width = x.shape[-2:]
+            if height % stride or width % stride:
+                x = F.interpolate(x, (-(-height // stride) * stride, -(-width // stride) * stride), mode='bicubic',
+                                  align_corners=False)
         x = self.embed(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
@@ -221,6 +253,7 @@ class RaftMLP(nn.Module):
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            dynamic_img_size: bool = False,
             fast_kernels: Optional[bool] = None,
             device=None,
             dtype=None,
@@ -242,10 +275,14 @@ class RaftMLP(nn.Module):
             proj_drop_rate: Dropout inside the MLPs.
             drop_path_rate: Stochastic depth rate, the same for every residual branch as in the official code
                 (whose ImageNet settings train with 0.1).
+            dynamic_img_size: Take inputs of any size, as the official code does: each block resizes its token map
+                (bicubic) to the grid ``img_size`` gives for the token mixing and back; ``img_size`` is then the
+                size the weights were trained at.
             fast_kernels: Take the fast kernels (default: ``visionmlp.use_fast_kernels()``).
         """
         super().__init__()
         self.fast_kernels = kernels.resolve_fast_kernels(fast_kernels)
+        self.dynamic_img_size = dynamic_img_size
         dd = {'device': device, 'dtype': dtype}
         if global_pool not in ('', 'avg'):
             raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
@@ -269,7 +306,8 @@ class RaftMLP(nn.Module):
             stages.append(RaftStage(
                 prev_chans, dim, (self.img_size[0] // reduction, self.img_size[1] // reduction), depth, stage_kernels,
                 raft_size=raft_size, token_mlp_ratio=token_mlp_ratio, channel_mlp_ratio=channel_mlp_ratio,
-                proj_drop=proj_drop_rate, drop_path=drop_path_rate, fast_kernels=self.fast_kernels, **dd))
+                proj_drop=proj_drop_rate, drop_path=drop_path_rate, dynamic_img_size=dynamic_img_size,
+                fast_kernels=self.fast_kernels, **dd))
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'stages.{i}'))
             prev_chans = dim
         self.stages = nn.Sequential(*stages)
@@ -339,7 +377,8 @@ class RaftMLP(nn.Module):
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        x = check_input_size(x, self.img_size, self.size_multiple)
+        if not self.dynamic_img_size:
+            x = check_input_size(x, self.img_size, self.size_multiple)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
@@ -380,7 +419,8 @@ class RaftMLP(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised final feature map, NCHW."""
-        x = check_input_size(x, self.img_size, self.size_multiple)
+        if not self.dynamic_img_size:
+            x = check_input_size(x, self.img_size, self.size_multiple)
         for stage in self.stages:
             x = stage(x).permute(0, 3, 1, 2)
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -407,9 +447,38 @@ def _raft_channels_first(norm_weight: torch.Tensor, raft_size: int) -> torch.Ten
 
 
 def checkpoint_filter_fn(state_dict: StateDict, model: RaftMLP) -> StateDict:
-    """Convert an official RaftMLP state dict (``levels.*``) to this model's keys; ours pass unchanged."""
-    if not any(k.startswith('levels.') for k in state_dict):
-        return state_dict
+    """Convert an official RaftMLP state dict (``levels.*``) to this model's keys (ours pass unchanged); a checkpoint
+    trained on another token grid is refused with the fix (:func:`check_token_grid`)."""
+    if any(k.startswith('levels.') for k in state_dict):
+        state_dict = _convert_official(state_dict, model)
+    check_token_grid(state_dict, model)
+    return state_dict
+
+
+def check_token_grid(state_dict: StateDict, model: RaftMLP) -> None:
+    """A ValueError naming the fix if the checkpoint's token-mixing MLPs were sized for another grid than the model's.
+
+    RaftMLP changes resolution as its authors do, not by resampling weights: a token MLP's hidden layer is twice as
+    wide as its input column of rafts and has no spatial order, so there is nothing to interpolate it along. Build
+    the model at the checkpoint's ``img_size`` with ``dynamic_img_size=True``: each block then resizes its token map
+    to the trained grid for the token mixing and back (bicubic), and the model takes any input size.
+    """
+    for i, stage in enumerate(model.stages):
+        key = f'stages.{i}.blocks.0.mlp_vertical.fc1.weight'
+        if key not in state_dict or not len(stage.blocks):
+            continue
+        expected = stage.blocks[0].mlp_vertical.fc1.weight.shape
+        if state_dict[key].shape != expected:
+            raise ValueError(
+                f'the checkpoint\'s token-mixing MLPs were trained on another token grid than img_size '
+                f'{model.img_size[0]}x{model.img_size[1]} gives ({key}: {tuple(state_dict[key].shape)} against '
+                f'{tuple(expected)}); RaftMLP does not resample them (their hidden layers have no spatial order). '
+                'Build the model at the checkpoint\'s img_size with dynamic_img_size=True, which runs any input '
+                'size the way the official code does')
+
+
+def _convert_official(state_dict: StateDict, model: RaftMLP) -> StateDict:
+    """An official RaftMLP state dict (``levels.*``) with this model's keys."""
     out = {}
     for i, stage in enumerate(model.stages):
         src = f'levels.{i}.fn.'

@@ -13,7 +13,9 @@ the FC's BN into the FC exactly, which is the inference (``deploy``) form.
 (the embeddings' and FFN's, and ``prebn2`` into the FFN's first conv).
 
 Because the FC size is the partition area, the model is built for one image size: each stage's
-partition covers the whole stage map at ``img_size``, as in the official configurations.
+partition covers the whole stage map at ``img_size``, as in the official configurations. A checkpoint
+trained at another (square) size loads with its partition FCs resampled over the output and input
+tokens' 2-D positions (:func:`resample_partition_fcs`); the conv branches fold in as before.
 
 Differences from the official code: the partition FC runs as one batched matmul instead of a
 grouped 1x1 convolution, and the conv branches run as one depth-wise convolution over all channels
@@ -49,6 +51,7 @@ from torch import nn
 from .. import kernels
 from ..checkpoint import StateDict, load_pretrained_file
 from .fold import bn_scale_shift, fold_bn_before
+from .resample import log_resampled, resample_mixing, resample_positions
 
 __all__ = ["RepMLPBlock", "RepMLPNet"]
 
@@ -328,7 +331,7 @@ class RepMLPNet(nn.Module):
         super().__init__()
         self.fast_kernels = kernels.resolve_fast_kernels(fast_kernels)
         num_stages = len(depths)
-        img_size = to_2tuple(img_size)
+        img_size = self.img_size = to_2tuple(img_size)
         stride = patch_size * 2 ** (num_stages - 1)
         if min(img_size) <= 0 or img_size[0] % stride or img_size[1] % stride:
             raise ValueError(
@@ -505,6 +508,7 @@ def checkpoint_filter_fn(state_dict: StateDict, model: RepMLPNet) -> StateDict:
     checkpoint cannot be unfolded into a training-form model.
     """
     out = {re.sub(r"(^|\.)repconv(\d+)\.", r"\1repconvs.\2.", k): v for k, v in state_dict.items()}
+    out = resample_partition_fcs(out, model)
     for name, block in model.named_modules():
         if not isinstance(block, RepMLPBlock):
             continue
@@ -518,6 +522,41 @@ def checkpoint_filter_fn(state_dict: StateDict, model: RepMLPNet) -> StateDict:
                 "build the model with deploy=True to load it"
             )
     return out
+
+
+def resample_partition_fcs(state_dict: StateDict, model: RepMLPNet) -> StateDict:
+    """The partition FCs of a checkpoint trained at another resolution, resampled to the model's partitions.
+
+    Each stage's partition is its whole feature map, and ``fc3`` maps a partition's (h x w) tokens to the same
+    tokens, one matrix per share-set: a function of the output and input tokens' 2-D positions, resampled over both
+    (:mod:`visionmlp.models.resample`), the bias per token likewise. The local conv branches, BatchNorms and the rest
+    do not depend on the grid. A checkpoint's partitions must be square (its area says nothing of its aspect).
+    """
+    resampled = False
+    for name, block in model.named_modules():
+        key = f"{name}.fc3.weight"
+        if not isinstance(block, RepMLPBlock) or key not in state_dict:
+            continue
+        area = state_dict[key].shape[1]
+        new = block.partition_size
+        if area == new[0] * new[1]:
+            continue
+        side = math.isqrt(area)
+        if side * side != area:
+            raise ValueError(f"{key}: a partition of {area} tokens is not square, so its grid is unknown; build the "
+                             "model at the checkpoint's own img_size")
+        sets = block.num_sharesets
+        weight = state_dict[key].reshape(sets, side, side, side, side)
+        weight = resample_mixing(weight, (1, 2), (3, 4), (side, side), new)
+        state_dict[key] = weight.reshape(sets * new[0] * new[1], new[0] * new[1], 1, 1)
+        bias_key = f"{name}.fc3.bias"
+        if bias_key in state_dict:
+            bias = state_dict[bias_key].reshape(sets, side, side)
+            state_dict[bias_key] = resample_positions(bias, (1, 2), (side, side), new).reshape(-1)
+        resampled = True
+    if resampled:
+        log_resampled("the partition FCs", model.img_size)
+    return state_dict
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

@@ -11,7 +11,8 @@ the cascaded strip MLP layers and half through local strip convs with a learned 
 shortcuts forward to the later stages.
 
 The strip MLP layers mix whole rows and columns of the token grid with dense weights, so a model is built for one
-``img_size``. The official model re-uses one hard-coded drop-path rate of 0.1 for every block whatever it is asked
+(square) ``img_size``; a checkpoint trained at another size loads with its strip MLPs and relative position tables
+resampled as functions of the tokens' relative positions (:func:`resample_strip_mixing`). The official model re-uses one hard-coded drop-path rate of 0.1 for every block whatever it is asked
 for; here ``drop_path_rate`` (default 0.1, applied to every block alike) sets it.
 
 With fast kernels (``visionmlp.set_fast_kernels``) the network runs channels-last from its stem on, where oneDNN
@@ -38,6 +39,7 @@ from ..kernels.strip_mlp import strip_mixing as strip_mixing_kernel
 from ..kernels.strip_mlp import token_mixing as token_mixing_kernel
 from .fold import fold_bn_after
 from .layers import check_input_size
+from .resample import log_resampled, resample_mixing, resample_positions, resample_relative_table
 
 __all__ = ["StripMLPNet"]
 
@@ -502,16 +504,50 @@ def _rename_official_key(key: str) -> str:
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Map an official Strip-MLP state dict onto ours (ours pass through unchanged)."""
-    if "patch_embed.weight" not in state_dict:
-        return state_dict
-    out = {}
-    for key, value in state_dict.items():
-        key = _rename_official_key(key)
-        if key.endswith(("grn.weight", "grn.bias")):
-            value = value.reshape(-1)  # official GRN affine is stored as (1, 1, 1, C)
-        out[key] = value
-    return out
+    """Map an official Strip-MLP state dict onto ours (ours pass through), and resample the strip MLPs of a
+    checkpoint trained on another token grid (:func:`resample_strip_mixing`)."""
+    if "patch_embed.weight" in state_dict:
+        renamed = {}
+        for key, value in state_dict.items():
+            key = _rename_official_key(key)
+            if key.endswith(("grn.weight", "grn.bias")):
+                value = value.reshape(-1)  # official GRN affine is stored as (1, 1, 1, C)
+            renamed[key] = value
+        state_dict = renamed
+    return resample_strip_mixing(dict(state_dict), model)
+
+
+def resample_strip_mixing(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The strip MLPs and relative position tables of a checkpoint trained on another (square) grid, resampled.
+
+    ``proj_h`` holds, per channel group and tap, an (L x L) matrix mixing the L tokens of a row; ``proj_w`` of a
+    column. Each is resampled as a function of the tokens' relative positions (:mod:`visionmlp.models.resample`),
+    the bias per token likewise, and the position tables (one row per offset -L .. L) with the offsets stretched.
+    Nothing else in Strip-MLP depends on the grid.
+    """
+    resampled = False
+    for name, module in model.named_modules():
+        if not isinstance(module, StripMixing):
+            continue
+        groups, new = module.groups, module.grid_size
+        for proj in ("proj_h", "proj_w"):
+            key = f"{name}.{proj}.weight"
+            if key not in state_dict or state_dict[key].shape == getattr(module, proj).weight.shape:
+                continue
+            old = state_dict[key].shape[1]
+            weight = state_dict[key].reshape(groups, old, old, 3)  # (group, output token, input token, tap)
+            weight = resample_mixing(weight, (1,), (2,), (old,), (new,))
+            state_dict[key] = weight.reshape(groups * new, new, 1, 3)
+            bias = state_dict[f"{name}.{proj}.bias"].reshape(groups, old)
+            state_dict[f"{name}.{proj}.bias"] = resample_positions(bias, (1,), (old,), (new,)).reshape(-1)
+            resampled = True
+        for table in ("pos_h", "pos_w"):
+            key = f"{name}.{table}"
+            if key in state_dict and state_dict[key].shape[0] != 2 * new + 1:
+                state_dict[key] = resample_relative_table(state_dict[key], new)
+    if resampled:
+        log_resampled("the strip MLPs and their position tables", model.img_size)
+    return state_dict
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

@@ -9,7 +9,9 @@ Official code: https://github.com/houqb/VisionPermutator
 The Permute-MLP mixes each channel segment along the height and along the width with fully connected
 layers whose width is (tokens along that axis) x (channels per segment), so a model is built for one
 input size. Tokens are NHWC throughout, as in the official code; official ``network.N`` keys are mapped onto
-``stages`` on load.
+``stages`` on load. A checkpoint trained at another size loads into a model built with ``img_size=`` (non-square
+too): the height and width mixing layers are resampled as functions of the tokens' relative positions, the only
+grid-sized weights, as timm resamples a ViT's position embeddings (:func:`resample_permute_mlps`).
 
 With fast kernels (``visionmlp.set_fast_kernels``) the linear layers run on oneDNN's matmul on CPU, the stem
 writes its tokens channels-last, the Permute-MLP blends its branches with contiguous weights
@@ -35,6 +37,7 @@ from .. import kernels
 from ..checkpoint import StateDict, load_pretrained_file
 from ..kernels.vip import permute_mlp as permute_mlp_kernel
 from .layers import check_input_size
+from .resample import log_resampled, resample_mixing, resample_positions
 
 __all__ = ["PermuteMlp", "PermutatorBlock", "PermutatorStage", "VisionPermutator"]
 
@@ -369,22 +372,55 @@ class VisionPermutator(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: StateDict, model: VisionPermutator) -> StateDict:
-    """Map official keys (one ``network`` list of stages and transitions) onto ``stages``; ours pass through."""
-    if not any(k.startswith("network.") for k in state_dict):
-        return dict(state_dict)
-    # The official list holds each stage's blocks, preceded by a Downsample wherever a transition exists.
-    targets = []
-    for i, stage in enumerate(model.stages):
-        if not isinstance(stage.downsample, nn.Identity):
-            targets.append(f"stages.{i}.downsample.")
-        targets.append(f"stages.{i}.blocks.")
-    out = {}
-    for key, value in state_dict.items():
-        match = re.match(r"network\.(\d+)\.(?:proj\.)?(.*)", key)
-        if match:
-            key = targets[int(match.group(1))] + match.group(2)
-        out[key] = value
-    return out
+    """Map official keys (one ``network`` list of stages and transitions) onto ``stages`` (ours pass through), and
+    resample the Permute-MLPs of a checkpoint trained on another token grid (:func:`resample_permute_mlps`)."""
+    if any(k.startswith("network.") for k in state_dict):
+        # the official list holds each stage's blocks, preceded by a Downsample wherever a transition exists
+        targets = []
+        for i, stage in enumerate(model.stages):
+            if not isinstance(stage.downsample, nn.Identity):
+                targets.append(f"stages.{i}.downsample.")
+            targets.append(f"stages.{i}.blocks.")
+        renamed = {}
+        for key, value in state_dict.items():
+            match = re.match(r"network\.(\d+)\.(?:proj\.)?(.*)", key)
+            if match:
+                key = targets[int(match.group(1))] + match.group(2)
+            renamed[key] = value
+        state_dict = renamed
+    return resample_permute_mlps(dict(state_dict), model)
+
+
+def resample_permute_mlps(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """The height and width mixing layers of a checkpoint trained on another token grid, resampled to the model's.
+
+    ``mlp_h`` maps the H tokens of a segment's column (S channels each) to the same tokens: its weight is an (H x H)
+    token-mixing matrix per pair of segment channels, resampled as a function of the tokens' relative positions
+    (:mod:`visionmlp.models.resample`), its bias per token likewise; ``mlp_w`` along the width. Nothing else in ViP
+    depends on the grid.
+    """
+    resampled = False
+    for name, module in model.named_modules():
+        if not isinstance(module, PermuteMlp):
+            continue
+        segment_chs = module.mlp_c.in_features // module.num_segments
+        for layer_name in ("mlp_h", "mlp_w"):
+            layer = getattr(module, layer_name)
+            key = f"{name}.{layer_name}.weight"
+            if key not in state_dict or state_dict[key].shape == layer.weight.shape:
+                continue
+            old, new = state_dict[key].shape[0] // segment_chs, layer.weight.shape[0] // segment_chs
+            weight = state_dict[key].reshape(old, segment_chs, old, segment_chs)
+            weight = resample_mixing(weight, (0,), (2,), (old,), (new,))
+            state_dict[key] = weight.reshape(new * segment_chs, new * segment_chs)
+            bias_key = f"{name}.{layer_name}.bias"
+            if bias_key in state_dict:
+                bias = state_dict[bias_key].reshape(old, segment_chs)
+                state_dict[bias_key] = resample_positions(bias, (0,), (old,), (new,)).reshape(-1)
+            resampled = True
+    if resampled:
+        log_resampled("the Permute-MLPs' height and width mixing", model.img_size)
+    return state_dict
 
 
 def _create_vip(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionPermutator:
