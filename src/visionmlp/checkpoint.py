@@ -179,10 +179,11 @@ def load_pretrained_file(
 
 def load_checkpoint_state(
     model: nn.Module, state_dict: StateDict, filter_fn: Callable[[StateDict, nn.Module], StateDict]
-) -> None:
-    """:func:`load_pretrained_file` for a checkpoint already read and unwrapped."""
+) -> list[str]:
+    """:func:`load_pretrained_file` for a checkpoint already read and unwrapped; what was not loaded as it was."""
     state_dict = filter_fn(state_dict, model)
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    notes = []
     if classifier:
         own = model.state_dict()
         for suffix in (".weight", ".bias"):
@@ -190,9 +191,13 @@ def load_checkpoint_state(
             if key in state_dict and key not in own:
                 del state_dict[key]  # model built without a classifier
             elif key in state_dict and state_dict[key].shape != own[key].shape:
+                if suffix == ".weight":
+                    notes.append(f"classifier replaced: the checkpoint's has {state_dict[key].shape[0]} classes, "
+                                 f"the model {own[key].shape[0]} (a fresh {classifier})")
                 state_dict[key] = own[key]  # new number of classes: keep the fresh head
     check_state_dict_fits(model, state_dict, type(model).__name__)
     model.load_state_dict(state_dict, strict=True)
+    return notes
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

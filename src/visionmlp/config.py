@@ -132,6 +132,7 @@ FLAG_KEYS = {
     "amp": "train.amp",
     "compile": "train.compile",
     "drop_path": "model.drop_path_rate",
+    "pretrained": "model.pretrained",
     "output": "output",
     "resume": "resume",
     "seed": "seed",
@@ -326,8 +327,10 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} must be >= 0; got {flat[key]!r}")
     if not 0.0 <= flat["train.label_smoothing"] < 1.0:
         raise ConfigError(f"train.label_smoothing must be in [0, 1); got {flat['train.label_smoothing']!r}")
-    if flat["data.img_size"] is not None and (not isinstance(flat["data.img_size"], int) or flat["data.img_size"] < 8):
-        raise ConfigError(f"data.img_size must be an integer >= 8; got {flat['data.img_size']!r}")
+    size = flat["data.img_size"]
+    sides = size if isinstance(size, (list, tuple)) else [size]
+    if size is not None and (len(sides) not in (1, 2) or not all(isinstance(s, int) and s >= 8 for s in sides)):
+        raise ConfigError(f"data.img_size must be an integer >= 8, or [height, width] of two; got {size!r}")
     if flat["data.dataset"] != "digits" and not flat["data.path"]:
         raise ConfigError(f"data set {flat['data.dataset']!r} needs --data-path (data.path)")
     if flat["data.zip"] and flat["data.dataset"] != "imagenet":
@@ -350,7 +353,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Config overrides from the flags present in ``args`` (unset flags are None and left out)."""
-    return {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest, None) is not None}
+    flags = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest, None) is not None}
+    if isinstance(flags.get("data.img_size"), list):  # --img-size SIDE or --img-size HEIGHT WIDTH
+        sides = flags["data.img_size"]
+        flags["data.img_size"] = sides[0] if len(sides) == 1 else sides
+    return flags
+
+
+def image_size(config: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``data.img_size`` as (height, width); None where the model's own size applies."""
+    size = config["data"]["img_size"]
+    if size is None:
+        return None
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
 
 
 def dump(config: Config) -> str:

@@ -17,7 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import check_state_dict_fits, read_checkpoint, unwrap_state_dict
-from ..config import ConfigError, add_config_arguments, build_config, family_recipe, flags_from_args, parse_opts
+from ..config import (
+    ConfigError, add_config_arguments, build_config, family_recipe, flags_from_args, image_size, parse_opts,
+)
 from ..data import DataError, build_dataset, build_loader, build_transform, subset_evenly
 from ..inference import optimize_for_inference
 from ..models import MODEL_NAMES, convert_official_state_dict, create_model, deploy_model_from_state_dict, family_module
@@ -33,8 +35,10 @@ def model_kwargs(config: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
     kwargs = dict(model_cfg["kwargs"] or {})
     kwargs.update(num_classes=num_classes, drop_rate=model_cfg["drop_rate"], drop_path_rate=model_cfg["drop_path_rate"])
     # our variants take the input size as an argument; timm's CNNs (used in tests) have none
-    if model_cfg["name"] in MODEL_NAMES and config["data"]["img_size"]:
-        kwargs["img_size"] = config["data"]["img_size"]
+    size = image_size(config)
+    # a dynamic-size model keeps the size its weights were trained at, whatever the input size
+    if model_cfg["name"] in MODEL_NAMES and size and not kwargs.get("dynamic_img_size"):
+        kwargs["img_size"] = size[0] if size[0] == size[1] else size
     return kwargs
 
 
@@ -86,15 +90,14 @@ def checkpoint_variant(
 
 
 def build_model(config: Mapping[str, Any], num_classes: int) -> nn.Module:
-    """The configured model: a visionmlp variant (through its factory) or any other timm model."""
-    name, pretrained = config["model"]["name"], config["model"]["pretrained"]
+    """The configured model, freshly initialised: a visionmlp variant (through its factory) or any other timm model
+    (``model.pretrained`` is loaded by the training run, :func:`visionmlp.models.load_for_finetuning`)."""
+    name = config["model"]["name"]
     kwargs = model_kwargs(config, num_classes)
     if name in MODEL_NAMES:
-        return create_model(name, checkpoint_path=pretrained, **kwargs)
+        return create_model(name, **kwargs)
     if not timm.is_model(name):
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)} (or any timm model name)")
-    if pretrained:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)})
     return timm.create_model(name, **kwargs)
 
 
@@ -102,8 +105,9 @@ def resolve_input_config(config: Mapping[str, Any], model: nn.Module) -> dict[st
     """Input size, interpolation, mean, std and crop ratio: the config's where set, else the model's defaults."""
     data_config = resolve_data_config(model=model)
     data = config["data"]
-    if data["img_size"]:
-        data_config["input_size"] = (3, data["img_size"], data["img_size"])
+    size = image_size(config)
+    if size:
+        data_config["input_size"] = (3, *size)
     for key in ("interpolation", "crop_pct", "mean", "std"):
         if data[key] is not None:
             data_config[key] = tuple(data[key]) if key in ("mean", "std") else data[key]
@@ -115,7 +119,7 @@ def transformed_for(dataset: Dataset, config: Mapping[str, Any], model: nn.Modul
     data_config = resolve_input_config(config, model)
     dataset.transform = build_transform(config, data_config, training=False)
     if config["data"]["dataset"] == "digits":
-        dataset.img_size = data_config["input_size"][-1]
+        dataset.img_size = max(data_config["input_size"][1:])
     return dataset
 
 
@@ -185,7 +189,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-path", metavar="DIR", help="data set root (not needed for digits)")
     parser.add_argument("--batch-size", type=int, help="images per batch and process")
     parser.add_argument("--workers", type=int, help="data-loading worker processes")
-    parser.add_argument("--img-size", type=int, help="input resolution")
+    parser.add_argument("--img-size", type=int, nargs="+", metavar="SIZE",
+                        help="input resolution: one side, or height and width")
     parser.add_argument("--zip", action="store_true", default=None, help="read val.zip + val_map.txt")
     parser.add_argument("--cache-mode", choices=("no", "part", "full"), help="in-memory cache of encoded images")
     parser.add_argument("--amp", choices=("none", "fp16", "bf16"), help="autocast precision")
@@ -252,8 +257,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
                              "fp32 ones: give one of the two")
         amp = "none"  # a run recorded with autocast is evaluated in the dtype asked for
     data = config["data"]
-    dataset = build_dataset(data["dataset"], "val", None, data_path=data["path"], img_size=data["img_size"] or 32,
-                            use_zip=data["zip"], cache_mode=data["cache_mode"], rank=ctx.rank,
+    dataset = build_dataset(data["dataset"], "val", None, data_path=data["path"],
+                            img_size=max(image_size(config) or [32]), use_zip=data["zip"], cache_mode=data["cache_mode"], rank=ctx.rank,
                             world_size=ctx.world_size)
     num_classes = config["model"]["num_classes"] or len(dataset.classes)
     if args.ema:
@@ -266,7 +271,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
         # a training-form, official or folded checkpoint, evaluated in the folded form (strict)
         model = deploy_model_from_state_dict(name, state_dict, **model_kwargs(config, num_classes))
     else:
-        model = build_model({**config, "model": {**config["model"], "pretrained": None}}, num_classes)
+        model = build_model(config, num_classes)
         if recorded is None and name in MODEL_NAMES and not _fits(model, state_dict):
             # not in our layout: an official checkpoint, which the family's converter maps onto ours
             state_dict = convert_official_state_dict(name, checkpoint, **model_kwargs(config, num_classes))

@@ -30,8 +30,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import atomic_save, read_checkpoint
-from ..config import Config, ConfigError, add_config_arguments, build_config, dump, flags_from_args, parse_opts
+from ..config import (
+    Config, ConfigError, add_config_arguments, build_config, dump, flags_from_args, image_size, parse_opts,
+)
 from ..data import DataError, build_dataset, build_loader, build_transform, subset_evenly
+from ..models import load_for_finetuning
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, setup
 from .evaluate import autocast, build_model, evaluate, resolve_input_config
 from .reporting import RunRecorder, log, use_progress_bars
@@ -78,7 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed (a fixed seed makes CPU runs repeatable)")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--workers", type=int, help="data-loading worker processes per training process")
-    parser.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
+    parser.add_argument("--img-size", type=int, nargs="+", metavar="SIZE",
+                        help="input resolution, one side or height and width (default: the model's); a --pretrained "
+                             "checkpoint of another resolution is adapted (see README, Fine-tune on your data)")
+    parser.add_argument("--pretrained", metavar="FILE",
+                        help="initialise from a checkpoint (ours or official; not a folded one): fine-tuning. A "
+                             "classifier for another number of classes is replaced")
     parser.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the recipe's per variant)")
     parser.add_argument("--throughput", action="store_true", help="measure throughput instead of training")
     add_config_arguments(parser)
@@ -92,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             return hand_over_to_benchmark(config)
         train(config)
         return 0
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"visionmlp train: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:
@@ -199,14 +207,16 @@ def train(config: Config) -> dict[str, Any]:
         torch.set_num_threads(config["threads"])
 
     # ---- data: datasets first, as the model's number of classes comes from them
-    dataset_args = dict(data_path=data_cfg["path"], img_size=data_cfg["img_size"] or 32, use_zip=data_cfg["zip"],
+    dataset_args = dict(data_path=data_cfg["path"], img_size=max(image_size(config) or [32]), use_zip=data_cfg["zip"],
                         cache_mode=data_cfg["cache_mode"], rank=ctx.rank, world_size=ctx.world_size)
     train_set = build_dataset(data_cfg["dataset"], "train", None, **dataset_args)
     val_set = build_dataset(data_cfg["dataset"], "val", None, **dataset_args)
     num_classes = config["model"]["num_classes"] or len(train_set.classes)
 
-    # ---- model
+    # ---- model, initialised from a checkpoint when fine-tuning
     model = build_model(config, num_classes)
+    pretrained = config["model"]["pretrained"]
+    adapted = load_for_finetuning(model, config["model"]["name"], pretrained) if pretrained else []
     if train_cfg["use_checkpoint"]:
         if not hasattr(model, "set_grad_checkpointing"):
             raise ConfigError(f"--use-checkpoint: model {config['model']['name']!r} does not support it")
@@ -217,7 +227,7 @@ def train(config: Config) -> dict[str, Any]:
     for dataset, training in ((train_set, True), (val_set, False)):
         dataset.transform = build_transform(config, input_config, training)
         if data_cfg["dataset"] == "digits":
-            dataset.img_size = input_config["input_size"][-1]
+            dataset.img_size = max(input_config["input_size"][1:])
     train_set = subset_evenly(train_set, data_cfg["max_train_images"])
     val_set = subset_evenly(val_set, data_cfg["max_val_images"])
     loader_args = dict(batch_size=data_cfg["batch_size"], workers=data_cfg["workers"], rank=ctx.rank,
@@ -302,6 +312,8 @@ def train(config: Config) -> dict[str, Any]:
         n_params = sum(p.numel() for p in model_without_ddp.parameters())
         log(f"model {config['model']['name']} ({n_params / 1e6:.2f} M parameters, {num_classes} classes, input "
             f"{tuple(input_config['input_size'])}) on {ctx.device} x {ctx.world_size} process(es)")
+        if pretrained and resume_path is None:
+            log(f"initialised from {pretrained}" + "".join(f"; {note}" for note in adapted))
         log(f"data {data_cfg['dataset']}: {len(train_set)} train / {len(val_set)} val images; batch "
             f"{data_cfg['batch_size']} per process x {ctx.world_size} x {accumulation} accumulation; "
             f"lr {train_cfg['base_lr']:g} x {lr_scale:g} = {base_lr:g}; output {output}")

@@ -8,6 +8,7 @@ from .factory import (
     deploy_model_from_state_dict,
     family_module,
     list_models,
+    load_for_finetuning,
 )
 from .fold import count_batchnorms, fold_batchnorm, reparameterize
 from .repmlpnet import RepMLPBlock
@@ -22,5 +23,6 @@ __all__ = [
     "fold_batchnorm",
     "family_module",
     "list_models",
+    "load_for_finetuning",
     "reparameterize",
 ]

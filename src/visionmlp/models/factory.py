@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -12,7 +14,7 @@ import torch
 from timm.models import is_model, model_entrypoint
 from torch import nn
 
-from ..checkpoint import StateDict, check_state_dict_fits, read_checkpoint, unwrap_state_dict
+from ..checkpoint import StateDict, check_state_dict_fits, load_checkpoint_state, read_checkpoint, unwrap_state_dict
 from . import repmlpnet
 from .fold import reparameterize
 
@@ -108,3 +110,45 @@ def deploy_model_from_state_dict(name: str, state_dict: StateDict, **kwargs: Any
             ) from None
         return model
     return reparameterize(model)
+
+
+class _Notes(logging.Handler):
+    """Collects the messages the model files log while a checkpoint loads (resampled weights)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def load_for_finetuning(model: nn.Module, name: str, path: str | os.PathLike) -> list[str]:
+    """Initialise ``model`` (variant or timm model ``name``) from checkpoint ``path`` to fine-tune it; returns what was
+    adapted: a classifier replaced for another number of classes, grid-sized weights resampled for another size.
+
+    Any checkpoint ``create_model(checkpoint_path=...)`` reads (ours, official, training or EMA weights) is taken,
+    except a folded (deploy) one: folding merges branches and BatchNorms into single layers and cannot be undone.
+    """
+    checkpoint = read_checkpoint(path)
+    state_dict = unwrap_state_dict(checkpoint)
+    own = model.state_dict()
+    folded_repmlp = [k for k in state_dict if k.endswith("fc3.bias") and k not in own and k.replace(
+        "fc3.bias", "fc3.weight") in own]
+    recorded_form = (checkpoint.get("visionmlp") or {}).get("form") if isinstance(checkpoint, Mapping) else None
+    if recorded_form == "deploy" or folded_repmlp:
+        raise ValueError(
+            f"{path} holds the folded (deploy) form of the model, which cannot be trained: folding merges branches "
+            "and BatchNorms into single layers and cannot be undone. Fine-tune from the training-form checkpoint "
+            "(the file that visionmlp convert --deploy read, or an official *-train-* checkpoint)")
+    filter_fn = family_module(name).checkpoint_filter_fn if name in MODEL_NAMES else (lambda sd, _: dict(sd))
+    notes, logger = _Notes(), logging.getLogger("visionmlp.models")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(notes)
+    try:
+        adapted = load_checkpoint_state(model, state_dict, filter_fn)
+    finally:
+        logger.removeHandler(notes)
+        logger.setLevel(level)
+    return adapted + notes.messages

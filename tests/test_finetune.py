@@ -1,0 +1,60 @@
+"""Fine-tuning: `visionmlp train --pretrained FILE` at another resolution and number of classes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from test_train import TINY, read_metrics
+from visionmlp.cli import main
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory) -> str:
+    """A run of the tiny ViP on the digits, one epoch."""
+    output = tmp_path_factory.mktemp("pretrain") / "run"
+    assert main(["train", "--epochs", "1", "--output", str(output), *TINY]) == 0
+    return str(output / "last.pt")
+
+
+def test_fine_tuning_at_another_resolution_with_another_head(digits_checkpoint, tmp_path, capsys):
+    output = tmp_path / "tuned"
+    capsys.readouterr()
+    # 14 px -> 28 x 42, 10 -> 12 classes: the Permute-MLPs are resampled and the classifier replaced, both said
+    args = ["train", "--epochs", "1", "--output", str(output), "--pretrained", digits_checkpoint, *TINY,
+            "model.num_classes", "12"]
+    args[args.index("--img-size") + 1:args.index("--img-size") + 2] = ["28", "42"]
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert f"initialised from {digits_checkpoint}" in log
+    assert "classifier replaced: the checkpoint's has 10 classes, the model 12" in log
+    assert "resampled the Permute-MLPs' height and width mixing of the checkpoint to the token grids of img_size 28x42" in log
+    assert "input (3, 28, 42)" in log
+    record = read_metrics(output)[-1]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(output / "last.pt"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["loss"] == pytest.approx(record["val_loss"], rel=1e-5)
+    stem = torch.load(output / "last.pt", weights_only=True)["model"]["patch_embed.proj.weight"]
+    assert not torch.equal(stem, torch.load(digits_checkpoint, weights_only=True)["model"]["patch_embed.proj.weight"])
+
+
+def test_a_folded_checkpoint_is_refused_with_the_reason(digits_checkpoint, tmp_path, capsys):
+    folded = tmp_path / "deploy.pt"
+    assert main(["convert", "--checkpoint", digits_checkpoint, "--deploy", "--output", str(folded)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--epochs", "1", "--output", str(tmp_path / "run"), "--pretrained", str(folded), *TINY]) == 2
+    assert "folded (deploy) form of the model, which cannot be trained" in capsys.readouterr().err
+
+
+def test_an_official_repmlpnet_deploy_checkpoint_is_refused(tmp_path, capsys):
+    from synthetic_weights import load_reference, synthetic_state_dict
+
+    layout, _, _ = load_reference("repmlpnet_t224_deploy")
+    path = tmp_path / "RepMLPNet-T224-deploy.pth"
+    torch.save(synthetic_state_dict(layout), path)
+    assert main(["train", "--model", "repmlpnet_t224", "--epochs", "1", "--output", str(tmp_path / "run"),
+                 "--pretrained", str(path), "--workers", "0"]) == 2
+    assert "cannot be undone" in capsys.readouterr().err
