@@ -119,7 +119,8 @@ def test_the_switch_decides_at_construction():
 
 @pytest.mark.parametrize("value, expected", [("0", "False"), ("1", "True"), ("off", "False")])
 def test_the_environment_variable_sets_the_default(value, expected):
-    code = "import visionmlp; print(visionmlp.use_fast_kernels(), visionmlp.create_model('vip_s7', img_size=28).fast_kernels)"
+    code = ("import visionmlp; "
+            "print(visionmlp.use_fast_kernels(), visionmlp.create_model('vip_s7', img_size=28).fast_kernels)")
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "VISIONMLP_FAST_KERNELS": value},
                             capture_output=True, text=True, check=True)
     assert result.stdout.split() == [expected, expected]

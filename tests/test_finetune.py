@@ -30,7 +30,8 @@ def test_fine_tuning_at_another_resolution_with_another_head(digits_checkpoint, 
     log = capsys.readouterr().out
     assert f"initialised from {digits_checkpoint}" in log
     assert "classifier replaced: the checkpoint's has 10 classes, the model 12" in log
-    assert "resampled the Permute-MLPs' height and width mixing of the checkpoint to the token grids of img_size 28x42" in log
+    assert ("resampled the Permute-MLPs' height and width mixing of the checkpoint to the token grids of img_size "
+            "28x42") in log
     assert "input (3, 28, 42)" in log
     record = read_metrics(output)[-1]
     capsys.readouterr()
@@ -58,3 +59,41 @@ def test_an_official_repmlpnet_deploy_checkpoint_is_refused(tmp_path, capsys):
     assert main(["train", "--model", "repmlpnet_t224", "--epochs", "1", "--output", str(tmp_path / "run"),
                  "--pretrained", str(path), "--workers", "0"]) == 2
     assert "cannot be undone" in capsys.readouterr().err
+
+
+def test_linear_probing_trains_the_classifier_alone(digits_checkpoint, tmp_path):
+    output = tmp_path / "probe"
+    assert main(["train", "--epochs", "1", "--output", str(output), "--pretrained", digits_checkpoint,
+                 "--freeze-backbone", *TINY]) == 0
+    before = torch.load(digits_checkpoint, weights_only=True)["model"]
+    after = torch.load(output / "last.pt", weights_only=True)["model"]
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed == {"head.weight", "head.bias"}
+
+
+def test_parameter_groups_scale_the_backbone_and_decay_per_layer():
+    import visionmlp
+    from visionmlp.engine.optim import parameter_groups
+
+    model = visionmlp.create_model("vip_s7", img_size=28, num_classes=10)
+    head = {id(p) for p in model.head.parameters()}
+    plain = parameter_groups(model, 0.05)
+    assert {g["lr_scale"] for g in plain} == {1.0} and sum(len(g["params"]) for g in plain) == len(list(
+        model.parameters()))
+    assert {g["weight_decay"] for g in plain if any(p.ndim == 1 for p in g["params"])} == {0.0}
+    scaled = parameter_groups(model, 0.05, backbone_lr_scale=0.01)
+    for group in scaled:
+        assert group["lr_scale"] == (1.0 if all(id(p) in head for p in group["params"]) else 0.01)
+    layered = parameter_groups(model, 0.05, layer_decay=0.5)
+    scales = {g["lr_scale"] for g in layered}
+    assert max(scales) == 1.0 and min(scales) < 0.5 ** 10  # the stem, 20+ layers below the head
+    assert next(g for g in layered if id(model.head.weight) in map(id, g["params"]))["lr_scale"] == 1.0
+
+
+def test_a_run_recorded_before_newer_config_keys_still_evaluates(digits_checkpoint, tmp_path, capsys):
+    checkpoint = torch.load(digits_checkpoint, weights_only=True)
+    del checkpoint["config"]["data"]["flowers102_split"], checkpoint["config"]["train"]["layer_decay"]
+    old = tmp_path / "old.pt"
+    torch.save(checkpoint, old)
+    assert main(["eval", "--checkpoint", str(old), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 96

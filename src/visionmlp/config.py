@@ -46,6 +46,8 @@ DEFAULTS: Config = {
         # None: every image; a number: that many, spread evenly over the set (quick experiments, tests)
         "max_train_images": None,
         "max_val_images": None,
+        # Flowers-102 parts: raftmlp trains on the 6,149-image test part as the RaftMLP code does, official on trnid
+        "flowers102_split": "raftmlp",
     },
     "aug": {
         "scale": [0.08, 1.0],  # RandomResizedCrop area range
@@ -92,6 +94,11 @@ DEFAULTS: Config = {
         "compile": False,
         "ema": False,
         "ema_decay": 0.9998,
+        # fine-tuning: learning rates scaled per layer from the head down (timm's layer decay; None: off), the
+        # rate of everything but the classifier scaled, or the backbone frozen (linear probing)
+        "layer_decay": None,
+        "backbone_lr_scale": 1.0,
+        "freeze_backbone": False,
     },
     "output": None,  # None: runs/<model>-<dataset>
     "resume": None,  # a checkpoint file, or "auto" for <output>/last.pt when it exists
@@ -102,7 +109,9 @@ DEFAULTS: Config = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.dataset": ("digits", "imagenet", "cifar10", "cifar100"),
+    "data.dataset": ("digits", "imagenet", "folder", "cifar10", "cifar100", "flowers102", "stanford_cars",
+                     "inat2018", "inat2019", "caltech101"),
+    "data.flowers102_split": ("raftmlp", "official"),
     "data.cache_mode": ("no", "part", "full"),
     "aug.mixup_mode": ("batch", "pair", "elem"),
     "train.amp": ("none", "fp16", "bf16"),
@@ -132,6 +141,7 @@ FLAG_KEYS = {
     "amp": "train.amp",
     "compile": "train.compile",
     "drop_path": "model.drop_path_rate",
+    "freeze_backbone": "train.freeze_backbone",
     "pretrained": "model.pretrained",
     "output": "output",
     "resume": "resume",
@@ -286,7 +296,10 @@ def build_config(
     otherwise the recipe of the model's family, so ``--model vip_s7 --dataset imagenet`` trains as
     the ViP authors did. ``pick_recipe=False`` turns that choice off.
     """
-    config = copy.deepcopy(dict(base) if base is not None else DEFAULTS)
+    config = copy.deepcopy(DEFAULTS)
+    if base is not None:  # a recorded run's configuration, which may predate keys added since
+        for dotted, value in flatten(base).items():
+            _set(config, dotted, copy.deepcopy(value))
     opts, flags = dict(opts or {}), {k: v for k, v in (flags or {}).items() if v is not None}
     if recipe is None and base is None and pick_recipe:
         dataset = flags.get("data.dataset", opts.get("data.dataset", config["data"]["dataset"]))
@@ -335,8 +348,13 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data set {flat['data.dataset']!r} needs --data-path (data.path)")
     if flat["data.zip"] and flat["data.dataset"] != "imagenet":
         raise ConfigError("--zip applies to --dataset imagenet only")
-    if flat["data.cache_mode"] != "no" and flat["data.dataset"] != "imagenet":
-        raise ConfigError("--cache-mode applies to --dataset imagenet only")
+    if flat["data.cache_mode"] != "no" and flat["data.dataset"] in ("digits", "cifar10", "cifar100"):
+        raise ConfigError("--cache-mode applies to data sets of image files (imagenet, folder, flowers102, ...), "
+                          f"not to {flat['data.dataset']}, which is held in memory anyway")
+    if flat["train.layer_decay"] is not None and not 0.0 < flat["train.layer_decay"] <= 1.0:
+        raise ConfigError(f"train.layer_decay must be in (0, 1] or null; got {flat['train.layer_decay']!r}")
+    if not flat["train.backbone_lr_scale"] >= 0.0:
+        raise ConfigError(f"train.backbone_lr_scale must be >= 0; got {flat['train.backbone_lr_scale']!r}")
     if flat["threads"] is not None and (not isinstance(flat["threads"], int) or flat["threads"] < 1):
         raise ConfigError(f"threads must be a positive integer or null; got {flat['threads']!r}")
     if not 0.0 < flat["train.ema_decay"] < 1.0:

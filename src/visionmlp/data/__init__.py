@@ -1,9 +1,9 @@
 """Data sets, transforms and loaders for training and evaluation."""
 
-from .datasets import DataError, DigitsDataset, build_dataset, subset_evenly
+from .datasets import DATASETS, DataError, DigitsDataset, build_dataset, subset_evenly
 from .loader import build_loader, build_transform, collate_readable
 
 __all__ = [
-    "DataError", "DigitsDataset", "build_dataset", "build_loader", "build_transform", "collate_readable",
+    "DATASETS", "DataError", "DigitsDataset", "build_dataset", "build_loader", "build_transform", "collate_readable",
     "subset_evenly",
 ]

@@ -1,4 +1,5 @@
-"""Data sets: the built-in digits, ImageNet-style folders and zip archives, CIFAR-10/100 pickles.
+"""Data sets: the built-in digits, ImageNet-style folders and zip archives, CIFAR-10/100 pickles, and
+(in ``transfer.py``) the fine-tuning sets Flowers-102, Stanford Cars, iNaturalist 2018/2019 and Caltech-101.
 
 Every data set yields ``(image, target)`` with ``image`` a PIL image passed through ``transform``.
 The file-backed ones yield ``None`` for an image that cannot be read (after a warning naming the
@@ -166,29 +167,33 @@ def _class_folders(split_dir: Path) -> list[str]:
 
 
 def imagenet_folder(root: Path, split: str, transform: Transform, cache_mode: str, rank: int,
-                    world_size: int) -> EncodedImageDataset:
-    """``root/train`` and ``root/val`` with one sub-folder per class; classes are numbered from ``train/``."""
+                    world_size: int, kind: str = "imagenet") -> EncodedImageDataset:
+    """``root/train`` and ``root/val`` with one sub-folder per class; classes are numbered from ``train/``.
+
+    ``kind`` is the ``--dataset`` name the messages give (``imagenet`` or ``folder``, which read the same layout).
+    """
     train_dir, split_dir = root / "train", root / split
+    zip_hint = " (or pass --zip for train.zip, val.zip and the map files)" if kind == "imagenet" else ""
     for needed in (train_dir, split_dir):
         if not needed.is_dir():
             raise DataError(
-                f"--dataset imagenet: expected a folder {str(needed)!r}; the data path must hold train/ and val/, "
-                "each with one sub-folder of images per class (or pass --zip for train.zip, val.zip and the map files)"
+                f"--dataset {kind}: expected a folder {str(needed)!r}; the data path must hold train/ and val/, "
+                f"each with one sub-folder of images per class{zip_hint}"
             )
     classes = _class_folders(train_dir)
     if not classes:
-        raise DataError(f"--dataset imagenet: {str(train_dir)!r} holds no class sub-folders")
+        raise DataError(f"--dataset {kind}: {str(train_dir)!r} holds no class sub-folders")
     class_index = {name: i for i, name in enumerate(classes)}
     samples = []
     for name in _class_folders(split_dir):
         if name not in class_index:
-            raise DataError(f"--dataset imagenet: class folder {str(split_dir / name)!r} has no counterpart in train/")
+            raise DataError(f"--dataset {kind}: class folder {str(split_dir / name)!r} has no counterpart in train/")
         for folder, _, files in sorted(os.walk(split_dir / name, followlinks=True)):
             for file in sorted(files):
                 if file.lower().endswith(IMG_EXTENSIONS):
                     samples.append((os.path.relpath(os.path.join(folder, file), split_dir), class_index[name]))
     if not samples:
-        raise DataError(f"--dataset imagenet: no image files ({', '.join(IMG_EXTENSIONS)}) under {str(split_dir)!r}")
+        raise DataError(f"--dataset {kind}: no image files ({', '.join(IMG_EXTENSIONS)}) under {str(split_dir)!r}")
     return EncodedImageDataset(FolderSource(split_dir), samples, classes, transform, cache_mode, rank, world_size)
 
 
@@ -306,6 +311,10 @@ def subset_evenly(dataset: Dataset, max_images: int | None) -> Dataset:
     return Subset(dataset, indices)
 
 
+DATASETS = ("digits", "imagenet", "folder", "cifar10", "cifar100", "flowers102", "stanford_cars", "inat2018",
+            "inat2019", "caltech101")
+
+
 def build_dataset(
     kind: str,
     split: str,
@@ -317,8 +326,13 @@ def build_dataset(
     cache_mode: str = "no",
     rank: int = 0,
     world_size: int = 1,
+    flowers102_split: str = "raftmlp",
 ) -> Dataset:
-    """The ``train`` or ``val`` split of data set ``kind`` (digits, imagenet, cifar10, cifar100)."""
+    """The ``train`` or ``val`` split of data set ``kind`` (one of ``DATASETS``).
+
+    ``flowers102_split`` (config ``data.flowers102_split``) picks which Flowers-102 parts train and
+    val are: ``raftmlp`` or ``official`` (see ``transfer.flowers102``).
+    """
     if kind == "digits":
         return DigitsDataset(split, img_size, transform)
     if data_path is None:
@@ -326,9 +340,23 @@ def build_dataset(
     root = Path(data_path).expanduser()
     if not root.is_dir():
         raise DataError(f"--data-path {str(root)!r} is not a directory (--dataset {kind})")
+    if use_zip and kind != "imagenet":
+        raise DataError(f"--zip applies to --dataset imagenet only, not {kind}")
     if kind == "imagenet":
         build = imagenet_zip if use_zip else imagenet_folder
         return build(root, split, transform, cache_mode, rank, world_size)
+    if kind == "folder":
+        return imagenet_folder(root, split, transform, cache_mode, rank, world_size, kind="folder")
     if kind in CIFAR_LAYOUTS:
         return CifarDataset(kind, root, split, transform)
-    raise DataError(f"unknown data set {kind!r}; choose digits, imagenet, cifar10 or cifar100")
+    from . import transfer  # imported here: it builds on this module's readers
+
+    if kind == "flowers102":
+        return transfer.flowers102(root, split, transform, flowers102_split, cache_mode, rank, world_size)
+    if kind == "stanford_cars":
+        return transfer.stanford_cars(root, split, transform, cache_mode, rank, world_size)
+    if kind in ("inat2018", "inat2019"):
+        return transfer.inaturalist(int(kind[4:]), root, split, transform, cache_mode, rank, world_size)
+    if kind == "caltech101":
+        return transfer.caltech101(root, split, transform, cache_mode, rank, world_size)
+    raise DataError(f"unknown data set {kind!r}; choose one of {', '.join(DATASETS)}")

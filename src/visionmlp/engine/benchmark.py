@@ -83,7 +83,7 @@ def run_validation_batch(config: Mapping[str, Any], count: int, model: nn.Module
     data = config["data"]
     try:
         dataset = build_dataset(data["dataset"], "val", None, data_path=data["path"], img_size=img_size,
-                                use_zip=data["zip"])
+                                use_zip=data["zip"], flowers102_split=data.get("flowers102_split", "raftmlp"))
     except DataError:
         return None
     config = {**config, "data": {**data, "img_size": img_size}}
@@ -226,8 +226,8 @@ def benchmark_model(
         # counted before compiling: FlopCounterMode dispatches per operator, which a compiled graph hides
         timed_model = model
         if compile:
-            timed_model = (optimize_for_inference(model, fold=False, compile=True, cuda_graphs=cuda_graphs, inplace=True)
-                           if mode == "infer" else torch.compile(model))
+            timed_model = torch.compile(model) if mode == "train" else optimize_for_inference(
+                model, fold=False, compile=True, cuda_graphs=cuda_graphs, inplace=True)
         for _ in range(warmup):
             steps.run(timed_model)
         synchronize(torch_device)

@@ -184,8 +184,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model name (default: the one recorded in the checkpoint)")
     parser.add_argument("--checkpoint", required=True, metavar="FILE",
                         help="last.pt / best.pt / .safetensors from visionmlp train, or an official checkpoint")
-    parser.add_argument("--dataset", choices=("digits", "imagenet", "cifar10", "cifar100"),
-                        help="data set (default: the checkpoint's recorded one, else the family recipe's: imagenet)")
+    parser.add_argument("--dataset", choices=("digits", "imagenet", "folder", "cifar10", "cifar100", "flowers102",
+                                              "stanford_cars", "inat2018", "inat2019", "caltech101"),
+                        help="data set (default: the checkpoint's recorded one, else the family recipe's: imagenet; "
+                             "folder: any train/ + val/ tree of class folders)")
     parser.add_argument("--data-path", metavar="DIR", help="data set root (not needed for digits)")
     parser.add_argument("--batch-size", type=int, help="images per batch and process")
     parser.add_argument("--workers", type=int, help="data-loading worker processes")
@@ -258,8 +260,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
         amp = "none"  # a run recorded with autocast is evaluated in the dtype asked for
     data = config["data"]
     dataset = build_dataset(data["dataset"], "val", None, data_path=data["path"],
-                            img_size=max(image_size(config) or [32]), use_zip=data["zip"], cache_mode=data["cache_mode"], rank=ctx.rank,
-                            world_size=ctx.world_size)
+                            img_size=max(image_size(config) or [32]), use_zip=data["zip"],
+                            cache_mode=data["cache_mode"], rank=ctx.rank, world_size=ctx.world_size,
+                            flowers102_split=data["flowers102_split"])
     num_classes = config["model"]["num_classes"] or len(dataset.classes)
     if args.ema:
         if not isinstance(checkpoint, Mapping) or checkpoint.get("model_ema") is None:

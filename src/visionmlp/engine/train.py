@@ -37,6 +37,7 @@ from ..data import DataError, build_dataset, build_loader, build_transform, subs
 from ..models import load_for_finetuning
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, setup
 from .evaluate import autocast, build_model, evaluate, resolve_input_config
+from .optim import parameter_groups, train_classifier_only
 from .reporting import RunRecorder, log, use_progress_bars
 
 ADAM_LIKE = ("adam", "adamw", "nadam", "nadamw", "radam", "adamp", "lamb", "lambw", "adan")
@@ -59,9 +60,10 @@ class NonFiniteLossError(RuntimeError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``visionmlp train`` (each maps onto a config key; see visionmlp/config.py)."""
     parser.add_argument("--model", help="model name (default: the recipe's; for digits a reduced vip_s7)")
-    parser.add_argument("--dataset", choices=("digits", "imagenet", "cifar10", "cifar100"),
-                        help="data set (default: digits, built in)")
-    parser.add_argument("--data-path", metavar="DIR", help="data set root (imagenet, cifar10, cifar100)")
+    parser.add_argument("--dataset", choices=("digits", "imagenet", "folder", "cifar10", "cifar100", "flowers102",
+                                              "stanford_cars", "inat2018", "inat2019", "caltech101"),
+                        help="data set (default: digits, built in; folder: any train/ + val/ tree of class folders)")
+    parser.add_argument("--data-path", metavar="DIR", help="data set root (every data set but digits)")
     parser.add_argument("--batch-size", type=int, help="images per batch and process")
     parser.add_argument("--epochs", type=int, help="training epochs")
     parser.add_argument("--lr", type=float, help="base learning rate before batch-size scaling (train.base_lr)")
@@ -88,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="initialise from a checkpoint (ours or official; not a folded one): fine-tuning. A "
                              "classifier for another number of classes is replaced")
     parser.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the recipe's per variant)")
+    parser.add_argument("--freeze-backbone", action="store_true", default=None,
+                        help="train the classifier only (linear probing); train.backbone_lr_scale and "
+                             "train.layer_decay set per-layer rates instead")
     parser.add_argument("--throughput", action="store_true", help="measure throughput instead of training")
     add_config_arguments(parser)
 
@@ -208,7 +213,8 @@ def train(config: Config) -> dict[str, Any]:
 
     # ---- data: datasets first, as the model's number of classes comes from them
     dataset_args = dict(data_path=data_cfg["path"], img_size=max(image_size(config) or [32]), use_zip=data_cfg["zip"],
-                        cache_mode=data_cfg["cache_mode"], rank=ctx.rank, world_size=ctx.world_size)
+                        cache_mode=data_cfg["cache_mode"], rank=ctx.rank, world_size=ctx.world_size,
+                        flowers102_split=data_cfg["flowers102_split"])
     train_set = build_dataset(data_cfg["dataset"], "train", None, **dataset_args)
     val_set = build_dataset(data_cfg["dataset"], "val", None, **dataset_args)
     num_classes = config["model"]["num_classes"] or len(train_set.classes)
@@ -242,7 +248,9 @@ def train(config: Config) -> dict[str, Any]:
     opt_kwargs = {"eps": train_cfg["opt_eps"], "betas": tuple(train_cfg["opt_betas"])} if opt_name in ADAM_LIKE else {}
     if train_cfg["opt_fused"] and "fused" in inspect.signature(opt_class).parameters:
         opt_kwargs["fused"] = True
-    optimizer = create_optimizer_v2(model, opt=opt_name, lr=base_lr, weight_decay=train_cfg["weight_decay"],
+    groups = parameter_groups(model_without_ddp, train_cfg["weight_decay"], train_cfg["layer_decay"],
+                              train_cfg["backbone_lr_scale"], train_cfg["freeze_backbone"])
+    optimizer = create_optimizer_v2(groups, opt=opt_name, lr=base_lr, weight_decay=train_cfg["weight_decay"],
                                     momentum=train_cfg["momentum"], **opt_kwargs)
     accumulation = train_cfg["accumulation_steps"]
     updates_per_epoch = math.ceil(len(train_loader) / accumulation)
@@ -256,6 +264,9 @@ def train(config: Config) -> dict[str, Any]:
             decay_epochs=train_cfg["decay_epochs"], decay_rate=train_cfg["decay_rate"], min_lr=min_lr,
             warmup_lr=warmup_lr, warmup_epochs=train_cfg["warmup_epochs"], cooldown_epochs=cooldown_epochs,
             step_on_epochs=not train_cfg["sched_on_updates"], updates_per_epoch=updates_per_epoch)
+    else:  # timm's schedulers apply each group's lr_scale at every update; without one, once here
+        for group in optimizer.param_groups:
+            group["lr"] *= group["lr_scale"]
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=train_cfg["amp"] == "fp16")
     ema = ModelEmaV3(model, decay=train_cfg["ema_decay"]) if train_cfg["ema"] else None
     mixup_fn = None
@@ -407,6 +418,8 @@ def train_one_epoch(
     train_cfg = config["train"]
     accumulation, clip_grad, amp = train_cfg["accumulation_steps"], train_cfg["clip_grad"], train_cfg["amp"]
     model.train()
+    if train_cfg["freeze_backbone"]:
+        train_classifier_only(model_without_ddp)
     optimizer.zero_grad(set_to_none=True)
     loss_sum, steps_done, images_seen, skipped_total, num_steps = 0.0, 0, 0, 0, len(loader)
     bar = None

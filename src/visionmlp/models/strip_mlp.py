@@ -12,8 +12,9 @@ shortcuts forward to the later stages.
 
 The strip MLP layers mix whole rows and columns of the token grid with dense weights, so a model is built for one
 (square) ``img_size``; a checkpoint trained at another size loads with its strip MLPs and relative position tables
-resampled as functions of the tokens' relative positions (:func:`resample_strip_mixing`). The official model re-uses one hard-coded drop-path rate of 0.1 for every block whatever it is asked
-for; here ``drop_path_rate`` (default 0.1, applied to every block alike) sets it.
+resampled as functions of the tokens' relative positions (:func:`resample_strip_mixing`). The official model
+re-uses one hard-coded drop-path rate of 0.1 for every block whatever it is asked for; here ``drop_path_rate``
+(default 0.1, applied to every block alike) sets it.
 
 With fast kernels (``visionmlp.set_fast_kernels``) the network runs channels-last from its stem on, where oneDNN
 has its fast paths for 1x1 and depth-wise convs on CPU, and each mixing step runs its fast form
