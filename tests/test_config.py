@@ -72,3 +72,39 @@ def test_bad_overrides_fail_with_a_clear_message(opts, message):
 def test_unknown_recipe_lists_the_shipped_ones():
     with pytest.raises(ConfigError, match="digits"):
         build_config("no_such_recipe")
+
+
+FINE_TUNING_RECIPES = {
+    "raft_mlp_cifar10": ("cifar10", 224), "raft_mlp_cifar100": ("cifar100", 224),
+    "raft_mlp_flowers102": ("flowers102", [256, 224]), "raft_mlp_stanford_cars": ("stanford_cars", [256, 224]),
+    "raft_mlp_inat2018": ("inat2018", [256, 224]), "raft_mlp_inat2019": ("inat2019", [256, 224]),
+    "strip_mlp_cifar10": ("cifar10", 224), "strip_mlp_cifar100": ("cifar100", 224),
+    "strip_mlp_caltech101": ("caltech101", 224), "vip_cifar10": ("cifar10", 224), "vip_cifar100": ("cifar100", 224),
+}
+
+
+@pytest.mark.parametrize("recipe", FINE_TUNING_RECIPES)
+def test_shipped_fine_tuning_recipes_validate_for_every_variant_of_their_family(recipe):
+    import visionmlp
+
+    dataset, img_size = FINE_TUNING_RECIPES[recipe]
+    family = recipe.rsplit("_", 1)[0]
+    assert recipe in shipped_recipes()
+    for variant in visionmlp.list_models(family):
+        config = build_config(recipe, flags={"data.path": "/data", "model.name": variant})
+        assert config["data"]["dataset"] == dataset and config["data"]["img_size"] == img_size
+        assert config["model"]["dynamic_img_size"] == (img_size != 224)  # RaftMLP at 256 x 224 keeps its grid
+    if family == "raft_mlp":
+        train = build_config(recipe, flags={"data.path": "/data"})["train"]
+        assert (train["optimizer"], train["base_lr"], train["min_lr"], train["weight_decay"], train["epochs"],
+                train["warmup_epochs"]) == ("adamw", 1e-4, 1e-5, 1e-4, 50, 10)
+    if family == "vip":
+        assert build_config(recipe, flags={"data.path": "/data"})["train"]["backbone_lr_scale"] == 0.01
+
+
+def test_dynamic_img_size_is_raft_mlps_alone(tmp_path, capsys):
+    from visionmlp.cli import main
+
+    assert main(["train", "--model", "vip_s7", "--epochs", "1", "--output", str(tmp_path), "--opts",
+                 "model.dynamic_img_size", "true"]) == 2
+    assert "model.dynamic_img_size is RaftMLP's" in capsys.readouterr().err

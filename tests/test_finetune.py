@@ -97,3 +97,27 @@ def test_a_run_recorded_before_newer_config_keys_still_evaluates(digits_checkpoi
     torch.save(checkpoint, old)
     assert main(["eval", "--checkpoint", str(old), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 96
+
+
+def test_the_flowers_recipe_fine_tunes_a_dynamic_raft_mlp_at_256x224(tmp_path, capsys):
+    # the recipe as shipped (RaftMLP's official fine-tuning), a narrow RaftMLP and a few images of three classes
+    from test_finetune_data import make_flowers_raftmlp
+
+    import visionmlp
+
+    root = make_flowers_raftmlp(tmp_path / "data")
+    narrow = "{embed_dims: [8, 16, 16, 32], depths: [1, 1, 1, 1]}"
+    source = visionmlp.create_model("raft_mlp_s", embed_dims=(8, 16, 16, 32), depths=(1, 1, 1, 1))
+    torch.save(source.state_dict(), tmp_path / "imagenet.pth")
+    output = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "--cfg", "raft_mlp_flowers102", "--data-path", str(root), "--pretrained",
+                 str(tmp_path / "imagenet.pth"), "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                 "--output", str(output), "--opts", "model.kwargs", narrow, "train.warmup_epochs", "0",
+                 "aug.mixup", "0", "aug.cutmix", "0"]) == 0
+    log = capsys.readouterr().out
+    assert "input (3, 256, 224)" in log and "classifier replaced: the checkpoint's has 1000 classes" in log
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(output / "last.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(read_metrics(output)[-1]["val_loss"],
+                                                                          rel=1e-5)

@@ -29,6 +29,8 @@ DEFAULTS: Config = {
         "drop_path_by_variant": {},
         "kwargs": {},  # passed to the model constructor as they are (free-form)
         "pretrained": None,  # checkpoint file to initialise from (fine-tuning)
+        # RaftMLP: keep the grid of the weights and take inputs of any size (data.img_size), as the official code
+        "dynamic_img_size": False,
     },
     "data": {
         "dataset": "digits",
@@ -310,10 +312,10 @@ def build_config(
     recipe_model = config["model"]["name"]
     merge(config, opts, "--opts")
     merge(config, flags, "command-line flags")
-    if config["model"]["name"] != recipe_model:
-        # a recipe's constructor arguments and input size describe its own model, not the one chosen instead
-        if "model.kwargs" not in opts:
-            config["model"]["kwargs"] = {}
+    if config["model"]["name"] != recipe_model and config["model"]["kwargs"] and "model.kwargs" not in opts:
+        # a recipe's constructor arguments, and the input size chosen for them, describe its own model, not the one
+        # chosen instead (a recipe without them keeps its input size: that of its data)
+        config["model"]["kwargs"] = {}
         if "data.img_size" not in opts and "data.img_size" not in flags:
             config["data"]["img_size"] = None
     if config["model"]["drop_path_rate"] is None:

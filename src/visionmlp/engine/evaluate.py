@@ -36,8 +36,9 @@ def model_kwargs(config: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
     kwargs.update(num_classes=num_classes, drop_rate=model_cfg["drop_rate"], drop_path_rate=model_cfg["drop_path_rate"])
     # our variants take the input size as an argument; timm's CNNs (used in tests) have none
     size = image_size(config)
-    # a dynamic-size model keeps the size its weights were trained at, whatever the input size
-    if model_cfg["name"] in MODEL_NAMES and size and not kwargs.get("dynamic_img_size"):
+    if model_cfg["dynamic_img_size"]:  # the model keeps the grid its weights were trained on, any input size
+        kwargs["dynamic_img_size"] = True
+    elif model_cfg["name"] in MODEL_NAMES and size:
         kwargs["img_size"] = size[0] if size[0] == size[1] else size
     return kwargs
 
@@ -94,6 +95,10 @@ def build_model(config: Mapping[str, Any], num_classes: int) -> nn.Module:
     (``model.pretrained`` is loaded by the training run, :func:`visionmlp.models.load_for_finetuning`)."""
     name = config["model"]["name"]
     kwargs = model_kwargs(config, num_classes)
+    if config["model"]["dynamic_img_size"] and not name.startswith("raft_mlp"):
+        raise ConfigError(f"model.dynamic_img_size is RaftMLP's way of taking other input sizes; {name} is built for "
+                          "its input size instead: set data.img_size (--img-size), and a checkpoint of another size "
+                          "is resampled on load")
     if name in MODEL_NAMES:
         return create_model(name, **kwargs)
     if not timm.is_model(name):
