@@ -121,3 +121,25 @@ def test_the_flowers_recipe_fine_tunes_a_dynamic_raft_mlp_at_256x224(tmp_path, c
     assert main(["eval", "--checkpoint", str(output / "last.pt"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(read_metrics(output)[-1]["val_loss"],
                                                                           rel=1e-5)
+
+
+def test_class_selection_relabels_in_the_order_given():
+    from visionmlp.data import DataError, build_dataset
+
+    selected = build_dataset("digits", "train", None, classes=[7, "3"])
+    assert selected.classes == ["7", "3"] and set(selected.targets) == {0, 1}
+    full = build_dataset("digits", "train", None)
+    assert len(selected) == sum(t in (3, 7) for t in full.targets)
+    image, target = selected[selected.targets.index(1)]
+    assert target == 1
+    with pytest.raises(DataError, match="unknown"):
+        build_dataset("digits", "train", None, classes=["12"])
+
+
+def test_transfer_demo_prints_the_three_curves(tmp_path, capsys):
+    assert main(["transfer-demo", "--output", str(tmp_path), "--pretrain-epochs", "1", "--epochs", "1",
+                 "--img-size", "42"]) == 0
+    out = capsys.readouterr().out
+    assert "| epoch | fine-tuned from the digits 0-4 | linear probe (classifier only) | from scratch |" in out
+    assert "classifier replaced: the checkpoint's has 5 classes, the model 5 other ones" in out
+    assert {p.name for p in tmp_path.iterdir()} == {"pretrain", "fine-tuned", "linear-probe", "from-scratch"}

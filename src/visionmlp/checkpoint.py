@@ -178,9 +178,14 @@ def load_pretrained_file(
 
 
 def load_checkpoint_state(
-    model: nn.Module, state_dict: StateDict, filter_fn: Callable[[StateDict, nn.Module], StateDict]
+    model: nn.Module, state_dict: StateDict, filter_fn: Callable[[StateDict, nn.Module], StateDict],
+    new_classes: bool = False,
 ) -> list[str]:
-    """:func:`load_pretrained_file` for a checkpoint already read and unwrapped; what was not loaded as it was."""
+    """:func:`load_pretrained_file` for a checkpoint already read and unwrapped; what was not loaded as it was.
+
+    ``new_classes``: the model's classes are others than the checkpoint's, so its fresh classifier stays even where
+    the counts agree.
+    """
     state_dict = filter_fn(state_dict, model)
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
     notes = []
@@ -190,11 +195,12 @@ def load_checkpoint_state(
             key = classifier + suffix
             if key in state_dict and key not in own:
                 del state_dict[key]  # model built without a classifier
-            elif key in state_dict and state_dict[key].shape != own[key].shape:
+            elif key in state_dict and (new_classes or state_dict[key].shape != own[key].shape):
                 if suffix == ".weight":
                     notes.append(f"classifier replaced: the checkpoint's has {state_dict[key].shape[0]} classes, "
-                                 f"the model {own[key].shape[0]} (a fresh {classifier})")
-                state_dict[key] = own[key]  # new number of classes: keep the fresh head
+                                 f"the model {own[key].shape[0]}" + (" other ones" if new_classes else "")
+                                 + f" (a fresh {classifier})")
+                state_dict[key] = own[key]  # other classes: keep the fresh head
     check_state_dict_fits(model, state_dict, type(model).__name__)
     model.load_state_dict(state_dict, strict=True)
     return notes

@@ -10,6 +10,8 @@ import sys
 COMMANDS = {
     "models": ("visionmlp.engine.model_table", "list the variants with resolution, parameters and GMACs"),
     "train": ("visionmlp.engine.train", "train a model (default: a small model on the built-in digits data)"),
+    "transfer-demo": ("visionmlp.engine.transfer_demo",
+                      "fine-tuning against training from scratch on the built-in digits, in a minute"),
     "eval": ("visionmlp.engine.evaluate", "evaluate a checkpoint: top-1, top-5 and loss"),
     "benchmark": ("visionmlp.engine.benchmark", "measure throughput, latency and memory"),
     "convert": ("visionmlp.engine.convert", "convert a checkpoint to visionmlp's format, folded or int8 if asked"),

@@ -48,6 +48,8 @@ DEFAULTS: Config = {
         # None: every image; a number: that many, spread evenly over the set (quick experiments, tests)
         "max_train_images": None,
         "max_val_images": None,
+        # None: every class; a list of class names: only these, numbered in the order given
+        "classes": None,
         # Flowers-102 parts: raftmlp trains on the 6,149-image test part as the RaftMLP code does, official on trnid
         "flowers102_split": "raftmlp",
     },

@@ -303,6 +303,51 @@ class CifarDataset(Dataset):
         return (self.transform(image) if self.transform else image), self.targets[index]
 
 
+class ClassSubset(Dataset):
+    """The samples of ``dataset`` whose class is one of ``names``, relabelled 0, 1, ... in the order of ``names``.
+
+    Its ``transform`` (and the digits' ``img_size``) are those of the data set it selects from.
+    """
+
+    def __init__(self, dataset: Dataset, names: list[str]) -> None:
+        names = [str(name) for name in names]
+        unknown = [name for name in names if name not in dataset.classes]
+        if unknown or len(set(names)) != len(names):
+            raise DataError(f"data.classes {names}: {'unknown ' + str(unknown) if unknown else 'a class twice'}; the "
+                            f"data set's classes are {', '.join(map(str, dataset.classes[:20]))}"
+                            + (", ..." if len(dataset.classes) > 20 else ""))
+        self.dataset = dataset
+        self.relabel = {dataset.classes.index(name): i for i, name in enumerate(names)}
+        self.indices = [i for i, target in enumerate(dataset.targets) if target in self.relabel]
+        self.targets = [self.relabel[dataset.targets[i]] for i in self.indices]
+        self.classes = names
+
+    @property
+    def transform(self) -> Transform:
+        """The selected data set's transform."""
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, transform: Transform) -> None:
+        self.dataset.transform = transform
+
+    @property
+    def img_size(self) -> int:
+        """The selected data set's image size (digits)."""
+        return self.dataset.img_size
+
+    @img_size.setter
+    def img_size(self, size: int) -> None:
+        self.dataset.img_size = size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        item = self.dataset[self.indices[index]]
+        return None if item is None else (item[0], self.relabel[item[1]])
+
+
 def subset_evenly(dataset: Dataset, max_images: int | None) -> Dataset:
     """At most ``max_images`` of ``dataset``, spread evenly over it (so over the classes of a sorted folder)."""
     if max_images is None or max_images >= len(dataset):
@@ -327,12 +372,33 @@ def build_dataset(
     rank: int = 0,
     world_size: int = 1,
     flowers102_split: str = "raftmlp",
+    classes: list[str] | None = None,
 ) -> Dataset:
-    """The ``train`` or ``val`` split of data set ``kind`` (one of ``DATASETS``).
+    """The ``train`` or ``val`` split of data set ``kind`` (one of ``DATASETS``); only the ``classes`` named, if given
+    (:class:`ClassSubset`).
 
     ``flowers102_split`` (config ``data.flowers102_split``) picks which Flowers-102 parts train and
     val are: ``raftmlp`` or ``official`` (see ``transfer.flowers102``).
     """
+    dataset = _build_dataset(kind, split, transform, data_path=data_path, img_size=img_size, use_zip=use_zip,
+                             cache_mode=cache_mode, rank=rank, world_size=world_size, flowers102_split=flowers102_split)
+    return dataset if classes is None else ClassSubset(dataset, classes)
+
+
+def _build_dataset(
+    kind: str,
+    split: str,
+    transform: Transform,
+    *,
+    data_path: str | os.PathLike | None,
+    img_size: int,
+    use_zip: bool,
+    cache_mode: str,
+    rank: int,
+    world_size: int,
+    flowers102_split: str,
+) -> Dataset:
+    """:func:`build_dataset` before the class selection."""
     if kind == "digits":
         return DigitsDataset(split, img_size, transform)
     if data_path is None:

@@ -267,7 +267,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     dataset = build_dataset(data["dataset"], "val", None, data_path=data["path"],
                             img_size=max(image_size(config) or [32]), use_zip=data["zip"],
                             cache_mode=data["cache_mode"], rank=ctx.rank, world_size=ctx.world_size,
-                            flowers102_split=data["flowers102_split"])
+                            flowers102_split=data["flowers102_split"], classes=data["classes"])
     num_classes = config["model"]["num_classes"] or len(dataset.classes)
     if args.ema:
         if not isinstance(checkpoint, Mapping) or checkpoint.get("model_ema") is None:

@@ -35,6 +35,7 @@ from ..config import (
 )
 from ..data import DataError, build_dataset, build_loader, build_transform, subset_evenly
 from ..models import load_for_finetuning
+from ..models.factory import run_classes
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, setup
 from .evaluate import autocast, build_model, evaluate, resolve_input_config
 from .optim import parameter_groups, train_classifier_only
@@ -214,7 +215,7 @@ def train(config: Config) -> dict[str, Any]:
     # ---- data: datasets first, as the model's number of classes comes from them
     dataset_args = dict(data_path=data_cfg["path"], img_size=max(image_size(config) or [32]), use_zip=data_cfg["zip"],
                         cache_mode=data_cfg["cache_mode"], rank=ctx.rank, world_size=ctx.world_size,
-                        flowers102_split=data_cfg["flowers102_split"])
+                        flowers102_split=data_cfg["flowers102_split"], classes=data_cfg["classes"])
     train_set = build_dataset(data_cfg["dataset"], "train", None, **dataset_args)
     val_set = build_dataset(data_cfg["dataset"], "val", None, **dataset_args)
     num_classes = config["model"]["num_classes"] or len(train_set.classes)
@@ -222,7 +223,7 @@ def train(config: Config) -> dict[str, Any]:
     # ---- model, initialised from a checkpoint when fine-tuning
     model = build_model(config, num_classes)
     pretrained = config["model"]["pretrained"]
-    adapted = load_for_finetuning(model, config["model"]["name"], pretrained) if pretrained else []
+    adapted = load_for_finetuning(model, config["model"]["name"], pretrained, run_classes(config)) if pretrained else []
     if train_cfg["use_checkpoint"]:
         if not hasattr(model, "set_grad_checkpointing"):
             raise ConfigError(f"--use-checkpoint: model {config['model']['name']!r} does not support it")

@@ -123,9 +123,13 @@ class _Notes(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def load_for_finetuning(model: nn.Module, name: str, path: str | os.PathLike) -> list[str]:
+def load_for_finetuning(
+    model: nn.Module, name: str, path: str | os.PathLike, classes: tuple[Any, ...] | None = None,
+) -> list[str]:
     """Initialise ``model`` (variant or timm model ``name``) from checkpoint ``path`` to fine-tune it; returns what was
-    adapted: a classifier replaced for another number of classes, grid-sized weights resampled for another size.
+    adapted: a classifier replaced for another number of classes (or for other ``classes``, a description of the
+    run's classes compared with the one a ``visionmlp train`` checkpoint records), grid-sized weights resampled for
+    another size.
 
     Any checkpoint ``create_model(checkpoint_path=...)`` reads (ours, official, training or EMA weights) is taken,
     except a folded (deploy) one: folding merges branches and BatchNorms into single layers and cannot be undone.
@@ -141,14 +145,23 @@ def load_for_finetuning(model: nn.Module, name: str, path: str | os.PathLike) ->
             f"{path} holds the folded (deploy) form of the model, which cannot be trained: folding merges branches "
             "and BatchNorms into single layers and cannot be undone. Fine-tune from the training-form checkpoint "
             "(the file that visionmlp convert --deploy read, or an official *-train-* checkpoint)")
+    recorded = checkpoint.get("config") if isinstance(checkpoint, Mapping) else None
+    new_classes = (classes is not None and isinstance(recorded, Mapping) and isinstance(recorded.get("data"), Mapping)
+                   and run_classes(recorded) != classes)
     filter_fn = family_module(name).checkpoint_filter_fn if name in MODEL_NAMES else (lambda sd, _: dict(sd))
     notes, logger = _Notes(), logging.getLogger("visionmlp.models")
     level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(notes)
     try:
-        adapted = load_checkpoint_state(model, state_dict, filter_fn)
+        adapted = load_checkpoint_state(model, state_dict, filter_fn, new_classes)
     finally:
         logger.removeHandler(notes)
         logger.setLevel(level)
     return adapted + notes.messages
+
+
+def run_classes(config: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What a run's classes are, for comparing two runs: its data set and the classes it selects."""
+    data = config["data"]
+    return data.get("dataset"), tuple(map(str, data.get("classes") or ()))
