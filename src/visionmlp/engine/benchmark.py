@@ -332,6 +332,9 @@ def run_benchmark(
     stored = read_checkpoint(checkpoint) if checkpoint is not None else None
     model_name, model_kwargs, run_config = checkpoint_variant(stored, str(checkpoint), model_name)
     native_size = model_kwargs.get("img_size") or default_img_size(model_name)
+    if not isinstance(native_size, int) and img_size is None:
+        raise ValueError(f"{checkpoint} holds a model built for {native_size[0]}x{native_size[1]} images; the "
+                         "benchmark times square ones: pass --img-size")
     img_size = native_size if img_size is None else img_size
     check_counts(batch_size, img_size, warmup, reps, threads)
     resolve_dtype(dtype, resolve_device(device))

@@ -53,9 +53,10 @@ def training_form_model(name: str, state_dict: StateDict, **kwargs: Any) -> nn.M
     return model.eval()
 
 
-def random_batch(img_size: int, batch_size: int = 2, seed: int = 0) -> torch.Tensor:
-    """A reproducible batch of normal noise, the size of normalized images."""
-    return torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
+def random_batch(img_size: int | tuple[int, int], batch_size: int = 2, seed: int = 0) -> torch.Tensor:
+    """A reproducible batch of normal noise, the size of normalized images (``img_size``: a side or height, width)."""
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    return torch.randn(batch_size, 3, height, width, generator=torch.Generator().manual_seed(seed))
 
 
 def input_size(model: nn.Module) -> int:

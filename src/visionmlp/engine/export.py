@@ -37,7 +37,7 @@ def _temporary_path(path: Path) -> Path:
     return Path(name)
 
 
-def export_onnx(model: nn.Module, path: Path, img_size: int) -> float:
+def export_onnx(model: nn.Module, path: Path, img_size: int | tuple[int, int]) -> float:
     """Write ``model`` as ONNX with a dynamic batch axis; the largest onnxruntime-vs-PyTorch difference."""
     try:
         import onnxruntime
@@ -61,7 +61,7 @@ def export_onnx(model: nn.Module, path: Path, img_size: int) -> float:
         return (model(images) - torch.from_numpy(output)).abs().max().item()
 
 
-def export_program(model: nn.Module, path: Path, img_size: int) -> float:
+def export_program(model: nn.Module, path: Path, img_size: int | tuple[int, int]) -> float:
     """Save a ``torch.export`` program with a dynamic batch axis; the largest difference of the reloaded program."""
     batch = torch.export.Dim("batch", min=1, max=1024)
     program = torch.export.export(model, (random_batch(img_size, batch_size=2),),
@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         checker = "onnxruntime" if args.format == "onnx" else "the reloaded program"
-        print(f"wrote {result['output']} ({args.format}, dynamic batch, {result['img_size']}x{result['img_size']}); "
+        size = result["img_size"] if isinstance(result["img_size"], (list, tuple)) else [result["img_size"]] * 2
+        print(f"wrote {result['output']} ({args.format}, dynamic batch, {size[0]}x{size[1]}); "
               f"largest difference between {checker} and PyTorch: {result['max_abs_diff']:.3e}")
     return 0
