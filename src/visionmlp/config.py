@@ -158,16 +158,93 @@ class ConfigError(ValueError):
     """A recipe or override that does not fit the configuration schema."""
 
 
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; free-form sub-trees stay whole."""
-    flat = {}
-    for key, value in config.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and dotted not in FREE_FORM:
-            flat.update(flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
+class ConfigSchema:
+    """The keys of one task's configuration: defaults, allowed choices, text keys, free-form sub-trees."""
+
+    def __init__(self, defaults: Config, choices: Mapping[str, tuple[str, ...]] = (),
+                 text_keys: Iterable[str] = (), free_form: Iterable[str] = ()) -> None:
+        self.defaults = defaults
+        self.choices = dict(choices)
+        self.text_keys = tuple(text_keys)
+        self.free_form = tuple(free_form)
+        self.known_keys = set(self.flatten(defaults))
+
+    def flatten(self, config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; free-form sub-trees stay whole."""
+        flat = {}
+        for key, value in config.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, Mapping) and dotted not in self.free_form:
+                flat.update(self.flatten(value, dotted + "."))
+            else:
+                flat[dotted] = value
+        return flat
+
+    def check_key(self, dotted: str, source: str) -> str:
+        """``dotted`` if it is a key of this schema, else a ConfigError naming the closest keys."""
+        if dotted in self.known_keys or any(dotted.startswith(free + ".") for free in self.free_form):
+            return dotted
+        close = difflib.get_close_matches(dotted, sorted(self.known_keys), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see the task's DEFAULTS for the keys"
+        raise ConfigError(f"unknown config key {dotted!r} in {source}{hint}")
+
+    def default_of(self, dotted: str) -> Any:
+        """The default value of a key (None for free-form keys)."""
+        try:
+            return get(self.defaults, dotted)
+        except (KeyError, TypeError):
+            return None
+
+    def coerce(self, dotted: str, value: Any, source: str) -> Any:
+        """Convert ``value`` (a string from the command line, or a YAML value) to the type of the key's default."""
+        default = self.default_of(dotted)
+        if isinstance(value, str) and dotted not in self.text_keys and not isinstance(default, str):
+            try:
+                value = yaml.safe_load(value) if value.strip() else None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{source}: cannot parse {value!r} for {dotted}: {exc}") from None
+        if value is None or default is None or any(dotted.startswith(f + ".") or dotted == f for f in self.free_form):
+            return value
+        expected = type(default)
+        if expected is float and isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-3" as text
+            except ValueError:
+                pass
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if expected is list and isinstance(value, tuple):
+            return list(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"{source}: {dotted} must be of type {expected.__name__} (like {default!r}), got {value!r}"
+            )
+        return value
+
+    def merge(self, config: Config, overrides: Mapping[str, Any], source: str) -> None:
+        """Apply nested or dotted ``overrides`` onto ``config`` in place, checking keys and types."""
+        for dotted, value in self.flatten(overrides).items():
+            _set(config, self.check_key(dotted, source), self.coerce(dotted, value, source))
+
+    def resolve(self, recipe: str | Path | None, opts: Mapping[str, Any] | None, flags: Mapping[str, Any] | None,
+                base: Mapping[str, Any] | None = None) -> Config:
+        """``base`` (default: the defaults) <- recipe <- opts <- flags, unvalidated."""
+        config = copy.deepcopy(self.defaults)
+        if base is not None:  # a recorded run's configuration, which may predate keys added since
+            for dotted, value in self.flatten(base).items():
+                _set(config, dotted, copy.deepcopy(value))
+        if recipe is not None:
+            self.merge(config, load_recipe(recipe), f"recipe {str(recipe)!r}")
+        self.merge(config, dict(opts or {}), "--opts")
+        self.merge(config, {k: v for k, v in (flags or {}).items() if v is not None}, "command-line flags")
+        return config
+
+    def check_choices(self, config: Config) -> None:
+        """A ConfigError for a key outside its choices."""
+        flat = self.flatten(config)
+        for key, choices in self.choices.items():
+            if flat[key] not in choices:
+                raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {flat[key]!r}")
 
 
 def get(config: Mapping[str, Any], dotted: str) -> Any:
@@ -186,58 +263,17 @@ def _set(config: Config, dotted: str, value: Any) -> None:
     node[last] = value
 
 
-_KNOWN_KEYS = set(flatten(DEFAULTS))
+SCHEMA = ConfigSchema(DEFAULTS, CHOICES, TEXT_KEYS, FREE_FORM)
 
 
-def _check_key(dotted: str, source: str) -> str:
-    if dotted in _KNOWN_KEYS:
-        return dotted
-    for free in FREE_FORM:
-        if dotted.startswith(free + "."):
-            return dotted
-    close = difflib.get_close_matches(dotted, sorted(_KNOWN_KEYS), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see visionmlp/config.py for the keys"
-    raise ConfigError(f"unknown config key {dotted!r} in {source}{hint}")
-
-
-def coerce(dotted: str, value: Any, source: str) -> Any:
-    """Convert ``value`` (a string from the command line, or a YAML value) to the type of the key's default."""
-    if isinstance(value, str) and dotted not in TEXT_KEYS and not isinstance(_default_of(dotted), str):
-        try:
-            value = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: cannot parse {value!r} for {dotted}: {exc}") from None
-    default = _default_of(dotted)
-    if value is None or default is None or any(dotted.startswith(f + ".") or dotted == f for f in FREE_FORM):
-        return value
-    expected = type(default)
-    if expected is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads "1e-3" as text
-        except ValueError:
-            pass
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is list and isinstance(value, tuple):
-        return list(value)
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(
-            f"{source}: {dotted} must be of type {expected.__name__} (like {default!r}), got {value!r}"
-        )
-    return value
-
-
-def _default_of(dotted: str) -> Any:
-    try:
-        return get(DEFAULTS, dotted)
-    except (KeyError, TypeError):
-        return None
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` for a classification configuration."""
+    return SCHEMA.flatten(config, prefix)
 
 
 def merge(config: Config, overrides: Mapping[str, Any], source: str) -> None:
-    """Apply nested or dotted ``overrides`` onto ``config`` in place, checking keys and types."""
-    for dotted, value in flatten(overrides).items():
-        _set(config, _check_key(dotted, source), coerce(dotted, value, source))
+    """Apply nested or dotted ``overrides`` onto a classification ``config`` in place, checking keys and types."""
+    SCHEMA.merge(config, overrides, source)
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
@@ -300,20 +336,15 @@ def build_config(
     otherwise the recipe of the model's family, so ``--model vip_s7 --dataset imagenet`` trains as
     the ViP authors did. ``pick_recipe=False`` turns that choice off.
     """
-    config = copy.deepcopy(DEFAULTS)
-    if base is not None:  # a recorded run's configuration, which may predate keys added since
-        for dotted, value in flatten(base).items():
-            _set(config, dotted, copy.deepcopy(value))
     opts, flags = dict(opts or {}), {k: v for k, v in (flags or {}).items() if v is not None}
     if recipe is None and base is None and pick_recipe:
-        dataset = flags.get("data.dataset", opts.get("data.dataset", config["data"]["dataset"]))
-        model = flags.get("model.name", opts.get("model.name", config["model"]["name"]))
+        dataset = flags.get("data.dataset", opts.get("data.dataset", DEFAULTS["data"]["dataset"]))
+        model = flags.get("model.name", opts.get("model.name", DEFAULTS["model"]["name"]))
         recipe = "digits" if dataset == "digits" else family_recipe(str(model))
-    if recipe is not None:
-        merge(config, load_recipe(recipe), f"recipe {str(recipe)!r}")
+    config = SCHEMA.resolve(recipe, None, None, base)
     recipe_model = config["model"]["name"]
-    merge(config, opts, "--opts")
-    merge(config, flags, "command-line flags")
+    SCHEMA.merge(config, opts, "--opts")
+    SCHEMA.merge(config, flags, "command-line flags")
     if config["model"]["name"] != recipe_model and config["model"]["kwargs"] and "model.kwargs" not in opts:
         # a recipe's constructor arguments, and the input size chosen for them, describe its own model, not the one
         # chosen instead (a recipe without them keeps its input size: that of its data)
@@ -329,10 +360,8 @@ def build_config(
 
 def validate(config: Config) -> None:
     """Raise ConfigError with a clear message for values out of range."""
+    SCHEMA.check_choices(config)
     flat = flatten(config)
-    for key, choices in CHOICES.items():
-        if flat[key] not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {flat[key]!r}")
     positive = ("data.batch_size", "train.epochs", "train.accumulation_steps", "train.base_lr", "print_freq")
     for key in positive:
         if not flat[key] > 0:

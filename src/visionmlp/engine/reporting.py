@@ -29,11 +29,12 @@ class RunRecorder:
     from it, so an epoch that was logged but not checkpointed before a crash appears once.
     """
 
-    def __init__(self, output: Path, history: list[dict[str, Any]], start_epoch: int) -> None:
+    def __init__(self, output: Path, history: list[dict[str, Any]], start_epoch: int, x_key: str = "epoch") -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.output = output
         self.history = history
+        self.x_key = x_key
         self.metrics_path = output / "metrics.jsonl"
         self.metrics_path.write_text("".join(json.dumps(record) + "\n" for record in history))
         # purge_step drops events of epochs that will be trained again
@@ -43,37 +44,47 @@ class RunRecorder:
         """Append ``record`` (already in ``history``) to every output."""
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        step = record["epoch"]
+        step = record[self.x_key]
         for key, value in record.items():
-            if key != "epoch" and isinstance(value, (int, float)):
+            if key != self.x_key and isinstance(value, (int, float)):
                 group = "train" if key.startswith("train_") else "val" if key.startswith("val_") else "run"
                 self.writer.add_scalar(f"{group}/{key}", value, step)
+            elif isinstance(value, dict):  # a group of validation figures, e.g. detection's {"bbox": {"AP": ...}}
+                for name, figure in value.items():
+                    if isinstance(figure, (int, float)):
+                        self.writer.add_scalar(f"val/{key}_{name}", figure, step)
         self.writer.flush()
-        plot_curves(self.history, self.output / "curves.png")
+        plot_curves(self.history, self.output / "curves.png", self.x_key)
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer."""
         self.writer.close()
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss (train and validation) and accuracy (top-1, top-5) per epoch, side by side."""
+def plot_curves(history: list[dict[str, Any]], path: Path, x_key: str = "epoch") -> None:
+    """Losses (train and validation) and the other validation figures (top-1 and top-5, mIoU, AP...) against
+    ``x_key``, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [r["epoch"] for r in history]
-    figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axes.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train")
-    loss_axes.plot(epochs, [r["val_loss"] for r in history], marker="o", label="validation")
-    loss_axes.set(xlabel="epoch", ylabel="loss", title="Loss")
-    acc_axes.plot(epochs, [r["val_acc1"] for r in history], marker="o", label="top-1")
-    acc_axes.plot(epochs, [r["val_acc5"] for r in history], marker="o", label="top-5")
-    if any("val_acc1_ema" in r for r in history):
-        acc_axes.plot(epochs, [r.get("val_acc1_ema") for r in history], marker="o", label="top-1 (EMA)")
-    acc_axes.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Accuracy")
-    for axes in (loss_axes, acc_axes):
+    steps = [r[x_key] for r in history]
+    keys = [k for k in history[-1] if isinstance(history[-1][k], (int, float))]
+    losses = [k for k in keys if k.endswith("loss") or "loss_" in k]
+    figures = [k for k in keys if k.startswith("val_") and k not in losses]
+    figure, (loss_axes, metric_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in losses:
+        loss_axes.plot(steps, [r.get(key) for r in history], marker="o", label=key.replace("_", " "))
+    loss_axes.set(xlabel=x_key, ylabel="loss", title="Loss")
+    for key in figures:
+        metric_axes.plot(steps, [r.get(key) for r in history], marker="o", label=key.removeprefix("val_"))
+    for key in [k for k in history[-1] if isinstance(history[-1][k], dict)]:  # groups: detection's bbox and segm
+        for name in ("AP", "AP50"):
+            if name in history[-1][key]:
+                metric_axes.plot(steps, [r.get(key, {}).get(name) for r in history], marker="o", label=f"{key} {name}")
+    metric_axes.set(xlabel=x_key, ylabel="validation (%)", title="Validation")
+    for axes in (loss_axes, metric_axes):
         axes.grid(alpha=0.3)
         axes.legend()
     figure.tight_layout()

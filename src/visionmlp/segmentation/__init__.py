@@ -1,0 +1,1 @@
+"""Semantic segmentation on visionmlp backbones: data, networks, metrics, training loop, ``visionmlp segment``."""

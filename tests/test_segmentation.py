@@ -1,0 +1,183 @@
+"""visionmlp segment: data layouts, networks on every family, the metrics, train / eval / predict end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from visionmlp.cli import main
+from visionmlp.config import ConfigError
+from visionmlp.segmentation.config import build_config
+from visionmlp.segmentation.data import ADE20K, IGNORE_INDEX, SegmentationFolder, Shapes, TrainTransform
+from visionmlp.segmentation.engine import predict_logits, sliding_windows
+from visionmlp.segmentation.metrics import ConfusionMatrix
+from visionmlp.segmentation.model import build_segmenter
+
+# one reduced variant per family, small enough for a CPU test at 64 px
+TINY = {
+    "ms_mlp_tiny": {"embed_dim": 20, "depths": [1, 1, 1, 1]},
+    "vip_s7": {"depths": [1, 1, 1, 1], "embed_dims": [32, 64, 64, 64], "num_segments": [4, 4, 4, 4]},
+    "strip_mlp_tiny_light": {"embed_dim": 16, "depths": [1, 1, 1, 1]},
+    "raft_mlp_s": {"embed_dims": [16, 32, 48, 64], "depths": [1, 1, 1, 1]},
+    "repmlpnet_t224": {"dims": [16, 32, 64, 128], "depths": [1, 1, 1, 1]},
+}
+DEMO = ["--opts", "model.kwargs", "{embed_dims: [16, 32, 48, 64], depths: [1, 1, 1, 1]}",
+        "data.max_train_images", "16", "data.max_val_images", "6", "data.workers", "0", "train.iterations", "4",
+        "train.eval_interval", "2", "print_freq", "2", "data.batch_size", "4"]
+
+
+def model_cfg(name: str, decoder: str, **extra) -> dict:
+    return dict(name=name, decoder=decoder, kwargs=TINY[name], drop_path_rate=0.0, dynamic_img_size=False,
+                simple_pyramid_channels=32, decoder_channels=32, dropout=0.1, **extra)
+
+
+def write_pair(image_path, mask_path, labels: np.ndarray) -> None:
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(labels.size)
+    Image.fromarray(rng.integers(0, 255, (*labels.shape, 3), dtype=np.uint8)).save(image_path)
+    Image.fromarray(labels.astype(np.uint8)).save(mask_path)
+
+
+def test_ade20k_layout_ignores_label_zero_and_shifts_the_rest(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    labels = np.array([[0, 1], [150, 2]])
+    for part in ("training", "validation"):
+        write_pair(root / "images" / part / "ADE_1.jpg", root / "annotations" / part / "ADE_1.png", labels)
+    dataset = ADE20K(tmp_path, "val")
+    assert len(dataset.classes) == 150
+    _, mask = dataset[0]
+    assert np.array(mask).tolist() == [[IGNORE_INDEX, 0], [149, 1]]
+    with pytest.raises(ValueError, match="--num-classes"):
+        ADE20K(tmp_path, "train", num_classes=10)[0]
+
+
+def test_folder_layout_and_its_errors(tmp_path):
+    write_pair(tmp_path / "images" / "train" / "a.png", tmp_path / "masks" / "train" / "a.png", np.array([[0, 2]]))
+    assert np.array(SegmentationFolder(tmp_path, "train", 3)[0][1]).tolist() == [[0, 2]]
+    with pytest.raises(ValueError, match="--num-classes is 2"):
+        SegmentationFolder(tmp_path, "train", 2)[0]
+    (tmp_path / "images" / "train" / "b.jpg").write_bytes((tmp_path / "images" / "train" / "a.png").read_bytes())
+    with pytest.raises(FileNotFoundError, match="no mask"):
+        SegmentationFolder(tmp_path, "train", 3)
+    with pytest.raises(FileNotFoundError, match="expected the folder"):
+        SegmentationFolder(tmp_path, "val", 3)
+    with pytest.raises(ConfigError, match="--num-classes"):
+        build_config(opts={"data.dataset": "folder", "data.path": str(tmp_path)})
+
+
+def test_shapes_are_deterministic_and_labelled():
+    first, again = Shapes("train")[3], Shapes("train")[3]
+    assert np.array_equal(np.array(first[0]), np.array(again[0]))
+    assert set(np.unique(np.array(first[1]))) <= {0, 1, 2, 3} and np.array(first[1]).max() > 0
+
+
+def test_train_transform_crops_pads_and_limits_one_class():
+    transform = TrainTransform((48, 64), (40, 30), (1.0, 1.0), 0.75, 0.0, True)
+    image, mask = transform(*Shapes("train")[0])
+    assert image.shape == (3, 48, 64) and mask.shape == (48, 64) and mask.dtype == torch.int64
+    assert (mask[40:] == IGNORE_INDEX).all()  # padded below the 40-pixel-high resized image
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("decoder", ["fpn", "upernet"])
+def test_each_decoder_on_each_family_runs_forward_and_backward(name, decoder):
+    torch.manual_seed(0)
+    size = (56, 56) if name.startswith("vip") else (64, 64)
+    model = build_segmenter(model_cfg(name, decoder), 5, size)
+    images = torch.randn(2, 3, *size)
+    logits = model(images)
+    assert logits.shape == (2, 5, *size)
+    torch.nn.functional.cross_entropy(logits, torch.randint(0, 5, (2, *size))).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_grid_bound_backbone_pads_smaller_images_and_refuses_larger():
+    model = build_segmenter(model_cfg("strip_mlp_tiny_light", "fpn"), 3, (64, 64)).eval()
+    assert model(torch.randn(1, 3, 40, 52)).shape == (1, 3, 40, 52)
+    with pytest.raises(ValueError, match="larger img_size"):
+        model(torch.randn(1, 3, 96, 64))
+    # sliding 64 x 64 windows cover an image larger than the crop, and equal one pass where one window covers it
+    assert predict_logits(model, torch.randn(3, 100, 70), "auto", (64, 64), (40, 40)).shape == (3, 100, 70)
+    image = torch.randn(3, 60, 64)
+    torch.testing.assert_close(predict_logits(model, image, "slide", (64, 64), (40, 40)),
+                               predict_logits(model, image, "whole", (64, 64), (40, 40)))
+
+
+def test_raftmlp_with_dynamic_img_size_segments_any_size_whole():
+    model = build_segmenter(model_cfg("raft_mlp_s", "fpn") | {"dynamic_img_size": True}, 3, (64, 64)).eval()
+    assert not model.backbone.fixed_size
+    assert predict_logits(model, torch.randn(3, 100, 70), "auto", (64, 64), (40, 40)).shape == (3, 100, 70)
+
+
+def test_backbone_from_a_classification_checkpoint_trained_at_another_size(tmp_path):
+    import visionmlp
+
+    classifier = visionmlp.create_model("strip_mlp_tiny_light", img_size=32, num_classes=7,
+                                        **TINY["strip_mlp_tiny_light"])
+    torch.save({"model": classifier.state_dict()}, tmp_path / "classifier.pt")
+    model = build_segmenter(model_cfg("strip_mlp_tiny_light", "fpn"), 3, (64, 64), tmp_path / "classifier.pt")
+    assert any("resampled" in note for note in model.backbone.loaded)
+    stem = "stem.proj.weight" if "stem.proj.weight" in classifier.state_dict() else next(iter(classifier.state_dict()))
+    torch.testing.assert_close(model.backbone.body.state_dict()[stem], classifier.state_dict()[stem])
+
+
+def test_sliding_windows_cover_the_image_flush_with_its_edges():
+    windows = sliding_windows(100, 70, (64, 64), (40, 40))
+    covered = torch.zeros(100, 70)
+    for top, left, bottom, right in windows:
+        assert bottom - top == 64 and right - left == 64
+        covered[top:bottom, left:right] = 1
+    assert covered.all() and len(windows) == 4
+
+
+def test_metrics_on_a_known_confusion_match_torchmetrics():
+    label = torch.tensor([0, 0, 0, 1, 1, 2, IGNORE_INDEX, 3])
+    prediction = torch.tensor([0, 0, 1, 1, 2, 2, 0, 0])
+    confusion = ConfusionMatrix(5)
+    confusion.update(prediction, label)
+    # IoU: class 0 2/(3+1) = 0.5, class 1 1/(2+1+... ) = 1/3, class 2 1/2, class 3 0; class 4 absent (left out)
+    expected_iou = (0.5 + 1 / 3 + 0.5 + 0.0) / 4
+    metrics = confusion.compute()
+    assert metrics["mIoU"] == pytest.approx(expected_iou * 100)
+    assert metrics["mAcc"] == pytest.approx((2 / 3 + 1 / 2 + 1 + 0) / 4 * 100)
+    assert metrics["aAcc"] == pytest.approx(4 / 7 * 100)
+    jaccard = MulticlassJaccardIndex(num_classes=4, ignore_index=IGNORE_INDEX, average="macro")
+    assert float(jaccard(prediction, label)) * 100 == pytest.approx(metrics["mIoU"])
+
+
+def test_train_eval_predict_end_to_end(tmp_path, capsys):
+    output = tmp_path / "run"
+    assert main(["segment", "train", "--output", str(output), *DEMO]) == 0
+    logged = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in logged] == [2, 4]
+    capsys.readouterr()
+    assert main(["segment", "eval", "--checkpoint", str(output / "last.pt"), "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured == {k: logged[-1][f"val_{k}"] for k in ("mIoU", "mAcc", "aAcc")}
+
+    # resume continues from the last evaluation to the new end
+    assert main(["segment", "train", "--output", str(output), "--resume", "auto", *DEMO[:-6],
+                 "train.iterations", "6", "train.eval_interval", "2", "data.batch_size", "4"]) == 0
+    assert [json.loads(line)["iteration"] for line in (output / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
+
+    image = tmp_path / "scene.png"
+    Shapes("val")[0][0].resize((80, 72)).save(image)
+    capsys.readouterr()
+    assert main(["segment", "predict", "--checkpoint", str(output / "last.pt"), str(image), "--output",
+                 str(tmp_path / "drawn"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    drawn = Image.open(result["output"])
+    assert drawn.size == (80, 72) and sum(result["classes"].values()) == pytest.approx(100, abs=0.1)
+
+
+def test_eval_refuses_a_classification_checkpoint(tmp_path, capsys):
+    path = tmp_path / "weights.pt"
+    torch.save({"model": {}}, path)
+    assert main(["segment", "eval", "--checkpoint", str(path)]) == 2
+    assert "segment train" in capsys.readouterr().err
