@@ -176,6 +176,19 @@ def test_train_eval_predict_end_to_end(tmp_path, capsys):
     assert drawn.size == (80, 72) and sum(result["classes"].values()) == pytest.approx(100, abs=0.1)
 
 
+def test_two_process_torchrun_logs_what_eval_measures(tmp_path, capsys):
+    from test_train import torchrun_train
+
+    output = tmp_path / "ddp"
+    result = torchrun_train("--output", str(output), *DEMO, command=("segment", "train"))
+    assert result.stdout.count("iteration 4/4: train loss") == 1  # only rank 0 logs
+    logged = json.loads((output / "metrics.jsonl").read_text().splitlines()[-1])
+    # each rank's last step updates its own BatchNorm statistics: the evaluation must use those rank 0 saves
+    assert main(["segment", "eval", "--checkpoint", str(output / "last.pt"), "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured == {k: logged[f"val_{k}"] for k in ("mIoU", "mAcc", "aAcc")}
+
+
 def test_eval_refuses_a_classification_checkpoint(tmp_path, capsys):
     path = tmp_path / "weights.pt"
     torch.save({"model": {}}, path)

@@ -150,14 +150,14 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert [r["train_loss"] for r in got] == pytest.approx([r["train_loss"] for r in expected], rel=1e-6)
 
 
-def torchrun_train(*args: str) -> subprocess.CompletedProcess:
-    """``visionmlp train ARGS`` in two CPU processes under torchrun (gloo), on a free local port."""
+def torchrun_train(*args: str, command: tuple[str, ...] = ("train",)) -> subprocess.CompletedProcess:
+    """``visionmlp COMMAND ARGS`` (default ``train``) in two CPU processes under torchrun (gloo), on a free port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(port), "-m", "visionmlp", "train", "--device", "cpu", *args],
+         "--master_port", str(port), "-m", "visionmlp", *command, "--device", "cpu", *args],
         env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result

@@ -70,6 +70,14 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics): each rank's last training step updated its own, and
+    an evaluation must measure the model rank 0 saves."""
+    if ctx.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
     """The ``obj`` of every rank, in rank order."""
     if not ctx.distributed:

@@ -36,7 +36,16 @@ from ..config import (
 from ..data import DataError, build_dataset, build_loader, build_transform, subset_evenly
 from ..models import load_for_finetuning
 from ..models.factory import run_classes
-from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, setup
+from .distributed import (
+    DistContext,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    broadcast_buffers,
+    broadcast_object,
+    cleanup,
+    setup,
+)
 from .evaluate import autocast, build_model, evaluate, resolve_input_config
 from .optim import parameter_groups, train_classifier_only
 from .reporting import RunRecorder, log, use_progress_bars
@@ -340,6 +349,7 @@ def train(config: Config) -> dict[str, Any]:
             model, model_without_ddp, train_loader, optimizer, scheduler, scaler, loss_fn, mixup_fn, ema,
             ctx, config, epoch, num_epochs, num_updates, output)
         train_time = time.perf_counter() - epoch_start
+        broadcast_buffers(model_without_ddp, ctx)
         val_stats = evaluate(model_without_ddp, val_loader, ctx, amp=train_cfg["amp"])
         record = {
             "epoch": epoch,
@@ -354,6 +364,7 @@ def train(config: Config) -> dict[str, Any]:
             "skipped_images": train_stats["skipped_images"] + val_stats["skipped_images"],
         }
         if ema is not None:
+            broadcast_buffers(ema.module, ctx)
             ema_stats = evaluate(ema.module, val_loader, ctx, amp=train_cfg["amp"])
             record.update(val_loss_ema=ema_stats["loss"], val_acc1_ema=ema_stats["acc1"],
                           val_acc5_ema=ema_stats["acc5"])

@@ -23,7 +23,14 @@ from ..checkpoint import atomic_save, read_checkpoint
 from ..config import Config, ConfigError, dump
 from ..data.datasets import subset_evenly
 from ..data.loader import EvalShardSampler
-from ..engine.distributed import DistContext, all_reduce_sum, barrier, broadcast_object, setup
+from ..engine.distributed import (
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    broadcast_buffers,
+    broadcast_object,
+    setup,
+)
 from ..engine.evaluate import autocast
 from ..engine.reporting import RunRecorder, log
 from ..engine.train import seed_everything
@@ -142,8 +149,8 @@ def train(config: Config) -> dict[str, Any]:
     model.to(ctx.device)
     model_without_ddp = model
     if ctx.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model_without_ddp = model
+        if ctx.device.type == "cuda":  # batch statistics over all processes, as the seed's SyncBN (CUDA only)
+            model = model_without_ddp = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
     # ---- optimisation: the decoder at the base rate, norms and biases without weight decay
@@ -225,6 +232,7 @@ def train(config: Config) -> dict[str, Any]:
         if iteration % interval == 0 or iteration == total:
             train_loss = float(all_reduce_sum(loss_sum, ctx)) / (loss_count * ctx.world_size)
             elapsed = time.perf_counter() - interval_start
+            broadcast_buffers(model_without_ddp, ctx)
             metrics = evaluate(model_without_ddp, val_loader, ctx, config)
             model.train()
             record = {"iteration": iteration, "train_loss": train_loss, "lr": lr,
