@@ -131,9 +131,9 @@ class Shapes(Dataset):
         image = Image.fromarray(np.clip(base + noise - 30, 0, 255).astype(np.uint8))
         mask = Image.new("L", (size, size), 0)
         draw_image, draw_mask = ImageDraw.Draw(image), ImageDraw.Draw(mask)
-        for _ in range(rng.randint(1, 4)):
+        for _ in range(rng.randint(1, 3)):
             label = rng.randint(1, 3)
-            radius = rng.uniform(0.08, 0.22) * size
+            radius = rng.uniform(0.12, 0.25) * size
             cx, cy = rng.uniform(radius, size - radius), rng.uniform(radius, size - radius)
             colour = tuple(rng.randrange(256) for _ in range(3))
             if label == 1:
