@@ -194,3 +194,18 @@ def test_eval_refuses_a_classification_checkpoint(tmp_path, capsys):
     torch.save({"model": {}}, path)
     assert main(["segment", "eval", "--checkpoint", str(path)]) == 2
     assert "segment train" in capsys.readouterr().err
+
+
+def test_deploy_folds_a_repmlpnet_backbone_with_the_same_outputs(tmp_path):
+    from visionmlp.segmentation.engine import load_segmenter
+
+    output = tmp_path / "rep"
+    kwargs = "{dims: [16, 32, 64, 128], depths: [1, 1, 1, 1]}"
+    assert main(["segment", "train", "--model", "repmlpnet_t224", "--output", str(output), *DEMO[:2], kwargs,
+                 *DEMO[3:]]) == 0
+    trained, _, _ = load_segmenter(output / "last.pt")
+    folded, _, _ = load_segmenter(output / "last.pt", deploy=True)
+    assert sum(p.numel() for p in folded.parameters()) != sum(p.numel() for p in trained.parameters())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images), trained(images), rtol=1e-4, atol=1e-4)
