@@ -187,7 +187,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     monkeypatch.setattr("visionmlp.engine.train.LabelSmoothingCrossEntropy", lambda smoothing: ExplodingLoss())
     capsys.readouterr()
     assert main(["train", "--epochs", "2", "--output", str(output), "--resume", "auto", *TINY]) == 1
-    assert "training loss is nan at epoch 2, step 4" in capsys.readouterr().err
+    assert "training loss is nan at epoch 2, between steps 1 and " in capsys.readouterr().err
     assert read_checkpoint(output / "last.pt")["epoch"] == 0
     assert [r["epoch"] for r in read_metrics(output)] == [0]
 
@@ -276,3 +276,19 @@ def test_a_run_of_another_timm_model_trains_and_evaluates(tmp_path, capsys):
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(capsys):
     assert main(["eval", "--model", "vip_s7", "--checkpoint", "/no/such.pt"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_loss_is_read_every_print_freq_steps_not_every_step(tmp_path, monkeypatch):
+    # a read of a device tensor makes the host wait for the device: one per logging window, none per step
+    import visionmlp.engine.train as train_module
+
+    reads = []
+
+    def counting_all_reduce(tensor, ctx):
+        reads.append(tensor.numel())
+        return tensor
+
+    monkeypatch.setattr(train_module, "all_reduce_sum", counting_all_reduce)
+    # 192 images in batches of 32: 6 steps, logged every 4 steps and at the end
+    assert main(["train", "--epochs", "1", "--output", str(tmp_path / "run"), *TINY, "print_freq", "4"]) == 0
+    assert reads == [2, 2, 1]  # the two windows' (loss sum, steps), then the count of unreadable images

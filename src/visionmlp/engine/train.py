@@ -433,7 +433,11 @@ def train_one_epoch(
     if train_cfg["freeze_backbone"]:
         train_classifier_only(model_without_ddp)
     optimizer.zero_grad(set_to_none=True)
-    loss_sum, steps_done, images_seen, skipped_total, num_steps = 0.0, 0, 0, 0, len(loader)
+    images_seen, skipped_total, num_steps, print_freq = 0, 0, len(loader), config["print_freq"]
+    # losses stay on the device and are read every print_freq steps: a read per step would wait for the device
+    # at every step; a non-finite loss makes the window's sum non-finite, which the next read reports
+    window = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (sum of losses, steps) since the last read
+    epoch_loss, epoch_steps, window_start = 0.0, 0, 0
     bar = None
     if ctx.is_main and use_progress_bars():
         from tqdm import tqdm
@@ -441,55 +445,59 @@ def train_one_epoch(
         bar = tqdm(total=num_steps, desc=f"epoch {epoch + 1}/{num_epochs}", leave=False)
     for step, (images, targets, skipped) in enumerate(loader):
         skipped_total += skipped
-        if images is None:
-            continue
-        images = images.to(ctx.device, non_blocking=True)
-        targets = targets.to(ctx.device, non_blocking=True)
-        if mixup_fn is not None:
-            if images.shape[0] % 2:  # mixup pairs images; a batch shortened by unreadable files may be odd
-                images, targets = images[:-1], targets[:-1]
-            images, targets = mixup_fn(images, targets)
-        is_update_step = (step + 1) % accumulation == 0 or step + 1 == num_steps
-        # gradients are all-reduced only on the micro-batch that ends an accumulation
-        sync = model.no_sync() if ctx.distributed and not is_update_step else contextlib.nullcontext()
-        with sync:
-            with autocast(ctx.device, amp):
-                loss = loss_fn(model(images), targets)
-            scaler.scale(loss / accumulation).backward()
+        if images is not None:
+            images = images.to(ctx.device, non_blocking=True)
+            targets = targets.to(ctx.device, non_blocking=True)
+            if mixup_fn is not None:
+                if images.shape[0] % 2:  # mixup pairs images; a batch shortened by unreadable files may be odd
+                    images, targets = images[:-1], targets[:-1]
+                images, targets = mixup_fn(images, targets)
+            is_update_step = (step + 1) % accumulation == 0 or step + 1 == num_steps
+            # gradients are all-reduced only on the micro-batch that ends an accumulation
+            sync = model.no_sync() if ctx.distributed and not is_update_step else contextlib.nullcontext()
+            with sync:
+                with autocast(ctx.device, amp):
+                    loss = loss_fn(model(images), targets)
+                scaler.scale(loss / accumulation).backward()
+            window[0] += loss.detach().double()
+            window[1] += 1
+            if is_update_step:
+                if clip_grad:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+                    nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                num_updates += 1
+                if scheduler is not None:
+                    scheduler.step_update(num_updates)
+                if ema is not None:
+                    ema.update(model_without_ddp, step=num_updates)
+            images_seen += images.shape[0] * ctx.world_size
 
-        # every rank must agree to stop, or the ranks that carry on would wait forever for the others
-        mean_loss = all_reduce_sum(loss.detach().float().reshape(1).clone(), ctx).item() / ctx.world_size
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLossError(
-                f"stopping: the training loss is {mean_loss} at epoch {epoch + 1}, step {step + 1}. "
-                f"The last good checkpoint, if any, is {output / 'last.pt'}. Try a lower learning rate "
-                "(--lr / --opts train.base_lr), --amp bf16 or none, or gradient clipping (train.clip_grad)."
-            )
-        if is_update_step:
-            if clip_grad:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            num_updates += 1
-            if scheduler is not None:
-                scheduler.step_update(num_updates)
-            if ema is not None:
-                ema.update(model_without_ddp, step=num_updates)
-
-        loss_sum += mean_loss
-        steps_done += 1
-        images_seen += images.shape[0] * ctx.world_size
-        lr = optimizer.param_groups[0]["lr"]
+        if (step + 1) % print_freq == 0 or step + 1 == num_steps:
+            # every rank reads the same sums and so agrees to stop: ranks that carried on would wait forever
+            loss_sum, steps = all_reduce_sum(window.clone(), ctx).tolist()
+            window.zero_()
+            if not math.isfinite(loss_sum):
+                raise NonFiniteLossError(
+                    f"stopping: the training loss is {loss_sum} at epoch {epoch + 1}, between steps "
+                    f"{window_start + 1} and {step + 1}. The last good checkpoint, if any, is {output / 'last.pt'}. "
+                    "Try a lower learning rate (--lr / --opts train.base_lr), --amp bf16 or none, or gradient "
+                    "clipping (train.clip_grad); --opts print_freq 1 finds the step."
+                )
+            epoch_loss, epoch_steps, window_start = epoch_loss + loss_sum, epoch_steps + steps, step + 1
+            lr = optimizer.param_groups[0]["lr"]
+            mean_loss = loss_sum / max(steps, 1)
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+            elif ctx.is_main:
+                log(f"epoch {epoch + 1}/{num_epochs} step {step + 1}/{num_steps}: loss {mean_loss:.4f} lr {lr:.3e}")
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-        elif ctx.is_main and ((step + 1) % config["print_freq"] == 0 or step + 1 == num_steps):
-            log(f"epoch {epoch + 1}/{num_epochs} step {step + 1}/{num_steps}: loss {mean_loss:.4f} lr {lr:.3e}")
     if bar is not None:
         bar.close()
     skipped = torch.tensor([skipped_total], dtype=torch.float64, device=ctx.device)
     skipped_total = int(all_reduce_sum(skipped, ctx).item())
-    return {"loss": loss_sum / max(1, steps_done), "lr": optimizer.param_groups[0]["lr"], "images": images_seen,
+    return {"loss": epoch_loss / max(1, epoch_steps), "lr": optimizer.param_groups[0]["lr"], "images": images_seen,
             "skipped_images": skipped_total}, num_updates
