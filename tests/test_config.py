@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from visionmlp.config import ConfigError, build_config, load_recipe, parse_opts, shipped_recipes
+from visionmlp.config import ConfigError, build_config, family_recipe, load_recipe, parse_opts, shipped_recipes
 
 
 def test_no_arguments_resolve_to_the_digits_recipe():
@@ -45,7 +45,26 @@ def test_family_recipe_is_picked_from_the_model_with_drop_path_per_variant():
     assert config["model"]["drop_path_rate"] == 0.2
 
 
-@pytest.mark.parametrize("recipe", ["ms_mlp", "vip", "strip_mlp", "raft_mlp", "repmlpnet"])
+def test_raft_mlp_ablations_train_with_the_official_settings_of_each():
+    imagenet = {"data.dataset": "imagenet", "data.path": "/x"}
+    config = build_config(flags={"model.name": "raft_mlp_org_mixer", **imagenet})
+    assert family_recipe("raft_mlp_org_mixer") == "raft_mlp"
+    assert (config["data"]["batch_size"], config["train"]["base_lr"], config["train"]["lr_base_batch"]) == (
+        256, 2e-3, 2048)  # imagenet-org-mixer.yaml: global batch 2048, lr 2e-3 (8 processes)
+    assert config["model"]["drop_path_rate"] == 0.1 and config["train"]["epochs"] == 305
+    # imagenet-raft-mlp-deep.yaml: global batch 1536, lr 1.5e-3; its own recipe is picked for it
+    assert family_recipe("raft_mlp_deep") == "raft_mlp_deep"
+    config = build_config(flags={"model.name": "raft_mlp_deep", **imagenet})
+    assert (config["data"]["batch_size"], config["train"]["base_lr"], config["train"]["lr_base_batch"]) == (
+        192, 1.5e-3, 1536)
+    assert config["model"]["drop_path_rate"] == 0.1 and config["train"]["epochs"] == 305
+    deep, family = load_recipe("raft_mlp_deep"), load_recipe("raft_mlp")
+    for section in ("aug", "train", "data"):  # otherwise the family's recipe
+        differs = {k for k in family[section] if deep[section].get(k) != family[section][k]}
+        assert differs <= {"batch_size", "base_lr", "lr_base_batch"}, section
+
+
+@pytest.mark.parametrize("recipe", ["ms_mlp", "vip", "strip_mlp", "raft_mlp", "raft_mlp_deep", "repmlpnet"])
 def test_shipped_imagenet_recipes_validate(recipe):
     assert recipe in shipped_recipes()
     config = build_config(recipe, flags={"data.path": "/data/imagenet"})

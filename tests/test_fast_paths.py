@@ -150,6 +150,24 @@ def test_fast_and_reference_forms_give_the_same_outputs_and_gradients(name):
         assert relative_l2(fast.eval()(x), reference.eval()(x)) <= 1e-5
 
 
+def test_raft_mlp_one_level_models_fast_and_reference_forms_agree():
+    # the MLP-Mixer baseline's blocks (the generic fast kernels: oneDNN MLPs, residuals on kept samples) and a one-level
+    # raft model, narrow, in training with drop path and in evaluation
+    for name in ("raft_mlp_org_mixer", "raft_mlp_r4"):
+        torch.manual_seed(0)
+        kwargs = dict(img_size=64, embed_dims=(32,), drop_path_rate=0.5)
+        reference = visionmlp.create_model(name, fast_kernels=False, **kwargs)
+        fast = visionmlp.create_model(name, fast_kernels=True, **kwargs)
+        fast.load_state_dict(reference.state_dict())
+        x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        (logits, grads), (expected_logits, expected_grads) = (
+            _logits_and_gradients(fast.train(), x, seed=7), _logits_and_gradients(reference.train(), x, seed=7))
+        assert relative_l2(logits, expected_logits) <= 1e-5, name
+        _assert_same_gradients(grads, expected_grads)
+        with torch.no_grad():
+            assert relative_l2(fast.eval()(x), reference.eval()(x)) <= 1e-5, name
+
+
 @pytest.mark.parametrize("name", [n for n in CASES if not n.startswith("repmlpnet")])  # RepMLPNet: no drop path
 def test_with_drop_path_the_fast_form_drops_the_same_samples(name):
     # the fast residuals draw the drop mask as timm's DropPath does: same seed, same samples, same gradients

@@ -123,6 +123,24 @@ def test_the_flowers_recipe_fine_tunes_a_dynamic_raft_mlp_at_256x224(tmp_path, c
                                                                           rel=1e-5)
 
 
+@pytest.mark.parametrize("data_set", ["cifar10", "flowers102"])  # at 224, and at 256 x 224 on the 224 x 224 grid
+def test_raft_mlp_recipes_fine_tune_the_mlp_mixer_baseline(data_set):
+    # the seed fine-tunes its MLP-Mixer baseline with the settings of RaftMLP-S/M/L (finetune/*-org-mixer.yaml);
+    # here narrow, at the recipe's input size
+    from visionmlp.config import build_config, image_size, load_recipe
+    from visionmlp.engine.evaluate import build_model
+
+    for recipe in ("cifar10", "cifar100", "flowers102", "stanford_cars", "inat2018", "inat2019"):
+        assert load_recipe(f"raft_mlp_{recipe}")["model"]["drop_path_by_variant"]["raft_mlp_org_mixer"] == 0.0
+    config = build_config(f"raft_mlp_{data_set}", opts={"model.kwargs": "{embed_dims: [32]}"},
+                          flags={"model.name": "raft_mlp_org_mixer", "data.path": "/data"})
+    assert config["model"]["drop_path_rate"] == 0.0
+    model = build_model(config, num_classes=10).eval()
+    assert model.stages[0].blocks[0].mlp_tokens.fc1.weight.shape == (392, 196)  # the ImageNet weights' grid
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, *image_size(config))).shape == (1, 10)
+
+
 def test_class_selection_relabels_in_the_order_given():
     from visionmlp.data import DataError, build_dataset
 

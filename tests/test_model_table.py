@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from visionmlp import MODEL_NAMES
 from visionmlp.cli import main
@@ -27,6 +28,14 @@ REFERENCE = {
     "raft_mlp_s": (224, 9_868_768, None, 2.087),
     "raft_mlp_m": (224, 21_413_632, None, 4.267),
     "raft_mlp_l": (224, 36_184_672, None, 6.544),
+    # the baseline and ablations, measured on the official code the same way
+    "raft_mlp_org_mixer": (224, 59_918_200, None, 12.631),
+    "raft_mlp_r1": (224, 58_105_432, None, 11.417),
+    "raft_mlp_r2": (224, 58_162_888, None, 11.619),
+    "raft_mlp_r4": (224, 58_390_696, None, 12.024),
+    "raft_mlp_hierarchy_m": (224, 19_920_640, None, 3.747),
+    "raft_mlp_r2_cross_emb": (224, 60_522_184, None, 12.082),
+    "raft_mlp_deep": (224, 43_532_296, None, 8.989),
     "repmlpnet_t224": (224, 38_293_608, 38_331_720, 2.808),
     "repmlpnet_b224": (224, 68_242_712, 68_332_664, 6.676),
     "repmlpnet_t256": (256, 58_687_848, 58_739_400, 4.258),
@@ -42,6 +51,7 @@ FOLDED_EMBEDDING_GMACS = {
     "raft_mlp_s": (56**2 * 64 * 3 * 4**2 + 28**2 * 128 * 64 * 2**2 + 14**2 * 256 * 128 * 2**2) / 1e9,
     "raft_mlp_m": (56**2 * 96 * 3 * 4**2 + 28**2 * 192 * 96 * 2**2 + 14**2 * 384 * 192 * 2**2) / 1e9,
     "raft_mlp_l": (56**2 * 128 * 3 * 4**2 + 28**2 * 192 * 128 * 2**2 + 14**2 * 512 * 192 * 2**2) / 1e9,
+    "raft_mlp_r2_cross_emb": 14**2 * 768 * 3 * 16**2 / 1e9,
 }
 
 
@@ -70,12 +80,40 @@ def test_cli_json_and_family_filter(capsys: pytest.CaptureFixture[str]) -> None:
     rows = json.loads(capsys.readouterr().out)
     assert [r["model"] for r in rows] == ["vip_s7", "vip_m7", "vip_l7"]
     assert all(r["family"] == "ViP" and r["params"] > 0 and r["gmacs"] > 0 for r in rows)
+    assert all("weights" not in r for r in rows)  # the weights' columns only with --weights
 
 
 def test_cli_markdown_is_the_default(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "--family", "repmlpnet"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| model | family |") and "| repmlpnet_l256 | RepMLPNet | 256 | 117,641,560 |" in out
+    assert out.splitlines()[0].endswith("| GMACs |")
+
+
+def test_weights_adds_where_the_weights_are_and_the_reported_top1(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)  # an empty cache of the test's own
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    assert main(["models", "--family", "ms_mlp", "--weights"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| model | family | resolution | params | params (deploy) | GMACs | weights | cached | top-1 |"
+    url = "https://tsciencescu.blob.core.windows.net/projectshzheng/MSMLP/released_model/msmlp_tiny_patch4/"
+    assert lines[2].startswith("| ms_mlp_tiny | MS-MLP | 224 | 28,656,232 | - |")
+    assert lines[2].endswith(f"| {url}msmlp_tiny_patch4_ckpt_epoch299.pth | - | 82.1 |")
+    assert lines[-1] == ("top-1 of ms_mlp_tiny, ms_mlp_small, ms_mlp_base: "
+                         "JegZheng/MS-MLP README.md, Image Classification on ImageNet-1K, Top-1 (%)")
+
+    assert main(["models", "--family", "raft_mlp", "--weights"]) == 0
+    out = capsys.readouterr().out
+    assert "| raft_mlp_s | RaftMLP | 224 | 9,868,768 |" in out
+    assert "| not released by the authors | - | not reported |" in out
+    assert "not reported in the repository" in out
+
+
+def test_weights_and_benchmark_are_separate_tables(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "--weights", "--benchmark"]) == 2
+    assert "--weights and --benchmark" in capsys.readouterr().err
 
 
 def test_write_readme_replaces_only_the_marked_block(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,6 +24,9 @@ OFFICIAL_PARAMS = {
     "strip_mlp_tiny_light": 18_243_920, "strip_mlp_tiny": 24_903_920,
     "strip_mlp_small": 42_568_600, "strip_mlp_base": 57_216_480,
     "raft_mlp_s": 9_868_768, "raft_mlp_m": 21_413_632, "raft_mlp_l": 36_184_672,
+    # measured on the official code (libs/models.py with configs/settings/imagenet-*.yaml)
+    "raft_mlp_org_mixer": 59_918_200, "raft_mlp_r1": 58_105_432, "raft_mlp_r2": 58_162_888, "raft_mlp_r4": 58_390_696,
+    "raft_mlp_hierarchy_m": 19_920_640, "raft_mlp_r2_cross_emb": 60_522_184, "raft_mlp_deep": 43_532_296,
     "repmlpnet_t224": 38_293_608, "repmlpnet_b224": 68_242_712, "repmlpnet_t256": 58_687_848,
     "repmlpnet_b256": 96_447_512, "repmlpnet_d256": 86_887_648, "repmlpnet_l256": 117_641_560,
 }
@@ -34,6 +37,13 @@ SMALL_IMG.update({n: 112 for n in MODEL_NAMES if n.startswith("vip")})  # ViP's 
 SMALL_IMG.update({n: 64 for n in MODEL_NAMES if n.startswith("repmlpnet")})
 
 
+# RaftMLP's one-level models and their depths: their features are the patch embedding and every block's output.
+ONE_LEVEL_DEPTH = {"raft_mlp_org_mixer": 12, "raft_mlp_r1": 12, "raft_mlp_r2": 12, "raft_mlp_r4": 12,
+                   "raft_mlp_r2_cross_emb": 12, "raft_mlp_deep": 36}
+# They are 43-61 M parameters wide: the interface tests build them as they are but narrow (their size is checked on
+# the meta device above, their maths against the official code in test_equivalence).
+NARROW = {name: {"embed_dims": (32,)} for name in ONE_LEVEL_DEPTH}
+
 # The smallest variant of each family.
 SMALLEST_OF_EACH_FAMILY = ["ms_mlp_tiny", "vip_s7", "strip_mlp_tiny_light", "raft_mlp_s", "repmlpnet_t224"]
 
@@ -42,7 +52,7 @@ def small_model(name: str, **kwargs) -> torch.nn.Module:
     """Variant ``name`` built for its small test resolution."""
     if visionmlp.models.family_module(name).__name__.endswith("ms_mlp"):
         return create_model(name, **kwargs)
-    return create_model(name, img_size=SMALL_IMG[name], **kwargs)
+    return create_model(name, img_size=SMALL_IMG[name], **NARROW.get(name, {}), **kwargs)
 
 
 def test_every_name_is_listed_and_registered_with_timm():
@@ -55,7 +65,8 @@ def test_reference_table_names_match(tmp_path):
     if not REFERENCE_TABLE.exists():
         pytest.skip("shared/reference/models.md is not beside this checkout")
     names = re.findall(r"^\| (\w+)(?: \(T\*\))? \|", REFERENCE_TABLE.read_text(), flags=re.M)
-    assert [n for n in names if n in OFFICIAL_PARAMS] == list(MODEL_NAMES)
+    assert [n for n in names if n in OFFICIAL_PARAMS] == [n for n in MODEL_NAMES if n in names]
+    assert {"raft_mlp_s", "vip_s7", "repmlpnet_l256"} <= set(names)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -126,7 +137,7 @@ def test_gradient_checkpointing_gives_same_gradients(name):
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_features_only_gives_four_maps_at_their_strides(name):
     img = SMALL_IMG[name]
-    kwargs = {} if name.startswith("ms_mlp") else {"img_size": img}
+    kwargs = {} if name.startswith("ms_mlp") else {"img_size": img, **NARROW.get(name, {})}
     model = timm.create_model(name, features_only=True, **kwargs).eval()
     reductions = model.feature_info.reduction()
     channels = model.feature_info.channels()
@@ -151,7 +162,8 @@ def test_forward_intermediates_match_forward_features(name):
     with torch.no_grad():
         final, intermediates = model.forward_intermediates(x)
         torch.testing.assert_close(final, model.forward_features(x))
-        assert len(intermediates) == len(model.feature_info) == 4
+        maps = ONE_LEVEL_DEPTH[name] + 1 if name in ONE_LEVEL_DEPTH else 4  # a one-level model: embedding, blocks
+        assert len(intermediates) == len(model.feature_info) == maps
         for fmap, info in zip(intermediates, model.feature_info):
             assert fmap.shape == (1, info["num_chs"], img // info["reduction"], img // info["reduction"])
         only_last = model.forward_intermediates(x, indices=1, intermediates_only=True)
@@ -232,7 +244,7 @@ def test_checkpoint_files_load_through_converter(name, tmp_path):
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_default_resolution_matches_pretrained_cfg(name):
     """timm's conventions at the default size: pool_size, head_hidden_size, head removal and pass-through pooling."""
-    model = create_model(name).eval()
+    model = create_model(name, **NARROW.get(name, {})).eval()
     cfg = model.pretrained_cfg
     x = torch.randn(1, *cfg["input_size"])
     assert model.num_classes == 1000 and model.num_features > 0 and model.head_hidden_size > 0
@@ -247,7 +259,7 @@ def test_default_resolution_matches_pretrained_cfg(name):
         model.reset_classifier(0, "")
         assert model.num_classes == 0
         assert model(x).shape == unpooled_shape
-    unpooled = create_model(name, num_classes=0, global_pool="").eval()
+    unpooled = create_model(name, num_classes=0, global_pool="", **NARROW.get(name, {})).eval()
     with torch.no_grad():
         assert unpooled(x).shape == unpooled_shape
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import visionmlp
 from visionmlp.kernels import raft_mlp as raft_kernels
-from visionmlp.models.raft_mlp import CrossScaleEmbed, RaftBlock, checkpoint_filter_fn
+from visionmlp.models.raft_mlp import CrossScaleEmbed, MixerBlock, RaftBlock, checkpoint_filter_fn
 
 from synthetic_weights import load_reference, relative_l2, synthetic_state_dict
 
@@ -21,6 +21,7 @@ pytestmark = pytest.mark.usefixtures("both_forms")
 
 SMALL = 64  # token grids 16, 8, 4, 2
 TINY = dict(embed_dims=(8, 16, 16, 32), depths=(1, 1, 2, 1))  # the real layout, narrow and shallow for speed
+ONE_LEVEL = dict(img_size=SMALL, embed_dims=(32,))  # the one-level models narrow: 4 x 4 tokens at stride 16
 
 
 def _model(name: str = "raft_mlp_s", **kwargs) -> nn.Module:
@@ -65,6 +66,32 @@ def test_raft_block_matches_direct_formulation(grid, fast_kernels):
     block = _randomize(RaftBlock(12, grid, raft_size=3, fast_kernels=fast_kernels)).double().eval()
     x = torch.randn(2, *grid, 12, dtype=torch.float64)
     expected = _direct_raft_block(block, x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(block.parameters()))
+    got = block(x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    for got_grad, expected_grad in zip(torch.autograd.grad(got.square().sum(), list(block.parameters())),
+                                       expected_grads):
+        torch.testing.assert_close(got_grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+def _direct_mixer_block(block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
+    """MLP-Mixer's block written on its weights: tokens (B, N, C), the token MLP contracting N, the channel MLP C."""
+    B, H, W, C = x.shape
+    tokens, mlp = x.reshape(B, H * W, C), block.mlp_tokens
+    y = block.norm_tokens(tokens)
+    hidden = F.gelu(torch.einsum("bnc,kn->bkc", y, mlp.fc1.weight) + mlp.fc1.bias[:, None])
+    tokens = tokens + torch.einsum("bkc,nk->bnc", hidden, mlp.fc2.weight) + mlp.fc2.bias[:, None]
+    tokens = tokens + block.mlp_channels(block.norm_channels(tokens))
+    return tokens.reshape(B, H, W, C)
+
+
+@pytest.mark.parametrize("fast_kernels", [False, True], ids=["reference", "fast"])
+def test_mixer_block_matches_direct_formulation(fast_kernels):
+    torch.manual_seed(0)
+    block = _randomize(MixerBlock(12, (3, 5), fast_kernels=fast_kernels)).double().eval()
+    assert block.mlp_tokens.fc1.weight.shape == (30, 15)  # all 15 tokens, expansion 2
+    x = torch.randn(2, 3, 5, 12, dtype=torch.float64)
+    expected = _direct_mixer_block(block, x)
     expected_grads = torch.autograd.grad(expected.square().sum(), list(block.parameters()))
     got = block(x)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
@@ -179,6 +206,70 @@ def test_features_only_maps():
     feats = model(torch.randn(1, 3, SMALL, SMALL))
     assert [f.shape for f in feats] == [(1, 192, 8, 8), (1, 768, 2, 2)]
     assert model.feature_info.reduction() == [8, 32]
+
+
+def test_one_level_features_are_the_embedding_and_every_block():
+    torch.manual_seed(0)
+    model = visionmlp.create_model("raft_mlp_org_mixer", **ONE_LEVEL).double().eval()
+    stage, x = model.stages[0], torch.randn(1, 3, SMALL, SMALL, dtype=torch.float64)
+    with torch.no_grad():
+        taps = [stage.embed_tokens(x)]
+        for block in stage.blocks:
+            taps.append(block(taps[-1]))
+        taps = [t.permute(0, 3, 1, 2) for t in taps]
+        assert len(model.feature_info) == 13 and {f["reduction"] for f in model.feature_info} == {16}
+        final, maps = model.forward_intermediates(x, indices=[0, 4, 12], norm=True)
+        torch.testing.assert_close(maps[:2], [taps[0], taps[4]])
+        torch.testing.assert_close(maps[2], model.norm(taps[12].permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        torch.testing.assert_close(final, model.forward_features(x))
+
+        # by default the taps the seed's detection and segmentation backbones give their FPN: embedding, blocks 4, 10, 12
+        backbone = timm.create_model("raft_mlp_org_mixer", features_only=True, **ONE_LEVEL).double().eval()
+        backbone.model.load_state_dict(model.state_dict(), strict=False)
+        assert backbone.feature_info.out_indices == (0, 4, 10, 12)
+        assert backbone.feature_info.reduction() == [16] * 4 and backbone.feature_info.channels() == [32] * 4
+        torch.testing.assert_close(backbone(x), [taps[i] for i in (0, 4, 10, 12)])
+        picked = timm.create_model("raft_mlp_org_mixer", features_only=True, out_indices=(2, 6), **ONE_LEVEL)
+        assert len(picked.model.stages[0].blocks) == 6  # blocks past the last tap pruned
+        assert [m.shape for m in picked(x.float())] == [(1, 32, 4, 4)] * 2
+    deep = timm.create_model("raft_mlp_deep", features_only=True, img_size=SMALL, embed_dims=(8,))
+    assert deep.feature_info.out_indices == (0, 12, 30, 36)  # the same fractions of 36 blocks
+
+
+@pytest.mark.parametrize("name", ["raft_mlp_org_mixer", "raft_mlp_r2_cross_emb", "raft_mlp_hierarchy_m"])
+def test_ablation_models_take_other_sizes_with_dynamic_img_size(name):
+    # the fine-tuning recipes' 256 x 224 (height x width) on the 224 x 224 grid, as the official code runs them
+    narrow = {"embed_dims": (32,)} if name != "raft_mlp_hierarchy_m" else {"embed_dims": (8, 16, 16, 32)}
+    model = visionmlp.create_model(name, dynamic_img_size=True, num_classes=5, **narrow).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 256, 224)).shape == (1, 5)
+        maps = model.forward_intermediates(torch.randn(1, 3, 256, 224), indices=1, intermediates_only=True)
+    assert maps[-1].shape[-2:] == ((16, 14) if name != "raft_mlp_hierarchy_m" else (8, 7))
+    with pytest.raises(ValueError, match="img_size"):
+        visionmlp.create_model(name, **narrow)(torch.randn(1, 3, 256, 224))
+
+
+@pytest.mark.parametrize("saved_as", ["state_dict", "trainer_checkpoint"])
+def test_official_mlp_mixer_checkpoint_converts_and_loads(tmp_path, saved_as):
+    layout, _, meta = load_reference("raft_mlp_org_mixer_dynamic_72x56")  # an official layout of width 32, grid 4 x 4
+    kwargs = meta["model_kwargs"]
+    official = synthetic_state_dict(layout)
+    # the official trainer (ignite) saves the bare state dict as {last,best}_model_*.pt, and the model with the
+    # trainer, optimizer and schedule every checkpoint_every iterations
+    saved = official if saved_as == "state_dict" else {
+        "trainer": {"epoch": 3}, "model": official, "optimizer": {"state": {}, "param_groups": []}, "lr_scheduler": {}}
+    path = tmp_path / "last_model_0.pt"
+    torch.save(saved, path)
+    model = visionmlp.create_model("raft_mlp_org_mixer", checkpoint_path=path, **kwargs)
+    # the official plain embedding is a linear layer on each patch flattened (row, column, channel)
+    embed = official["levels.0.fn.1.weight"].float().reshape(32, 16, 16, 3).permute(0, 3, 1, 2)
+    torch.testing.assert_close(model.stages[0].embed.proj[0].weight.detach(), embed)
+    torch.testing.assert_close(model.stages[0].blocks[3].mlp_tokens.fc1.weight.detach(),
+                               official["levels.0.fn.5.1.fn.0.weight"].float())
+    with pytest.raises(ValueError, match="does not fit"):
+        visionmlp.convert_official_state_dict("raft_mlp_r2", path, **kwargs)
+    with pytest.raises(ValueError, match="img_size"):  # a model for another grid: the fix is named
+        visionmlp.convert_official_state_dict("raft_mlp_org_mixer", path, embed_dims=(32,), img_size=96)
 
 
 def test_drop_path_rate_is_uniform():

@@ -314,11 +314,14 @@ def parse_opts(opts: Iterable[str] | None) -> dict[str, str]:
 
 
 def family_recipe(model_name: str) -> str | None:
-    """The shipped recipe of a visionmlp variant's family (``vip_s7`` -> ``vip``), or None for other models."""
+    """The shipped recipe of a visionmlp variant's family (``vip_s7`` -> ``vip``), or None for other models; a variant
+    the authors trained otherwise than its family has a recipe of its own (``raft_mlp_deep``)."""
     from .models import MODEL_NAMES, family_module
 
     if model_name not in MODEL_NAMES:
         return None
+    if model_name in shipped_recipes():
+        return model_name
     family = family_module(model_name).__name__.rsplit(".", 1)[-1]
     return family if family in shipped_recipes() else None
 
@@ -397,7 +400,8 @@ def validate(config: Config) -> None:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The --cfg and --opts flags shared by train and eval."""
     parser.add_argument("--cfg", metavar="FILE", help="YAML recipe: a file, or a shipped one by name "
-                        "(digits, ms_mlp, vip, strip_mlp, raft_mlp, repmlpnet); default: picked from the model family")
+                        "(digits, ms_mlp, vip, strip_mlp, raft_mlp, raft_mlp_deep, repmlpnet, or a fine-tuning recipe); "
+                        "default: picked from the model (its family's recipe, or its own)")
     parser.add_argument("--opts", nargs="+", metavar="KEY VALUE", default=None,
                         help="override config keys, e.g. --opts train.base_lr 1e-3 aug.mixup 0")
 

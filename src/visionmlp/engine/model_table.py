@@ -1,4 +1,5 @@
-"""``visionmlp models``: the variants with resolution, parameters and GMACs, optionally with measured speed."""
+"""``visionmlp models``: the variants with resolution, parameters and GMACs, optionally with measured speed or with
+where their official weights are and the top-1 reported for them."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..models import MODEL_NAMES, create_model, list_models
+from ..models.weights import cached_weights, weights_info
 from .benchmark import (
     add_benchmark_options,
     benchmark_kwargs,
@@ -40,7 +42,7 @@ README_END = "<!-- models:end -->"
 def describe_model(name: str) -> dict[str, Any]:
     """Family, default resolution, parameters (also of the folded deploy form) and GMACs of one variant.
 
-    The model is built on the meta device (shapes only, no weights, so all 19 take seconds) unless it cannot
+    The model is built on the meta device (shapes only, no weights, so all of them take seconds) unless it cannot
     run there. GMACs are ``FlopCounterMode`` FLOPs / 2 of one fp32 forward at batch 1 and the default resolution.
     """
     return dict(_describe_model(name))
@@ -76,18 +78,44 @@ def _build_and_count(
     return model, deploy_model, counter.get_total_flops() / 2 / 1e9
 
 
-def model_table_markdown(names: Sequence[str] = MODEL_NAMES) -> str:
-    """The Markdown table of ``names`` (default: all variants) that the README shows."""
+def describe_weights(name: str) -> dict[str, Any]:
+    """Where variant ``name``'s official weights are (a URL, the pages to download them from by hand, or not
+    released), the file ``pretrained=True`` reads from the cache and whether it is there, and the ImageNet-1K top-1
+    reported for them with its source (``top1`` None: not reported)."""
+    info = weights_info(name)
+    cached = cached_weights(name)
+    return {
+        "weights": info["where"],
+        "weights_file": info["file_name"],
+        "cached": None if cached is None else str(cached),
+        "top1": info["top1"],
+        "top1_source": info["top1_source"],
+    }
+
+
+def model_table_markdown(names: Sequence[str] = MODEL_NAMES, weights: bool = False) -> str:
+    """The Markdown table of ``names`` (default: all variants) that the README shows; ``weights``: with the
+    columns of :func:`describe_weights` and the sources of the top-1 figures below the table."""
     lines = [
         "| model | family | resolution | params | params (deploy) | GMACs |",
         "|---|---|--:|--:|--:|--:|",
     ]
+    if weights:
+        lines = [lines[0] + " weights | cached | top-1 |", lines[1] + "---|---|--:|"]
+    sources: dict[str, list[str]] = {}
     for row in map(describe_model, names):
         deploy = "-" if row["params_deploy"] is None else f"{row['params_deploy']:,}"
-        lines.append(
-            f"| {row['model']} | {row['family']} | {row['img_size']} | {row['params']:,} | {deploy} "
-            f"| {row['gmacs']:.3f} |"
-        )
+        line = (f"| {row['model']} | {row['family']} | {row['img_size']} | {row['params']:,} | {deploy} "
+                f"| {row['gmacs']:.3f} |")
+        if weights:
+            found = describe_weights(row["model"])
+            top1 = "not reported" if found["top1"] is None else f"{found['top1']}"
+            line += f" {found['weights']} | {found['cached'] or '-'} | {top1} |"
+            sources.setdefault(found["top1_source"], []).append(row["model"])
+        lines.append(line)
+    if sources:
+        lines.append("")
+        lines += [f"top-1 of {', '.join(models)}: {source}" for source, models in sources.items()]
     return "\n".join(lines)
 
 
@@ -158,6 +186,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("markdown", "json"), default="markdown", help="output format")
     parser.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
     parser.add_argument(
+        "--weights", action="store_true",
+        help="also where the official weights are (URL, download page or not released), whether pretrained=True "
+             "finds them in the cache, and the ImageNet top-1 reported for them",
+    )
+    parser.add_argument(
         "--write-readme", metavar="FILE", default=None,
         help=f"also write the table into FILE between the {README_START} and {README_END} lines",
     )
@@ -173,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.plot and not args.benchmark:
             raise ValueError("--plot needs --benchmark")
+        if args.weights and args.benchmark:
+            raise ValueError("--weights and --benchmark print different tables: give one of them")
         if args.benchmark:
             results = run_all(names, progress=lambda line: print(line, file=sys.stderr), **benchmark_kwargs(args))
             rows: list[dict[str, Any]] = results
@@ -180,8 +215,8 @@ def run(args: argparse.Namespace) -> int:
             if args.plot:
                 plot_throughput(results, args.plot)
         else:
-            rows = [describe_model(name) for name in names]
-            markdown = model_table_markdown(names)
+            rows = [describe_model(name) | (describe_weights(name) if args.weights else {}) for name in names]
+            markdown = model_table_markdown(names, weights=args.weights)
         if args.write_readme:
             replace_readme_block(args.write_readme, markdown)
     except (ValueError, OSError) as error:

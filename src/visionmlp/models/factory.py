@@ -24,6 +24,8 @@ MODEL_NAMES = (
     "vip_s7", "vip_m7", "vip_l7",
     "strip_mlp_tiny_light", "strip_mlp_tiny", "strip_mlp_small", "strip_mlp_base",
     "raft_mlp_s", "raft_mlp_m", "raft_mlp_l",
+    "raft_mlp_org_mixer", "raft_mlp_r1", "raft_mlp_r2", "raft_mlp_r4", "raft_mlp_hierarchy_m", "raft_mlp_r2_cross_emb",
+    "raft_mlp_deep",
     "repmlpnet_t224", "repmlpnet_b224", "repmlpnet_t256", "repmlpnet_b256", "repmlpnet_d256", "repmlpnet_l256",
 )
 

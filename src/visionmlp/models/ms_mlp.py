@@ -32,6 +32,7 @@ from timm.models._manipulate import checkpoint_seq
 from .. import kernels
 from ..checkpoint import load_pretrained_file
 from ..kernels.ms_mlp import mix_shift_block as mix_shift_block_kernel
+from .weights import pretrained_cfg_entries, resolve_pretrained_kwargs
 
 torch.fx.wrap('mix_shift_block_kernel')
 
@@ -379,7 +380,7 @@ def _create_ms_mlp(variant: str, pretrained: bool = False, **kwargs: Any) -> MsM
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
-        **kwargs,
+        **resolve_pretrained_kwargs(variant, pretrained, kwargs),
     )
 
 
@@ -405,9 +406,9 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    'ms_mlp_tiny': _cfg(),
-    'ms_mlp_small': _cfg(),
-    'ms_mlp_base': _cfg(),
+    'ms_mlp_tiny': _cfg(**pretrained_cfg_entries('ms_mlp_tiny')),
+    'ms_mlp_small': _cfg(**pretrained_cfg_entries('ms_mlp_small')),
+    'ms_mlp_base': _cfg(**pretrained_cfg_entries('ms_mlp_base')),
 })
 
 

@@ -9,6 +9,12 @@ MLP works on a "raft": the ``raft_size`` channel groups of one column (or row) a
 so an MLP sees ``raft_size * H`` (or ``raft_size * W``) values. Every stage starts with a cross-scale
 embedding: patches of several sizes around the same centre, concatenated and projected.
 
+The paper's baseline and ablations are variants of the same model: MLP-Mixer (one level of stride 16 whose token
+mixing is one MLP over all H * W tokens, ``token_mixing='mixer'``), one-level raft models of raft size 1, 2 and 4,
+with a plain or a cross-scale patch embedding, a deep narrow one, and RaftMLP-M's four levels with plain patch
+embeddings. A one-level model's blocks all work at stride 16, and each block's output is a feature map
+(``features_only``, ``forward_intermediates``), as the seed's detection and segmentation backbones take them.
+
 Differences from the official implementation (same maths, same weights after conversion):
   * the model is built for one input size (``img_size``) and keeps no per-call state; the official
     levels record the last input's size on their modules during ``forward`` and resize other sizes
@@ -33,14 +39,16 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, get_device_dtype, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
+from timm.models._manipulate import checkpoint, checkpoint_seq
 
 from .. import kernels
-from ..checkpoint import StateDict, load_pretrained_file
+from ..checkpoint import load_pretrained_file
 from ..kernels.raft_mlp import token_mixing as raft_token_mixing_kernel
 from .layers import check_input_size
+from .raft_mlp_convert import check_token_grid, checkpoint_filter_fn
+from .weights import pretrained_cfg_entries, resolve_pretrained_kwargs
 
-__all__ = ['RaftMLP', 'checkpoint_filter_fn']
+__all__ = ['RaftMLP', 'check_token_grid', 'checkpoint_filter_fn']
 
 
 torch.fx.wrap('check_input_size')
@@ -62,6 +70,7 @@ class CrossScaleEmbed(nn.Module):
     linear layer. That equals a sum of strided convolutions, one per kernel (the linear weight split
     by kernel and reshaped), and since every kernel is centred on the same stride cell the sum is a
     single convolution with the largest kernel and the smaller ones zero-padded into its middle.
+    With one kernel size it is a plain patch embedding (MLP-Mixer's, the official ``emb_mixer``).
     """
 
     def __init__(
@@ -183,8 +192,70 @@ class RaftBlock(nn.Module):
         return x + self.drop_path(self.channel_mixing(x))
 
 
+class MixerBlock(nn.Module):
+    """MLP-Mixer's block on an NHWC map: token mixing over all H * W tokens, then channel mixing; each a pre-norm
+    residual MLP. The paper's baseline (the official ``original_tm`` token mixing).
+
+    The token-mixing MLP sees, for one channel, the ``H * W`` values of the map in row-major order.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            grid_size: Tuple[int, int],
+            token_mlp_ratio: float = 2.,
+            channel_mlp_ratio: float = 4.,
+            proj_drop: float = 0.,
+            drop_path: float = 0.,
+            dynamic_img_size: bool = False,
+            fast_kernels: bool = False,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.fast_kernels = fast_kernels
+        self.dynamic_img_size = dynamic_img_size
+        self.grid_size = tuple(grid_size)
+        num_tokens = self.grid_size[0] * self.grid_size[1]
+        self.norm_tokens = nn.LayerNorm(dim, **dd)
+        self.mlp_tokens = Mlp(num_tokens, int(num_tokens * token_mlp_ratio), drop=proj_drop, **dd)
+        self.norm_channels = nn.LayerNorm(dim, **dd)
+        self.mlp_channels = Mlp(dim, int(dim * channel_mlp_ratio), drop=proj_drop, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def spatial_mixing(self, x: torch.Tensor) -> torch.Tensor:
+        """The token-mixing branch of NHWC ``x``: each channel's H * W values mixed by one MLP."""
+        B, H, W, C = x.shape
+        y = self.norm_tokens(x).reshape(B, H * W, C).transpose(1, 2)
+        return self.mlp_tokens(y).transpose(1, 2).reshape(B, H, W, C)
+
+    def channel_mixing(self, x: torch.Tensor) -> torch.Tensor:
+        """The channel-MLP branch of NHWC ``x``."""
+        return self.mlp_channels(self.norm_channels(x))
+
+    def token_mixing(self, x: torch.Tensor) -> torch.Tensor:
+        """The token-mixing residual branch, NHWC in and out, on this block's grid."""
+        if self.fast_kernels and not torch.jit.is_scripting():
+            return kernels.drop_path_residual(x, self.spatial_mixing, self.drop_path)
+        return x + self.drop_path(self.spatial_mixing(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """NHWC in, NHWC out. With ``dynamic_img_size`` a map of another size is resized (bicubic) to the block's
+        grid for the token mixing and back, as the official code runs inputs of other sizes."""
+        if self.dynamic_img_size:
+            size = (x.shape[1], x.shape[2])
+            x = resize_tokens(self.token_mixing(resize_tokens(x, self.grid_size)), size)
+        else:
+            x = self.token_mixing(x)
+        if self.fast_kernels and not torch.jit.is_scripting():
+            return kernels.drop_path_residual(x, self.channel_mixing, self.drop_path)
+        return x + self.drop_path(self.channel_mixing(x))
+
+
 class RaftStage(nn.Module):
-    """Cross-scale embedding followed by raft blocks at one resolution (NCHW in, NHWC out)."""
+    """Cross-scale (or plain patch) embedding followed by raft blocks, or MLP-Mixer blocks, at one resolution
+    (NCHW in, NHWC out)."""
 
     def __init__(
             self,
@@ -194,6 +265,7 @@ class RaftStage(nn.Module):
             depth: int,
             embed_kernels: Sequence[int],
             raft_size: int = 2,
+            token_mixing: str = 'raft',
             token_mlp_ratio: float = 2.,
             channel_mlp_ratio: float = 4.,
             proj_drop: float = 0.,
@@ -208,16 +280,17 @@ class RaftStage(nn.Module):
         self.grad_checkpointing = False
         self.dynamic_img_size = dynamic_img_size
         self.embed = CrossScaleEmbed(in_chans, dim, embed_kernels, **dd)
-        self.blocks = nn.Sequential(*[
-            RaftBlock(
-                dim, grid_size, raft_size=raft_size, token_mlp_ratio=token_mlp_ratio,
-                channel_mlp_ratio=channel_mlp_ratio, proj_drop=proj_drop, drop_path=drop_path,
-                dynamic_img_size=dynamic_img_size, fast_kernels=fast_kernels, **dd)
-            for _ in range(depth)
-        ])
+        block_args = dict(
+            token_mlp_ratio=token_mlp_ratio, channel_mlp_ratio=channel_mlp_ratio, proj_drop=proj_drop,
+            drop_path=drop_path, dynamic_img_size=dynamic_img_size, fast_kernels=fast_kernels, **dd)
+        if token_mixing == 'mixer':
+            blocks = [MixerBlock(dim, grid_size, **block_args) for _ in range(depth)]
+        else:
+            blocks = [RaftBlock(dim, grid_size, raft_size=raft_size, **block_args) for _ in range(depth)]
+        self.blocks = nn.Sequential(*blocks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embed an NCHW map and mix; returns NHWC. With ``dynamic_img_size`` a map whose sides are not multiples
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed an NCHW map; returns NHWC tokens. With ``dynamic_img_size`` a map whose sides are not multiples
         of the stride is first resized (bicubic) up to the next multiples, as the official code does."""
         if self.dynamic_img_size:
             stride = self.embed.stride
@@ -225,14 +298,19 @@ class RaftStage(nn.Module):
             if height % stride or width % stride:
                 x = F.interpolate(x, (-(-height // stride) * stride, -(-width // stride) * stride), mode='bicubic',
                                   align_corners=False)
-        x = self.embed(x)
+        return self.embed(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed an NCHW map and mix; returns NHWC."""
+        x = self.embed_tokens(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
 
 
 class RaftMLP(nn.Module):
-    """RaftMLP with cross-scale embeddings and serial vertical / horizontal raft token mixing.
+    """RaftMLP with cross-scale embeddings and serial vertical / horizontal raft token mixing (or, for the paper's
+    MLP-Mixer baseline, one token-mixing MLP over all tokens).
 
     The token-mixing weights depend on the token grid, so the model is built for one ``img_size``;
     each side must be a multiple of the total stride (product of the patch sizes, 32 by default).
@@ -248,6 +326,7 @@ class RaftMLP(nn.Module):
             depths: Sequence[int] = (2, 2, 6, 2),
             embed_kernels: Sequence[Sequence[int]] = ((4, 8), (2, 4), (2, 4), (2,)),
             raft_size: int = 2,
+            token_mixing: str = 'raft',
             token_mlp_ratio: float = 2.,
             channel_mlp_ratio: float = 4.,
             drop_rate: float = 0.,
@@ -267,8 +346,11 @@ class RaftMLP(nn.Module):
             global_pool: 'avg' or '' (no pooling).
             embed_dims: Channels of each stage.
             depths: Number of raft blocks in each stage.
-            embed_kernels: Cross-scale embedding kernel sizes per stage; the smallest is the stage's stride.
+            embed_kernels: Cross-scale embedding kernel sizes per stage; the smallest is the stage's stride (one size:
+                a plain patch embedding).
             raft_size: Channel groups mixed together by each token-mixing MLP.
+            token_mixing: 'raft' (vertical then horizontal raft MLPs) or 'mixer' (MLP-Mixer's one MLP over all
+                tokens, the paper's baseline; ``raft_size`` is then unused).
             token_mlp_ratio: Hidden expansion of the vertical / horizontal MLPs.
             channel_mlp_ratio: Hidden expansion of the channel MLP.
             drop_rate: Dropout before the classifier.
@@ -286,6 +368,11 @@ class RaftMLP(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         if global_pool not in ('', 'avg'):
             raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+        if token_mixing not in ('raft', 'mixer'):
+            raise ValueError(f"token_mixing must be 'raft' or 'mixer', got {token_mixing!r}")
+        if not len(embed_dims) == len(depths) == len(embed_kernels):
+            raise ValueError(f'embed_dims, depths and embed_kernels must have one entry per stage; got '
+                             f'{len(embed_dims)}, {len(depths)} and {len(embed_kernels)}')
         self.img_size = to_2tuple(img_size)
         strides = [min(k) for k in embed_kernels]
         total_stride = self.size_multiple = math.prod(strides)
@@ -296,6 +383,9 @@ class RaftMLP(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = embed_dims[-1]
+        # A one-level model's features are its patch embedding (tap 0) and each block's output (tap i: block i of
+        # 1..depth), all at the level's stride; a model of several levels gives one map per level.
+        self.block_features = len(depths) == 1
 
         stages = []
         self.feature_info = []
@@ -305,10 +395,15 @@ class RaftMLP(nn.Module):
             reduction *= strides[i]
             stages.append(RaftStage(
                 prev_chans, dim, (self.img_size[0] // reduction, self.img_size[1] // reduction), depth, stage_kernels,
-                raft_size=raft_size, token_mlp_ratio=token_mlp_ratio, channel_mlp_ratio=channel_mlp_ratio,
-                proj_drop=proj_drop_rate, drop_path=drop_path_rate, dynamic_img_size=dynamic_img_size,
-                fast_kernels=self.fast_kernels, **dd))
-            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'stages.{i}'))
+                raft_size=raft_size, token_mixing=token_mixing, token_mlp_ratio=token_mlp_ratio,
+                channel_mlp_ratio=channel_mlp_ratio, proj_drop=proj_drop_rate, drop_path=drop_path_rate,
+                dynamic_img_size=dynamic_img_size, fast_kernels=self.fast_kernels, **dd))
+            if self.block_features:
+                self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'stages.{i}.embed'))
+                self.feature_info += [
+                    dict(num_chs=dim, reduction=reduction, module=f'stages.{i}.blocks.{j}') for j in range(depth)]
+            else:
+                self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'stages.{i}'))
             prev_chans = dim
         self.stages = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(self.num_features, **dd)
@@ -365,13 +460,16 @@ class RaftMLP(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs as NCHW maps (and the final features unless ``intermediates_only``).
+        """Feature maps (``feature_info``) as NCHW maps, and the final features unless ``intermediates_only``.
+
+        The maps are the stage outputs, or for a one-level model the patch embedding (index 0) and each block's
+        output (index i: after block i).
 
         Args:
             x: Input images.
-            indices: Take the last n stages if int, all if None, or the listed stage indices.
-            norm: Apply the final norm to the last stage's output.
-            stop_early: Stop after the last requested stage.
+            indices: Take the last n maps if int, all if None, or the listed map indices.
+            norm: Apply the final norm to the last map.
+            stop_early: Stop after the last requested map.
             output_fmt: Only 'NCHW'.
             intermediates_only: Return only the intermediates.
         """
@@ -380,18 +478,32 @@ class RaftMLP(nn.Module):
         if not self.dynamic_img_size:
             x = check_input_size(x, self.img_size, self.size_multiple)
         intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-        if torch.jit.is_scripting() or not stop_early:
-            stages = self.stages
-        else:
-            stages = self.stages[:max_index + 1]
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)  # NHWC
-            if feat_idx in take_indices:
-                y = self.norm(x) if norm and feat_idx == last_idx else x
-                intermediates.append(y.permute(0, 3, 1, 2))
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        last_idx = len(self.feature_info) - 1
+        feat_idx = 0
+        if self.block_features:
+            stage = self.stages[0]
+            x = stage.embed_tokens(x)  # NHWC
+            if 0 in take_indices:
+                intermediates.append(x.permute(0, 3, 1, 2))
+            blocks = stage.blocks if torch.jit.is_scripting() or not stop_early else stage.blocks[:max_index]
+            for feat_idx, block in enumerate(blocks, start=1):
+                if stage.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(block, x)
+                else:
+                    x = block(x)
+                if feat_idx in take_indices:
+                    y = self.norm(x) if norm and feat_idx == last_idx else x
+                    intermediates.append(y.permute(0, 3, 1, 2))
             x = x.permute(0, 3, 1, 2)
+        else:
+            stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+            for feat_idx, stage in enumerate(stages):
+                x = stage(x)  # NHWC
+                if feat_idx in take_indices:
+                    y = self.norm(x) if norm and feat_idx == last_idx else x
+                    intermediates.append(y.permute(0, 3, 1, 2))
+                x = x.permute(0, 3, 1, 2)
 
         if intermediates_only:
             return intermediates
@@ -405,12 +517,15 @@ class RaftMLP(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Drop the stages (and norm / head) not needed for the requested intermediates."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[:max_index + 1]
+        """Drop the stages, or a one-level model's blocks, (and norm / head) not needed for the requested maps."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        prune_end = max_index < len(self.feature_info) - 1
+        if self.block_features:
+            self.stages[0].blocks = self.stages[0].blocks[:max_index]
+        else:
+            self.stages = self.stages[:max_index + 1]
         if prune_norm or prune_end:
-            self.norm = nn.Identity()  # sized for the last stage only
+            self.norm = nn.Identity()  # sized for the last map only
         if prune_end:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
         if prune_head or prune_end:
@@ -441,84 +556,23 @@ class RaftMLP(nn.Module):
         load_pretrained_file(self, checkpoint_path, checkpoint_filter_fn)
 
 
-def _raft_channels_first(norm_weight: torch.Tensor, raft_size: int) -> torch.Tensor:
-    """Reorder an official token-norm affine from (group, raft) channel order to our (raft, group) order."""
-    return norm_weight.reshape(-1, raft_size).t().reshape(-1)
-
-
-def checkpoint_filter_fn(state_dict: StateDict, model: RaftMLP) -> StateDict:
-    """Convert an official RaftMLP state dict (``levels.*``) to this model's keys (ours pass unchanged); a checkpoint
-    trained on another token grid is refused with the fix (:func:`check_token_grid`)."""
-    if any(k.startswith('levels.') for k in state_dict):
-        state_dict = _convert_official(state_dict, model)
-    check_token_grid(state_dict, model)
-    return state_dict
-
-
-def check_token_grid(state_dict: StateDict, model: RaftMLP) -> None:
-    """A ValueError naming the fix if the checkpoint's token-mixing MLPs were sized for another grid than the model's.
-
-    RaftMLP changes resolution as its authors do, not by resampling weights: a token MLP's hidden layer is twice as
-    wide as its input column of rafts and has no spatial order, so there is nothing to interpolate it along. Build
-    the model at the checkpoint's ``img_size`` with ``dynamic_img_size=True``: each block then resizes its token map
-    to the trained grid for the token mixing and back (bicubic), and the model takes any input size.
-    """
-    for i, stage in enumerate(model.stages):
-        key = f'stages.{i}.blocks.0.mlp_vertical.fc1.weight'
-        if key not in state_dict or not len(stage.blocks):
-            continue
-        expected = stage.blocks[0].mlp_vertical.fc1.weight.shape
-        if state_dict[key].shape != expected:
-            raise ValueError(
-                f'the checkpoint\'s token-mixing MLPs were trained on another token grid than img_size '
-                f'{model.img_size[0]}x{model.img_size[1]} gives ({key}: {tuple(state_dict[key].shape)} against '
-                f'{tuple(expected)}); RaftMLP does not resample them (their hidden layers have no spatial order). '
-                'Build the model at the checkpoint\'s img_size with dynamic_img_size=True, which runs any input '
-                'size the way the official code does')
-
-
-def _convert_official(state_dict: StateDict, model: RaftMLP) -> StateDict:
-    """An official RaftMLP state dict (``levels.*``) with this model's keys."""
-    out = {}
-    for i, stage in enumerate(model.stages):
-        src = f'levels.{i}.fn.'
-        dst = f'stages.{i}.'
-        # the official linear takes the concatenated unfolds (kernel by kernel, each (C_in, k, k))
-        fc_weight = state_dict[src + '0.fc.weight']
-        offset = 0
-        for j, conv in enumerate(stage.embed.proj):
-            size = conv.weight[0].numel()
-            out[f'{dst}embed.proj.{j}.weight'] = fc_weight[:, offset:offset + size].reshape(conv.weight.shape)
-            offset += size
-        out[dst + 'embed.proj.0.bias'] = state_dict[src + '0.fc.bias']
-        for j, block in enumerate(stage.blocks):
-            # official block j = Sequential(shrink, vertical, rearrange, horizontal, expansion, channel)
-            blk_src = f'{src}{j + 2}.'
-            blk_dst = f'{dst}blocks.{j}.'
-            for name, idx in (('vertical', 1), ('horizontal', 3)):
-                for p in ('weight', 'bias'):
-                    out[f'{blk_dst}norm_{name}.{p}'] = _raft_channels_first(
-                        state_dict[f'{blk_src}{idx}.norm.1.{p}'], block.raft_size)
-                    out[f'{blk_dst}mlp_{name}.fc1.{p}'] = state_dict[f'{blk_src}{idx}.fn.0.{p}']
-                    out[f'{blk_dst}mlp_{name}.fc2.{p}'] = state_dict[f'{blk_src}{idx}.fn.3.{p}']
-            for p in ('weight', 'bias'):
-                out[f'{blk_dst}norm_channels.{p}'] = state_dict[f'{blk_src}5.norm.{p}']
-                out[f'{blk_dst}mlp_channels.fc1.{p}'] = state_dict[f'{blk_src}5.fn.0.{p}']
-                out[f'{blk_dst}mlp_channels.fc2.{p}'] = state_dict[f'{blk_src}5.fn.3.{p}']
-    # without shortcuts the official model has a single head: (rearrange, LayerNorm, rearrange, mean)
-    for p in ('weight', 'bias'):
-        out[f'norm.{p}'] = state_dict[f'heads.0.1.{p}']
-        if f'classifier.{p}' in state_dict:
-            out[f'head.{p}'] = state_dict[f'classifier.{p}']
-    return out
+def _default_out_indices(depths: Sequence[int]) -> Tuple[int, ...]:
+    """The maps ``features_only`` gives by default: every level's, or for one level four of its taps. The seed's
+    detection and segmentation backbones take MLP-Mixer's patch embedding and the outputs of blocks 4, 10 and 12 of
+    12 (taps 0, 4, 10, 12); a one-level model of another depth takes the same fractions of it."""
+    if len(depths) > 1:
+        return tuple(range(len(depths)))
+    depth = depths[0]
+    return 0, depth // 3, depth * 5 // 6, depth
 
 
 def _create_raft_mlp(variant: str, pretrained: bool = False, **kwargs: Any) -> RaftMLP:
+    out_indices = _default_out_indices(kwargs.get('depths', (2, 2, 6, 2)))
     return build_model_with_cfg(
         RaftMLP, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
-        **kwargs,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **resolve_pretrained_kwargs(variant, pretrained, kwargs),
     )
 
 
@@ -531,6 +585,7 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
         'first_conv': 'stages.0.embed.proj.0', 'classifier': 'head',
         'custom_load': True, 'license': 'apache-2.0', 'paper_ids': 'arXiv:2108.04384',
         'origin_url': 'https://github.com/okojoalg/raft-mlp',
+        **pretrained_cfg_entries(family='raft_mlp'),  # the authors released no weights: every variant
         **kwargs,
     }
 
@@ -539,6 +594,13 @@ default_cfgs = generate_default_cfgs({
     'raft_mlp_s': _cfg(),
     'raft_mlp_m': _cfg(),
     'raft_mlp_l': _cfg(),
+    'raft_mlp_org_mixer': _cfg(pool_size=(14, 14)),
+    'raft_mlp_r1': _cfg(pool_size=(14, 14)),
+    'raft_mlp_r2': _cfg(pool_size=(14, 14)),
+    'raft_mlp_r4': _cfg(pool_size=(14, 14)),
+    'raft_mlp_hierarchy_m': _cfg(),
+    'raft_mlp_r2_cross_emb': _cfg(pool_size=(14, 14)),
+    'raft_mlp_deep': _cfg(pool_size=(14, 14)),
 })
 
 
@@ -561,3 +623,63 @@ def raft_mlp_l(pretrained: bool = False, **kwargs: Any) -> RaftMLP:
     """RaftMLP-L (official settings imagenet-raft-mlp-cross-mlp-emb-l)."""
     model_args = dict(embed_dims=(128, 192, 512, 1024))
     return _create_raft_mlp('raft_mlp_l', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+# The paper's MLP-Mixer baseline and its ablations, as the official ImageNet settings build them.
+_ONE_LEVEL = dict(depths=(12,), embed_dims=(768,), embed_kernels=((16,),))
+
+
+@register_model
+def raft_mlp_org_mixer(pretrained: bool = False, **kwargs: Any) -> RaftMLP:
+    """The MLP-Mixer baseline (official settings imagenet-org-mixer): one level of patch 16, depth 12, width 768,
+    a token MLP over all 196 tokens (expansion 2), channel expansion 4."""
+    model_args = dict(_ONE_LEVEL, token_mixing='mixer')
+    return _create_raft_mlp('raft_mlp_org_mixer', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def raft_mlp_r1(pretrained: bool = False, **kwargs: Any) -> RaftMLP:
+    """One level like the MLP-Mixer baseline with raft token mixing of raft size 1 (official settings
+    imagenet-raft-mlp-r-1)."""
+    model_args = dict(_ONE_LEVEL, raft_size=1)
+    return _create_raft_mlp('raft_mlp_r1', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def raft_mlp_r2(pretrained: bool = False, **kwargs: Any) -> RaftMLP:
+    """One level like the MLP-Mixer baseline with raft token mixing of raft size 2 (official settings
+    imagenet-raft-mlp-r-2)."""
+    model_args = dict(_ONE_LEVEL, raft_size=2)
+    return _create_raft_mlp('raft_mlp_r2', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def raft_mlp_r4(pretrained: bool = False, **kwargs: Any) -> RaftMLP:
+    """One level like the MLP-Mixer baseline with raft token mixing of raft size 4 (official settings
+    imagenet-raft-mlp)."""
+    model_args = dict(_ONE_LEVEL, raft_size=4)
+    return _create_raft_mlp('raft_mlp_r4', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def raft_mlp_hierarchy_m(pretrained: bool = False, **kwargs: Any) -> RaftMLP:
+    """RaftMLP-M's four levels with plain patch embeddings instead of cross-scale ones (official settings
+    imagenet-raft-mlp-hierarchy-m)."""
+    model_args = dict(embed_dims=(96, 192, 384, 768), embed_kernels=((4,), (2,), (2,), (2,)))
+    return _create_raft_mlp('raft_mlp_hierarchy_m', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def raft_mlp_r2_cross_emb(pretrained: bool = False, **kwargs: Any) -> RaftMLP:
+    """One level of raft size 2 with a cross-scale embedding of kernels 16 and 32 (official settings
+    imagenet-raft-mlp-r-2-cross-mlp-emb)."""
+    model_args = dict(_ONE_LEVEL, embed_kernels=((16, 32),), raft_size=2)
+    return _create_raft_mlp('raft_mlp_r2_cross_emb', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def raft_mlp_deep(pretrained: bool = False, **kwargs: Any) -> RaftMLP:
+    """One deep, narrow level: patch 16, depth 36, width 384, raft size 2 (official settings
+    imagenet-raft-mlp-deep, trained at batch 1536 and learning rate 1.5e-3)."""
+    model_args = dict(_ONE_LEVEL, depths=(36,), embed_dims=(384,), raft_size=2)
+    return _create_raft_mlp('raft_mlp_deep', pretrained=pretrained, **dict(model_args, **kwargs))

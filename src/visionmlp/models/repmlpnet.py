@@ -52,6 +52,7 @@ from .. import kernels
 from ..checkpoint import StateDict, load_pretrained_file
 from .fold import bn_scale_shift, fold_bn_before
 from .resample import log_resampled, resample_mixing, resample_positions
+from .weights import pretrained_cfg_entries, resolve_pretrained_kwargs
 
 __all__ = ["RepMLPBlock", "RepMLPNet"]
 
@@ -583,12 +584,12 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 _cfg256 = partial(_cfg, input_size=(3, 256, 256), pool_size=(8, 8))
 
 default_cfgs = generate_default_cfgs({
-    "repmlpnet_t224": _cfg(),
-    "repmlpnet_b224": _cfg(),
-    "repmlpnet_t256": _cfg256(),
-    "repmlpnet_b256": _cfg256(),
-    "repmlpnet_d256": _cfg256(),
-    "repmlpnet_l256": _cfg256(),
+    "repmlpnet_t224": _cfg(**pretrained_cfg_entries("repmlpnet_t224")),
+    "repmlpnet_b224": _cfg(**pretrained_cfg_entries("repmlpnet_b224")),
+    "repmlpnet_t256": _cfg256(**pretrained_cfg_entries("repmlpnet_t256")),
+    "repmlpnet_b256": _cfg256(**pretrained_cfg_entries("repmlpnet_b256")),
+    "repmlpnet_d256": _cfg256(**pretrained_cfg_entries("repmlpnet_d256")),
+    "repmlpnet_l256": _cfg256(**pretrained_cfg_entries("repmlpnet_l256")),
 })
 
 
@@ -599,7 +600,7 @@ def _create_repmlpnet(variant: str, pretrained: bool = False, **kwargs: Any) -> 
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs,
+        **resolve_pretrained_kwargs(variant, pretrained, kwargs),
     )
 
 

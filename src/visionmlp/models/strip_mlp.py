@@ -41,6 +41,7 @@ from ..kernels.strip_mlp import token_mixing as token_mixing_kernel
 from .fold import fold_bn_after
 from .layers import check_input_size
 from .resample import log_resampled, resample_mixing, resample_positions, resample_relative_table
+from .weights import pretrained_cfg_entries, resolve_pretrained_kwargs
 
 __all__ = ["StripMLPNet"]
 
@@ -575,10 +576,10 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    "strip_mlp_tiny_light": _cfg(),
-    "strip_mlp_tiny": _cfg(),
-    "strip_mlp_small": _cfg(),
-    "strip_mlp_base": _cfg(),
+    "strip_mlp_tiny_light": _cfg(**pretrained_cfg_entries("strip_mlp_tiny_light")),
+    "strip_mlp_tiny": _cfg(**pretrained_cfg_entries("strip_mlp_tiny")),
+    "strip_mlp_small": _cfg(**pretrained_cfg_entries("strip_mlp_small")),
+    "strip_mlp_base": _cfg(**pretrained_cfg_entries("strip_mlp_base")),
 })
 
 
@@ -589,7 +590,7 @@ def _create_strip_mlp(variant: str, pretrained: bool = False, **kwargs: Any) -> 
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg={"out_indices": (0, 1, 2, 3), "feature_cls": "getter"},
-        **kwargs,
+        **resolve_pretrained_kwargs(variant, pretrained, kwargs),
     )
 
 

@@ -38,6 +38,7 @@ from ..checkpoint import StateDict, load_pretrained_file
 from ..kernels.vip import permute_mlp as permute_mlp_kernel
 from .layers import check_input_size
 from .resample import log_resampled, resample_mixing, resample_positions
+from .weights import pretrained_cfg_entries, resolve_pretrained_kwargs
 
 __all__ = ["PermuteMlp", "PermutatorBlock", "PermutatorStage", "VisionPermutator"]
 
@@ -430,7 +431,7 @@ def _create_vip(variant: str, pretrained: bool = False, **kwargs: Any) -> Vision
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs,
+        **resolve_pretrained_kwargs(variant, pretrained, kwargs),
     )
 
 
@@ -457,9 +458,9 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 # Evaluation settings of the official validate.py / model configs (test-time pooling off).
 default_cfgs = generate_default_cfgs({
-    "vip_s7": _cfg(crop_pct=0.9),
-    "vip_m7": _cfg(crop_pct=0.9),
-    "vip_l7": _cfg(crop_pct=0.875),
+    "vip_s7": _cfg(crop_pct=0.9, **pretrained_cfg_entries("vip_s7")),
+    "vip_m7": _cfg(crop_pct=0.9, **pretrained_cfg_entries("vip_m7")),
+    "vip_l7": _cfg(crop_pct=0.875, **pretrained_cfg_entries("vip_l7")),
 })
 
 
