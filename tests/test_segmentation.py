@@ -25,6 +25,7 @@ TINY = {
     "strip_mlp_tiny_light": {"embed_dim": 16, "depths": [1, 1, 1, 1]},
     "raft_mlp_s": {"embed_dims": [16, 32, 48, 64], "depths": [1, 1, 1, 1]},
     "repmlpnet_t224": {"dims": [16, 32, 64, 128], "depths": [1, 1, 1, 1]},
+    "raft_mlp_org_mixer": {"embed_dims": [32], "depths": [6]},  # one level at stride 16: four taps resampled
 }
 DEMO = ["--opts", "model.kwargs", "{embed_dims: [16, 32, 48, 64], depths: [1, 1, 1, 1]}",
         "data.max_train_images", "16", "data.max_val_images", "6", "data.workers", "0", "train.iterations", "4",

@@ -1,9 +1,12 @@
 """A visionmlp classifier as a dense-prediction backbone: four feature maps at strides 4, 8, 16 and 32.
 
 Detection and segmentation heads (FPN, UperNet) take a stride-4-to-32 pyramid. Four families give it from their
-stages. Vision Permutator keeps one resolution after its first stage (strides 7, 14, 14, 14), and RaftMLP's one-level
-models one stride (16): for them the pyramid is built from the last map alone, as ViTDet does for a plain ViT
-(up-sampled for strides 4 and 8, kept for 16, pooled for 32, each followed by a 1x1 and a 3x3 convolution).
+stages. Vision Permutator keeps one resolution after its first stage (strides 7, 14, 14, 14): its pyramid is built
+from the last map alone, as ViTDet does for a plain ViT (up-sampled for strides 4 and 8, kept for 16, pooled for 32,
+each followed by a 1x1 and a 3x3 convolution). RaftMLP's one-level models (the MLP-Mixer baseline and ablations) keep
+stride 16 throughout: the four maps the seed's detection backbone taps (patch embedding, blocks 4, 10 and 12 of 12)
+are resampled the same way, one per stride, as SETR and BEiT do for a ViT's intermediate blocks (the seed feeds the
+four stride-16 maps to its FPN as they are; torchvision's heads expect strides 4 to 64).
 
 Input sizes. ViP, Strip-MLP and RaftMLP have token-mixing weights sized for one token grid, so they are built for
 one ``img_size`` and each image is padded (bottom and right, zeros) to it; RepMLPNet takes multiples of its
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d, to_2tuple
 from torch import nn
 
+from . import raft_mlp
 from .factory import create_model, family_module, load_for_finetuning
 
 __all__ = ["PyramidBackbone", "SimplePyramid", "pad_multiple"]
@@ -33,9 +37,9 @@ PYRAMID_STRIDES = (4, 8, 16, 32)
 
 
 class SimplePyramid(nn.Module):
-    """Maps at strides 4, 8, 16 and 32 from one map: each output is the input resampled to its size, then a 1x1 and a
-    3x3 convolution with LayerNorm (ViTDet's simple feature pyramid, with resampling in place of its deconvolutions
-    so that any input stride works)."""
+    """Maps at strides 4, 8, 16 and 32 from one map (or one map per level): each output is its input resampled to its
+    size, then a 1x1 and a 3x3 convolution with LayerNorm (ViTDet's simple feature pyramid, with resampling in place
+    of its deconvolutions so that any input stride works)."""
 
     def __init__(self, in_chans: int, out_chans: int, levels: int = 4) -> None:
         super().__init__()
@@ -47,10 +51,10 @@ class SimplePyramid(nn.Module):
             for _ in range(levels)
         ])
 
-    def forward(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """One map per size in ``sizes`` (largest first)."""
+    def forward(self, maps: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """One map per size in ``sizes`` (largest first), from ``maps``: one for all sizes, or one per size."""
         out = []
-        for level, size in zip(self.levels, sizes):
+        for level, size, x in zip(self.levels, sizes, maps * len(sizes) if len(maps) == 1 else maps):
             if size[0] > x.shape[-2]:
                 y = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             elif size[0] < x.shape[-2]:
@@ -99,7 +103,9 @@ class PyramidBackbone(nn.Module):
             self.channels = [model.feature_info[i]["num_chs"] for i in self.indices]
             self.simple_pyramid = None
         else:
-            self.indices = [len(reductions) - 1]
+            # one stride throughout (RaftMLP's one-level models): the seed's four taps; else the last map
+            self.indices = list(raft_mlp.default_out_indices([len(reductions) - 1])) if len(set(reductions)) == 1 \
+                else [len(reductions) - 1]
             self.simple_pyramid = SimplePyramid(model.feature_info[-1]["num_chs"], simple_pyramid_channels)
             self.channels = [simple_pyramid_channels] * 4
         model.prune_intermediate_layers(self.indices, prune_norm=True, prune_head=True)
@@ -132,7 +138,7 @@ class PyramidBackbone(nn.Module):
         maps = self.body.forward_intermediates(x, indices=self.indices, intermediates_only=True)
         sizes = [(math.ceil(padded[0] / s), math.ceil(padded[1] / s)) for s in PYRAMID_STRIDES]
         if self.simple_pyramid is not None:
-            maps = self.simple_pyramid(maps[-1], sizes)
+            maps = self.simple_pyramid(maps, sizes)
         out = OrderedDict()
         for i, (feature, stride) in enumerate(zip(maps, PYRAMID_STRIDES)):
             out[str(i)] = feature[..., :math.ceil(height / stride), :math.ceil(width / stride)]

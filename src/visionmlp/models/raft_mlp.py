@@ -556,7 +556,7 @@ class RaftMLP(nn.Module):
         load_pretrained_file(self, checkpoint_path, checkpoint_filter_fn)
 
 
-def _default_out_indices(depths: Sequence[int]) -> Tuple[int, ...]:
+def default_out_indices(depths: Sequence[int]) -> Tuple[int, ...]:
     """The maps ``features_only`` gives by default: every level's, or for one level four of its taps. The seed's
     detection and segmentation backbones take MLP-Mixer's patch embedding and the outputs of blocks 4, 10 and 12 of
     12 (taps 0, 4, 10, 12); a one-level model of another depth takes the same fractions of it."""
@@ -567,7 +567,7 @@ def _default_out_indices(depths: Sequence[int]) -> Tuple[int, ...]:
 
 
 def _create_raft_mlp(variant: str, pretrained: bool = False, **kwargs: Any) -> RaftMLP:
-    out_indices = _default_out_indices(kwargs.get('depths', (2, 2, 6, 2)))
+    out_indices = default_out_indices(kwargs.get('depths', (2, 2, 6, 2)))
     return build_model_with_cfg(
         RaftMLP, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
