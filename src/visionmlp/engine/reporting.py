@@ -83,7 +83,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, x_key: str = "epoch")
         for name in ("AP", "AP50"):
             if name in history[-1][key]:
                 metric_axes.plot(steps, [r.get(key, {}).get(name) for r in history], marker="o", label=f"{key} {name}")
-    metric_axes.set(xlabel=x_key, ylabel="validation (%)", title="Validation")
+    metric_axes.set(xlabel=x_key, ylabel="validation figure", title="Validation")
     for axes in (loss_axes, metric_axes):
         axes.grid(alpha=0.3)
         axes.legend()
