@@ -292,3 +292,10 @@ def test_the_loss_is_read_every_print_freq_steps_not_every_step(tmp_path, monkey
     # 192 images in batches of 32: 6 steps, logged every 4 steps and at the end
     assert main(["train", "--epochs", "1", "--output", str(tmp_path / "run"), *TINY, "print_freq", "4"]) == 0
     assert reads == [2, 2, 1]  # the two windows' (loss sum, steps), then the count of unreadable images
+
+
+def test_a_run_with_its_own_thread_count_leaves_the_callers_alone(tmp_path):
+    before = torch.get_num_threads()
+    # the default recipe trains on one thread
+    assert main(["train", "--epochs", "1", "--output", str(tmp_path / "run"), *TINY, "threads", "1"]) == 0
+    assert torch.get_num_threads() == before

@@ -43,4 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    from .engine.machine import num_threads
+
+    # a run's thread count (a recipe's `threads`) ends with it, also when main() is called from Python
+    with num_threads(None):
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
