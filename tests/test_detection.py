@@ -35,14 +35,6 @@ RAFT_TINY = ["--model", "raft_mlp_s", "--opts", "model.kwargs", json.dumps(TINY[
              "model.score_thresh", "0"]
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    """The runs set one compute thread (the demo recipe's); give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_coco_tree(root: Path) -> Path:
     """A COCO instances tree: train2017 with three images (one without annotations), val2017 with two, categories
     with ids 3 and 7 (not contiguous), polygon masks, and a crowd annotation in each annotated image."""
@@ -212,6 +204,20 @@ def test_train_eval_predict_end_to_end_on_the_built_in_scenes(tmp_path, capsys):
     # without images, a run on the built-in scenes draws four validation scenes
     assert main(["detect", "predict", "--checkpoint", str(output / "last.pt"), "--output", str(drawn)]) == 0
     assert (drawn / "scene-3.png").is_file()
+
+
+def test_two_process_torchrun_logs_what_eval_measures(tmp_path, capsys):
+    from test_train import torchrun_train
+
+    output = tmp_path / "ddp"
+    result = torchrun_train("--detector", "mask_rcnn", "--epochs", "1", "--output", str(output), "--workers", "0",
+                            *RAFT_TINY, "data.synthetic_train_images", "16", "data.synthetic_val_images", "8",
+                            "train.warmup_iters", "2", "print_freq", "1000", command=("detect", "train"))
+    assert result.stdout.count("epoch 1/1") >= 1
+    record = read_metrics(output)[-1]
+    capsys.readouterr()
+    assert main(["detect", "eval", "--checkpoint", str(output / "last.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"bbox": record["bbox"], "segm": record["segm"]}
 
 
 def test_train_on_a_coco_tree_then_eval_with_the_data_path_only(tmp_path, capsys):

@@ -21,14 +21,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ChainedScheduler, LinearLR, MultiStepLR
 from torch.utils.data import DataLoader
 
-from ..checkpoint import atomic_save, read_checkpoint
+from ..checkpoint import atomic_save
 from ..config import Config, dump
 from ..data import DataError
 from ..engine.distributed import DistContext, all_gather_objects, all_reduce_sum, barrier, broadcast_object, setup
 from ..engine.evaluate import autocast
 from ..engine.reporting import RunRecorder, log, use_progress_bars
 from ..engine.train import (
-    NonFiniteLossError, capture_rng_state, optimizer_class, resolve_resume_path, restore_rng_state, seed_everything,
+    NonFiniteLossError,
+    capture_rng_state,
+    optimizer_class,
+    resolve_resume_path,
+    resume_training_state,
+    seed_everything,
 )
 from .coco_eval import coco_evaluate, detections_to_coco
 from .config import resize_policy
@@ -147,19 +152,8 @@ def train(config: Config) -> dict[str, Any]:
     start_epoch, num_updates, history = 0, 0, []
     resume_path = broadcast_object(resolve_resume_path(config, output) if ctx.is_main else None, ctx)
     if resume_path is not None:
-        checkpoint = read_checkpoint(resume_path)
-        model_without_ddp.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, num_updates = checkpoint["epoch"] + 1, checkpoint["num_updates"]
-        history = [r for r in checkpoint.get("history", []) if r["epoch"] < start_epoch]
-        rng_states = checkpoint.get("rng", [])
-        if len(rng_states) == ctx.world_size:
-            restore_rng_state(rng_states[ctx.rank])
-        else:  # another number of processes: fresh, still seeded, streams per rank
-            seed_everything(config["seed"] + ctx.rank + 1000 * start_epoch)
+        start_epoch, num_updates, history = resume_training_state(
+            resume_path, ctx, config["seed"], model_without_ddp, optimizer, scheduler, scaler)
         if ctx.is_main:
             log(f"resumed from {resume_path} at epoch {start_epoch}/{num_epochs}")
     if ctx.distributed:

@@ -177,6 +177,31 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # training
 
 
+def resume_training_state(
+    path: Path, ctx: DistContext, seed: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    scaler: torch.amp.GradScaler, ema: ModelEmaV3 | None = None,
+) -> tuple[int, int, list[dict[str, Any]]]:
+    """Load an epoch checkpoint into the run's state and each rank's random streams; returns the first epoch to run,
+    the number of updates so far and the history of the epochs before."""
+    checkpoint = read_checkpoint(path)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scheduler is not None and checkpoint.get("scheduler"):
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    if ema is not None and checkpoint.get("model_ema") is not None:
+        ema.load_state_dict(checkpoint["model_ema"])
+    start_epoch = checkpoint["epoch"] + 1
+    rng_states = checkpoint.get("rng", [])
+    if len(rng_states) == ctx.world_size:
+        restore_rng_state(rng_states[ctx.rank])
+    else:  # another number of processes: fresh, still seeded, streams per rank
+        seed_everything(seed + ctx.rank + 1000 * start_epoch)
+    history = [r for r in checkpoint.get("history", []) if r["epoch"] < start_epoch]
+    return start_epoch, checkpoint["num_updates"], history
+
+
 def scaled_learning_rates(config: Config, world_size: int) -> tuple[float, float, float, float]:
     """(base, warm-up, minimum) learning rates scaled to the global batch, and the scale factor."""
     train_cfg = config["train"]
@@ -299,22 +324,8 @@ def train(config: Config) -> dict[str, Any]:
         if not resume_path.is_file():
             raise FileNotFoundError(f"rank {ctx.rank} cannot see {resume_path}; to resume, every node needs the "
                                     "output folder (a shared file system)")
-        checkpoint = read_checkpoint(resume_path)
-        model_without_ddp.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None and checkpoint.get("scheduler"):
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None and checkpoint.get("model_ema") is not None:
-            ema.load_state_dict(checkpoint["model_ema"])
-        start_epoch, num_updates = checkpoint["epoch"] + 1, checkpoint["num_updates"]
-        history = [r for r in checkpoint.get("history", []) if r["epoch"] < start_epoch]
-        rng_states = checkpoint.get("rng", [])
-        if len(rng_states) == ctx.world_size:
-            restore_rng_state(rng_states[ctx.rank])
-        else:  # another number of processes: fresh, still seeded, streams per rank
-            seed_everything(config["seed"] + ctx.rank + 1000 * start_epoch)
+        start_epoch, num_updates, history = resume_training_state(
+            resume_path, ctx, config["seed"], model_without_ddp, optimizer, scheduler, scaler, ema)
         if ctx.is_main:
             log(f"resumed from {resume_path} at epoch {start_epoch}/{num_epochs}")
     if ctx.distributed:
