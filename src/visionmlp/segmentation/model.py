@@ -61,7 +61,11 @@ class UperNetHead(nn.Module):
 
     def __init__(self, in_channels: list[int], channels: int, num_classes: int, dropout: float) -> None:
         super().__init__()
-        from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
+        try:
+            from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
+        except ImportError:
+            raise ImportError("the UperNet decoder comes from segmentation-models-pytorch: pip install "
+                              "'visionmlp[dense]' (or --decoder fpn, which needs nothing more)") from None
 
         # the decoder's channel list starts at strides 1 and 2, which it skips
         self.decoder = UPerNetDecoder([3, 0, *in_channels], encoder_depth=5, decoder_channels=channels)
