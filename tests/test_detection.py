@@ -273,3 +273,13 @@ def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
     assert "instances_train2017.json" in capsys.readouterr().err
     assert main(["detect", "eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_without_pycocotools_the_error_names_the_extra(monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pycocotools" else find_spec(
+        name, *a))
+    assert main(["detect", "train"]) == 2
+    assert "pip install 'visionmlp[dense]'" in capsys.readouterr().err

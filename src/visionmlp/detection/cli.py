@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Mapping
@@ -80,6 +81,10 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen action; returns the exit status."""
     actions = {"train": _train, "eval": _eval, "predict": _predict}
+    if importlib.util.find_spec("pycocotools") is None:  # COCO reading and the COCO evaluation both need it
+        print(f"visionmlp detect {args.action}: error: pycocotools is not installed: pip install 'visionmlp[dense]'",
+              file=sys.stderr)
+        return 2
     try:
         return actions[args.action](args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
