@@ -128,6 +128,16 @@ def test_backbone_from_a_classification_checkpoint_trained_at_another_size(tmp_p
     torch.testing.assert_close(model.backbone.body.state_dict()[stem], classifier.state_dict()[stem])
 
 
+def test_dynamic_raftmlp_keeps_the_grid_of_its_imagenet_checkpoint(tmp_path):
+    import visionmlp
+
+    torch.save({"model": visionmlp.create_model("raft_mlp_s", **TINY["raft_mlp_s"]).state_dict()}, tmp_path / "in.pt")
+    dynamic = model_cfg("raft_mlp_s", "fpn") | {"dynamic_img_size": True}
+    model = build_segmenter(dynamic, 3, (64, 64), tmp_path / "in.pt")
+    assert model.backbone.body.img_size == (224, 224)  # the checkpoint's grid, not the crop's
+    assert model.eval()(torch.randn(1, 3, 64, 80)).shape == (1, 3, 64, 80)
+
+
 def test_sliding_windows_cover_the_image_flush_with_its_edges():
     windows = sliding_windows(100, 70, (64, 64), (40, 40))
     covered = torch.zeros(100, 70)

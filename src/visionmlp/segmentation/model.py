@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -110,6 +111,10 @@ def build_segmenter(model_cfg: dict[str, Any], num_classes: int, img_size: tuple
     kwargs["drop_path_rate"] = model_cfg["drop_path_rate"]
     if model_cfg["dynamic_img_size"]:
         kwargs["dynamic_img_size"] = True
+    if model_cfg["dynamic_img_size"] or model_cfg["name"].startswith(("ms_mlp", "repmlpnet")):
+        # backbones of any input size keep the variant's own: RaftMLP its trained token grid (which an ImageNet
+        # checkpoint must fit), RepMLPNet its partition size (tiled over larger inputs); MS-MLP has no grid
+        img_size = tuple(timm.get_pretrained_cfg_value(model_cfg["name"], "input_size")[1:])
     backbone = PyramidBackbone(model_cfg["name"], img_size, checkpoint=checkpoint,
                                simple_pyramid_channels=model_cfg["simple_pyramid_channels"], **kwargs)
     return Segmenter(backbone, model_cfg["decoder"], num_classes, model_cfg["decoder_channels"],
