@@ -127,9 +127,9 @@ def test_detector_forward_and_backward_on_every_family(name, detector):
 
 def test_input_policy_letterbox_and_keep_ratio():
     vip = build_config(None, {}, {"model.name": "vip_s7", "data.img_size": 128})
-    assert resize_policy(vip) == (128, 128) and backbone_img_size(vip) == 140  # ViP: 14-pixel grid
+    assert resize_policy(vip) == (128, 128) and backbone_img_size(vip) == (140, 140)  # ViP: 14-pixel grid
     coco_vip = build_config("detect_mask_rcnn_coco", {}, {"model.name": "vip_s7", "data.path": "/data/coco"})
-    assert resize_policy(coco_vip) == (1344, 1344) and backbone_img_size(coco_vip) == 1344  # 96 x 14
+    assert resize_policy(coco_vip) == (1344, 1344) and backbone_img_size(coco_vip) == (1344, 1344)  # 96 x 14
     dynamic = build_config("detect_retinanet_coco", {}, {"data.path": "/data/coco"})
     assert dynamic["model"]["dynamic_img_size"] and resize_policy(dynamic) == (800, 1333)
     assert backbone_img_size(dynamic) == (224, 224)  # the grid of RaftMLP's ImageNet weights

@@ -220,3 +220,9 @@ def test_deploy_folds_a_repmlpnet_backbone_with_the_same_outputs(tmp_path):
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(folded(images), trained(images), rtol=1e-4, atol=1e-4)
+
+
+def test_vip_is_built_for_the_crop_rounded_up_to_its_grid():
+    model = build_segmenter(model_cfg("vip_s7", "fpn"), 3, (64, 64))
+    assert model.backbone.img_size == (70, 70)  # a multiple of 14
+    assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)

@@ -21,13 +21,13 @@ RaftMLP are built for one token grid. The policy (``data.img_size``):
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 import timm
 import torch
+from timm.layers import to_2tuple
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -39,8 +39,8 @@ from torchvision.ops.feature_pyramid_network import (
     LastLevelP6P7,
 )
 
-from ..models.pyramid import PyramidBackbone
-from .config import family, resize_policy, takes_any_size
+from ..models.pyramid import PyramidBackbone, buildable_img_size
+from .config import resize_policy, takes_any_size
 
 RETINANET_STRIDES = (8, 16, 32, 64, 128)
 RCNN_STRIDES = (4, 8, 16, 32, 64)
@@ -64,21 +64,16 @@ class PyramidFPN(nn.Module):
         return self.fpn(OrderedDict((name, maps[name]) for name in self.levels))
 
 
-def backbone_img_size(config: Mapping[str, Any]) -> int | tuple[int, int]:
+def backbone_img_size(config: Mapping[str, Any]) -> tuple[int, int]:
     """The size the backbone is built for (see the module docstring)."""
     model = config["model"]
     if model["img_size"] is not None:
-        return model["img_size"] if isinstance(model["img_size"], int) else tuple(model["img_size"])
+        return tuple(to_2tuple(model["img_size"]))
     if takes_any_size(config):
         # the variant's own: RepMLPNet tiles its input with partitions of this size, dynamic RaftMLP resizes its token
         # maps to this grid, MS-MLP takes any multiple of 32 whatever it is built for
         return tuple(timm.get_pretrained_cfg_value(model["name"], "input_size")[1:])
-    side = resize_policy(config)[1]
-    if family(model["name"]) == "vip":  # Permute-MLPs need a multiple of the patch size times the stage stride
-        kwargs = model["kwargs"]
-        multiple = kwargs.get("patch_size", 7) * math.prod(kwargs.get("stage_strides", (1, 2, 1, 1)))
-        side = -(-side // multiple) * multiple
-    return side
+    return buildable_img_size(model["name"], resize_policy(config)[1], model["kwargs"] or {})
 
 
 def anchor_generator(detector: str, scale: float | None, ratios: list[float]) -> AnchorGenerator:

@@ -31,7 +31,7 @@ from torch import nn
 from . import raft_mlp
 from .factory import create_model, family_module, load_for_finetuning
 
-__all__ = ["PyramidBackbone", "SimplePyramid", "pad_multiple"]
+__all__ = ["PyramidBackbone", "SimplePyramid", "buildable_img_size", "pad_multiple"]
 
 PYRAMID_STRIDES = (4, 8, 16, 32)
 
@@ -68,6 +68,16 @@ class SimplePyramid(nn.Module):
 def pad_multiple(size: int, multiple: int) -> int:
     """``size`` rounded up to a multiple of ``multiple``."""
     return -(-size // multiple) * multiple
+
+
+def buildable_img_size(name: str, size: int | tuple[int, int], model_kwargs: dict[str, Any]) -> tuple[int, int]:
+    """The smallest size at least ``size`` that variant ``name`` can be built for: ViP's sides are multiples of its
+    patch size times its stage stride (14 by default); the other families' backbones take ``size`` as given."""
+    size = tuple(to_2tuple(size))
+    if family_module(name).__name__.endswith(".vip"):
+        multiple = model_kwargs.get("patch_size", 7) * math.prod(model_kwargs.get("stage_strides", (1, 2, 1, 1)))
+        return pad_multiple(size[0], multiple), pad_multiple(size[1], multiple)
+    return size
 
 
 class PyramidBackbone(nn.Module):

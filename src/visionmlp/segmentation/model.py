@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
-from ..models.pyramid import PyramidBackbone
+from ..models.pyramid import PyramidBackbone, buildable_img_size
 
 __all__ = ["SemanticFPNHead", "Segmenter", "build_segmenter"]
 
@@ -115,6 +115,8 @@ def build_segmenter(model_cfg: dict[str, Any], num_classes: int, img_size: tuple
         # backbones of any input size keep the variant's own: RaftMLP its trained token grid (which an ImageNet
         # checkpoint must fit), RepMLPNet its partition size (tiled over larger inputs); MS-MLP has no grid
         img_size = tuple(timm.get_pretrained_cfg_value(model_cfg["name"], "input_size")[1:])
+    else:  # grid-bound: built for the crop, rounded up to a size the variant can be built for (ViP: 14 px)
+        img_size = buildable_img_size(model_cfg["name"], img_size, kwargs)
     backbone = PyramidBackbone(model_cfg["name"], img_size, checkpoint=checkpoint,
                                simple_pyramid_channels=model_cfg["simple_pyramid_channels"], **kwargs)
     return Segmenter(backbone, model_cfg["decoder"], num_classes, model_cfg["decoder_channels"],
