@@ -114,7 +114,32 @@ class CrossScaleEmbed(nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
-class RaftBlock(nn.Module):
+class TokenChannelBlock(nn.Module):
+    """A block's token-mixing residual branch (``token_mixing``, by the subclass) on its grid, then the channel-MLP
+    residual branch; shared by the raft and MLP-Mixer blocks."""
+
+    dynamic_img_size: bool
+    fast_kernels: bool
+    grid_size: Tuple[int, int]
+
+    def channel_mixing(self, x: torch.Tensor) -> torch.Tensor:
+        """The channel-MLP branch of NHWC ``x``."""
+        return self.mlp_channels(self.norm_channels(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """NHWC in, NHWC out. With ``dynamic_img_size`` a map of another size is resized (bicubic) to the block's
+        grid for the token mixing and back, as the official code runs inputs of other sizes."""
+        if self.dynamic_img_size:
+            size = (x.shape[1], x.shape[2])
+            x = resize_tokens(self.token_mixing(resize_tokens(x, self.grid_size)), size)
+        else:
+            x = self.token_mixing(x)
+        if self.fast_kernels and not torch.jit.is_scripting():
+            return kernels.drop_path_residual(x, self.channel_mixing, self.drop_path)
+        return x + self.drop_path(self.channel_mixing(x))
+
+
+class RaftBlock(TokenChannelBlock):
     """Vertical raft mixing, horizontal raft mixing, channel mixing; each a pre-norm residual MLP.
 
     Channels are ordered (raft, group): channel ``c = r * (dim // raft_size) + g``. A raft is the set of
@@ -168,10 +193,6 @@ class RaftBlock(nn.Module):
         y = self.norm_horizontal(x).reshape(B, H, W, r, g).permute(0, 1, 4, 3, 2).reshape(B, H, g, r * W)
         return self.mlp_horizontal(y).reshape(B, H, g, r, W).permute(0, 1, 4, 3, 2).reshape(B, H, W, C)
 
-    def channel_mixing(self, x: torch.Tensor) -> torch.Tensor:
-        """The channel-MLP branch of NHWC ``x``."""
-        return self.mlp_channels(self.norm_channels(x))
-
     def token_mixing(self, x: torch.Tensor) -> torch.Tensor:
         """The vertical and then the horizontal residual branch, NHWC in and out, on this block's grid."""
         if self.fast_kernels and not torch.jit.is_scripting():
@@ -179,20 +200,8 @@ class RaftBlock(nn.Module):
         x = x + self.drop_path(self.vertical_mixing(x))
         return x + self.drop_path(self.horizontal_mixing(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """NHWC in, NHWC out. With ``dynamic_img_size`` a map of another size is resized (bicubic) to the block's
-        grid for the token mixing and back, as the official code runs inputs of other sizes."""
-        if self.dynamic_img_size:
-            size = (x.shape[1], x.shape[2])
-            x = resize_tokens(self.token_mixing(resize_tokens(x, self.grid_size)), size)
-        else:
-            x = self.token_mixing(x)
-        if self.fast_kernels and not torch.jit.is_scripting():
-            return kernels.drop_path_residual(x, self.channel_mixing, self.drop_path)
-        return x + self.drop_path(self.channel_mixing(x))
 
-
-class MixerBlock(nn.Module):
+class MixerBlock(TokenChannelBlock):
     """MLP-Mixer's block on an NHWC map: token mixing over all H * W tokens, then channel mixing; each a pre-norm
     residual MLP. The paper's baseline (the official ``original_tm`` token mixing).
 
@@ -230,27 +239,11 @@ class MixerBlock(nn.Module):
         y = self.norm_tokens(x).reshape(B, H * W, C).transpose(1, 2)
         return self.mlp_tokens(y).transpose(1, 2).reshape(B, H, W, C)
 
-    def channel_mixing(self, x: torch.Tensor) -> torch.Tensor:
-        """The channel-MLP branch of NHWC ``x``."""
-        return self.mlp_channels(self.norm_channels(x))
-
     def token_mixing(self, x: torch.Tensor) -> torch.Tensor:
         """The token-mixing residual branch, NHWC in and out, on this block's grid."""
         if self.fast_kernels and not torch.jit.is_scripting():
             return kernels.drop_path_residual(x, self.spatial_mixing, self.drop_path)
         return x + self.drop_path(self.spatial_mixing(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """NHWC in, NHWC out. With ``dynamic_img_size`` a map of another size is resized (bicubic) to the block's
-        grid for the token mixing and back, as the official code runs inputs of other sizes."""
-        if self.dynamic_img_size:
-            size = (x.shape[1], x.shape[2])
-            x = resize_tokens(self.token_mixing(resize_tokens(x, self.grid_size)), size)
-        else:
-            x = self.token_mixing(x)
-        if self.fast_kernels and not torch.jit.is_scripting():
-            return kernels.drop_path_residual(x, self.channel_mixing, self.drop_path)
-        return x + self.drop_path(self.channel_mixing(x))
 
 
 class RaftStage(nn.Module):
