@@ -226,3 +226,21 @@ def test_vip_is_built_for_the_crop_rounded_up_to_its_grid():
     model = build_segmenter(model_cfg("vip_s7", "fpn"), 3, (64, 64))
     assert model.backbone.img_size == (70, 70)  # a multiple of 14
     assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    import visionmlp.segmentation.engine as engine
+
+    class ExplodingLoss(torch.nn.CrossEntropyLoss):
+        calls = 0
+
+        def forward(self, logits, labels):
+            ExplodingLoss.calls += 1
+            loss = super().forward(logits, labels)
+            return loss * float("nan") if ExplodingLoss.calls > 2 else loss
+
+    monkeypatch.setattr(engine.nn, "CrossEntropyLoss", ExplodingLoss)
+    output = tmp_path / "run"
+    assert main(["segment", "train", "--output", str(output), *DEMO]) == 1
+    assert "training loss is nan between iterations 3 and 4" in capsys.readouterr().err
+    assert torch.load(output / "last.pt", weights_only=False)["iteration"] == 2

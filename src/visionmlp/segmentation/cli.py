@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, parse_opts
+from ..engine.distributed import cleanup
+from ..engine.train import NonFiniteLossError
 from .config import add_config_arguments, build_config, flags_from_args
 
 PALETTE_SEED = 3
@@ -69,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"visionmlp segment {args.action}: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as exc:
+        print(f"visionmlp segment train: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup()
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from ..engine.distributed import (
 )
 from ..engine.evaluate import autocast
 from ..engine.reporting import RunRecorder, log
-from ..engine.train import seed_everything
+from ..engine.train import NonFiniteLossError, seed_everything
 from .data import IGNORE_INDEX, EvalTransform, TrainTransform, build_dataset, collate_eval
 from .metrics import ConfusionMatrix
 from .model import Segmenter, build_segmenter
@@ -203,6 +203,9 @@ def train(config: Config) -> dict[str, Any]:
                       // max(len(train_loader.dataset), 1))
     record: dict[str, Any] = history[-1] if history else {}
     loss_sum, loss_count, interval_start = torch.zeros((), device=ctx.device), 0, time.perf_counter()
+    # losses stay on the device and are read every print_freq iterations and before each evaluation, not at each
+    # step; a non-finite loss makes the window's sum non-finite, which the read reports on every rank
+    window, window_start = torch.zeros(2, dtype=torch.float64, device=ctx.device), iteration
     model.train()
     while iteration < total:
         images, labels = next(batches)
@@ -213,9 +216,6 @@ def train(config: Config) -> dict[str, Any]:
             group["lr"] = lr
         with autocast(ctx.device, train_cfg["amp"]):
             loss = loss_fn(model(images), labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss is {loss.item()} at iteration {iteration}; lower the learning rate "
-                                     "or enable gradient clipping (train.clip_grad)")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if train_cfg["clip_grad"]:
@@ -226,8 +226,20 @@ def train(config: Config) -> dict[str, Any]:
         iteration += 1
         loss_sum += loss.detach()
         loss_count += 1
-        if ctx.is_main and (iteration % config["print_freq"] == 0 or iteration == total):
-            log(f"iteration {iteration}/{total}: loss {loss.item():.4f}  lr {lr:.3g}")
+        window[0] += loss.detach().double()
+        window[1] += 1
+        if iteration % config["print_freq"] == 0 or iteration % interval == 0 or iteration == total:
+            window_loss, steps = all_reduce_sum(window.clone(), ctx).tolist()
+            window.zero_()
+            if not math.isfinite(window_loss):
+                raise NonFiniteLossError(
+                    f"stopping: the training loss is {window_loss} between iterations {window_start + 1} and "
+                    f"{iteration}. The last good checkpoint, if any, is {output / 'last.pt'}. Try a lower learning "
+                    "rate (--lr), --amp bf16 or none, or gradient clipping (train.clip_grad); --opts print_freq 1 "
+                    "finds the iteration.")
+            window_start = iteration
+            if ctx.is_main and (iteration % config["print_freq"] == 0 or iteration == total):
+                log(f"iteration {iteration}/{total}: loss {window_loss / steps:.4f}  lr {lr:.3g}")
 
         if iteration % interval == 0 or iteration == total:
             train_loss = float(all_reduce_sum(loss_sum, ctx)) / (loss_count * ctx.world_size)
