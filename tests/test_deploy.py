@@ -109,6 +109,17 @@ def test_onnx_export_round_trip_with_dynamic_batch(repmlpnet_checkpoint, tmp_pat
     np.testing.assert_allclose(session.run(None, {"images": images.numpy()})[0], reference, atol=1e-4, rtol=1e-4)
 
 
+def test_onnx_export_of_the_training_form(repmlpnet_checkpoint, tmp_path, capsys):
+    # the kernels built from weights (RaftMLP's merged embedding, RepMLPNet's tiled local convs) keep shapes the
+    # exporter can read
+    raft = tmp_path / "raft.pt"
+    torch.save(create_model("raft_mlp_s", img_size=SIZE).state_dict(), raft)
+    for name, checkpoint in (("raft_mlp_s", str(raft)), ("repmlpnet_t224", repmlpnet_checkpoint)):
+        code, out, _ = run_cli(capsys, "export", "--model", name, "--checkpoint", checkpoint, "--img-size", str(SIZE),
+                               "--format", "onnx", "--output", str(tmp_path / f"{name}.onnx"), "--json")
+        assert code == 0 and json.loads(out)["max_abs_diff"] < 1e-4, name
+
+
 def test_exported_program_reloads(tmp_path, capsys):
     checkpoint = tmp_path / "raft.pt"
     torch.save(create_model("raft_mlp_s", img_size=SIZE).state_dict(), checkpoint)

@@ -204,6 +204,34 @@ def test_train_eval_predict_end_to_end_on_the_built_in_scenes(tmp_path, capsys):
     # without images, a run on the built-in scenes draws four validation scenes
     assert main(["detect", "predict", "--checkpoint", str(output / "last.pt"), "--output", str(drawn)]) == 0
     assert (drawn / "scene-3.png").is_file()
+    capsys.readouterr()
+
+    # the ONNX graph finds what predict finds, on an image of the size it was exported for
+    onnx_file = tmp_path / "detector.onnx"
+    assert main(["detect", "export", "--checkpoint", str(output / "last.pt"), "--output", str(onnx_file),
+                 "--img-size", "90", "110"]) == 2
+    assert "export for the size images have at the detector's scale, e.g. --img-size 104 128" in capsys.readouterr().err
+    assert main(["detect", "export", "--checkpoint", str(output / "last.pt"), "--output", str(onnx_file),
+                 "--img-size", "104", "128", "--opts", "model.score_thresh", "0.01", "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["img_size"] == [104, 128] and exported["max_abs_diff"] < 1e-3
+    assert exported["detections_compared"] > 0, "the check images drew detections to compare"
+    Image.open(image).resize((128, 104)).save(image)
+    assert main(["detect", "predict", str(image), "--checkpoint", str(output / "last.pt"), "--output", str(drawn),
+                 "--score-thresh", "0.01", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    import onnx
+    from visionmlp.engine.export import onnxruntime_session
+
+    session = onnxruntime_session(onnx_file)
+    assert json.loads(onnx.load(str(onnx_file)).metadata_props[0].value) == ["circle", "square", "triangle"]
+    pixels = np.asarray(Image.open(image).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"image": pixels})))
+    assert set(got) == {"boxes", "labels", "scores", "masks"} and got["masks"].shape[-2:] == (104, 128)
+    assert len(got["boxes"]) == len(result["detections"]) > 0
+    for detection, box, score in zip(result["detections"], got["boxes"], got["scores"]):
+        np.testing.assert_allclose(box, detection["box"], atol=0.05)
+        assert score == pytest.approx(detection["score"], abs=1e-3)
 
 
 def test_two_process_torchrun_logs_what_eval_measures(tmp_path, capsys):
@@ -242,7 +270,7 @@ def test_train_on_a_coco_tree_then_eval_with_the_data_path_only(tmp_path, capsys
     assert read_metrics(output) == records
 
 
-def test_eval_with_deploy_folds_repmlpnet_and_keeps_the_detections(tmp_path):
+def test_eval_and_export_with_deploy_fold_repmlpnet_and_keep_the_detections(tmp_path):
     from visionmlp.detection.cli import load_detector
 
     opts = {"model.kwargs": TINY["repmlpnet_t224"], "model.img_size": 64, "model.fpn_channels": 32}
@@ -267,6 +295,18 @@ def test_eval_with_deploy_folds_repmlpnet_and_keeps_the_detections(tmp_path):
     for name in maps:
         torch.testing.assert_close(folded_maps[name], maps[name], rtol=1e-3, atol=1e-4)
 
+    # export --deploy writes the folded graph: RepMLPBlocks' conv branches gone (the threshold keeps an untrained
+    # detector's near-equal scores out of the check)
+    import onnx
+
+    convs = {}
+    for deploy in ([], ["--deploy"]):
+        output = tmp_path / f"detector{len(deploy)}.onnx"
+        assert main(["detect", "export", "--checkpoint", str(path), "--output", str(output), "--img-size", "64",
+                     "--opts", "model.score_thresh", "0.99", *deploy]) == 0
+        convs[bool(deploy)] = sum(node.op_type == "Conv" for node in onnx.load(str(output)).graph.node)
+    assert convs[True] < convs[False]
+
 
 def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
     assert main(["detect", "train", "--data-path", str(tmp_path / "missing"), "--workers", "0"]) == 2
@@ -283,3 +323,15 @@ def test_without_pycocotools_the_error_names_the_extra(monkeypatch, capsys):
         name, *a))
     assert main(["detect", "train"]) == 2
     assert "pip install 'visionmlp[dense]'" in capsys.readouterr().err
+
+
+def test_export_check_pairs_detections_of_equal_score_in_either_order():
+    from visionmlp.detection.export import largest_difference
+
+    expected = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), "labels": torch.tensor([1, 2]),
+                "scores": torch.tensor([0.5, 0.5])}
+    swapped = {name: value.flip(0) for name, value in expected.items()}
+    swapped["boxes"] = swapped["boxes"] + 0.01
+    assert largest_difference(expected, swapped) == pytest.approx(0.01, abs=1e-6)
+    with pytest.raises(ValueError, match="does not reproduce the detector"):
+        largest_difference(expected, {**swapped, "labels": torch.tensor([1, 1])})

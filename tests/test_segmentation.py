@@ -186,6 +186,18 @@ def test_train_eval_predict_end_to_end(tmp_path, capsys):
     drawn = Image.open(result["output"])
     assert drawn.size == (80, 72) and sum(result["classes"].values()) == pytest.approx(100, abs=0.1)
 
+    # exported: ONNX and a torch.export program, each checked inside the command on a batch of another size
+    for suffix in ("onnx", "pt2"):
+        assert main(["segment", "export", "--checkpoint", str(output / "last.pt"), "--output",
+                     str(tmp_path / f"segmenter.{suffix}"), "--json"]) == 0
+        exported = json.loads(capsys.readouterr().out)
+        assert exported["img_size"] == [64, 64] and exported["max_abs_diff"] < 1e-4
+    program = torch.export.load(str(tmp_path / "segmenter.pt2")).module()
+    assert program(torch.randn(3, 3, 64, 64)).shape == (3, len(exported["classes"]), 64, 64)
+    assert main(["segment", "export", "--checkpoint", str(output / "last.pt"), "--output",
+                 str(tmp_path / "segmenter.onnx"), "--img-size", "96"]) == 2  # the backbone was built for 64
+    assert "does not fit the 64x64 input" in capsys.readouterr().err
+
 
 def test_two_process_torchrun_logs_what_eval_measures(tmp_path, capsys):
     from test_train import torchrun_train
@@ -220,6 +232,15 @@ def test_deploy_folds_a_repmlpnet_backbone_with_the_same_outputs(tmp_path):
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(folded(images), trained(images), rtol=1e-4, atol=1e-4)
+
+    onnx_file = tmp_path / "folded.onnx"
+    assert main(["segment", "export", "--checkpoint", str(output / "last.pt"), "--output", str(onnx_file),
+                 "--deploy"]) == 0
+    from visionmlp.engine.export import onnxruntime_session
+
+    (logits,) = onnxruntime_session(onnx_file).run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), trained(images), rtol=1e-4, atol=1e-4)
 
 
 def test_vip_is_built_for_the_crop_rounded_up_to_its_grid():

@@ -1,4 +1,4 @@
-"""``visionmlp detect train | eval | predict``: RetinaNet, Faster R-CNN and Mask R-CNN on any variant."""
+"""``visionmlp detect train | eval | predict | export``: RetinaNet, Faster R-CNN and Mask R-CNN on any variant."""
 
 from __future__ import annotations
 
@@ -70,6 +70,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     predict.add_argument("--deploy", action="store_true", help="fold the backbone first (RepMLPNet)")
     predict.add_argument("--json", action="store_true", help="print each image's detections as JSON")
 
+    export = sub.add_parser("export", help="the detector as one ONNX graph (an image in, boxes, labels, scores and "
+                            "masks out), checked with onnxruntime")
+    export.add_argument("--checkpoint", required=True, metavar="FILE", help="last.pt / best.pt of detect train")
+    export.add_argument("--output", required=True, metavar="FILE.onnx", help="file to write")
+    export.add_argument("--img-size", type=int, nargs="+", metavar="SIDE",
+                        help="the graph's fixed input: SIDE or HEIGHT WIDTH (default: the training input size)")
+    export.add_argument("--deploy", action="store_true", help="fold the backbone first (RepMLPNet)")
+    export.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    export.add_argument("--opts", nargs="+", metavar="KEY VALUE", help="the graph's post-processing, e.g. --opts "
+                        "model.score_thresh 0.3 model.detections_per_img 50")
+
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", metavar="FILE", help="YAML recipe, a file or a shipped one by name (detect_demo, "
@@ -80,7 +91,7 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen action; returns the exit status."""
-    actions = {"train": _train, "eval": _eval, "predict": _predict}
+    actions = {"train": _train, "eval": _eval, "predict": _predict, "export": _export}
     if importlib.util.find_spec("pycocotools") is None:  # COCO reading and the COCO evaluation both need it
         print(f"visionmlp detect {args.action}: error: pycocotools is not installed: pip install 'visionmlp[dense]'",
               file=sys.stderr)
@@ -183,4 +194,46 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"{result['image']}: {len(result['detections'])} detections -> {result['output']}")
         for d in result["detections"]:
             print(f"  {d['score']:.2f}  {d['label']:12s} [{', '.join(f'{v:.1f}' for v in d['box'])}]")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from timm.layers import set_layer_config
+
+    from ..engine.export import write_verified
+    from .config import resize_policy
+    from .export import export_detector_onnx
+
+    output = Path(args.output)
+    if output.suffix != ".onnx":
+        raise ValueError(f"detect export writes ONNX (.onnx) files; got --output {str(output)!r}")
+    # an exported graph runs elsewhere (onnxruntime): the reference maths, public ops only
+    with set_layer_config(exportable=True):
+        model, config, checkpoint = load_detector(args.checkpoint, parse_opts(args.opts), {"device": "cpu"},
+                                                  deploy=args.deploy)
+    model.requires_grad_(False)
+    if args.img_size and len(args.img_size) > 2:
+        raise ValueError(f"--img-size takes SIDE or HEIGHT WIDTH, got {len(args.img_size)} numbers")
+    # default: the training input, S x S for a letterbox S, the short side by the long one for a keep-ratio resize
+    size = tuple(args.img_size * (2 // len(args.img_size))) if args.img_size else resize_policy(config)
+    min_size, max_size = resize_policy(config)
+    scale = min(min_size / min(size), max_size / max(size))
+    if abs(scale - 1) > 1e-6:
+        # onnxruntime's resize places its samples a little differently from PyTorch's: the graph is exported for
+        # images that are already at the detector's scale
+        fits = (int(size[0] * scale), int(size[1] * scale))
+        raise ValueError(f"a {size[0]}x{size[1]} image would be resized inside the graph (by {scale:.4g}), which "
+                         f"onnxruntime does slightly differently from PyTorch; export for the size images have at "
+                         f"the detector's scale, e.g. --img-size {fits[0]} {fits[1]}, and resize images to it first")
+    max_diff, compared = write_verified(
+        output, lambda path: export_detector_onnx(model, path, size, checkpoint["classes"]))
+    result = {"detector": config["detector"], "model": config["model"]["name"], "output": str(output),
+              "img_size": list(size), "classes": checkpoint["classes"], "deploy": args.deploy,
+              "max_abs_diff": max_diff, "detections_compared": compared}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"wrote {output} (ONNX, one {size[0]}x{size[1]} image in; {len(checkpoint['classes'])} classes); "
+              f"largest difference between onnxruntime and PyTorch over {compared} detections on two check images: "
+              f"{max_diff:.3e}")
     return 0

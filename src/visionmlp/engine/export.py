@@ -14,7 +14,8 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from .convert import add_model_arguments, input_size, model_from_flags, random_b
 
 FORMAT_SUFFIXES = {"onnx": ".onnx", "exported-program": ".pt2"}
 ONNX_OPSET = 18
+Result = TypeVar("Result")
 
 
 def _temporary_path(path: Path) -> Path:
@@ -37,13 +39,40 @@ def _temporary_path(path: Path) -> Path:
     return Path(name)
 
 
-def export_onnx(model: nn.Module, path: Path, img_size: int | tuple[int, int]) -> float:
-    """Write ``model`` as ONNX with a dynamic batch axis; the largest onnxruntime-vs-PyTorch difference."""
+def write_verified(output: Path, write: Callable[[Path], Result]) -> Result:
+    """Run ``write(path)`` (export, then check the file) on a temporary file beside ``output`` and move it into place
+    only if it returns; its result. Nothing is left behind when it raises."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary_path(output)
+    try:
+        result = write(temporary)
+        os.replace(temporary, output)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return result
+
+
+def require_onnxruntime() -> Any:
+    """The onnxruntime module, or a ValueError naming the extra that installs it."""
     try:
         import onnxruntime
     except ImportError:
         raise ValueError("ONNX export is verified with onnxruntime, which is not installed: "
                          "pip install 'visionmlp[deploy]'") from None
+    return onnxruntime
+
+
+def onnxruntime_session(path: Path) -> Any:
+    """An onnxruntime CPU session for the ONNX file ``path``."""
+    onnxruntime = require_onnxruntime()
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: detectors' outputs of data-dependent length draw shape warnings
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(model: nn.Module, path: Path, img_size: int | tuple[int, int]) -> float:
+    """Write ``model`` as ONNX with a dynamic batch axis; the largest onnxruntime-vs-PyTorch difference."""
+    require_onnxruntime()  # before the export, which can take minutes
     with warnings.catch_warnings():
         # the tracer notes the input-size checks in forward; the verification below covers the batch axis
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -54,9 +83,8 @@ def export_onnx(model: nn.Module, path: Path, img_size: int | tuple[int, int]) -
             input_names=["images"], output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
         )
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = random_batch(img_size, batch_size=2, seed=1)
-    (output,) = session.run(None, {"images": images.numpy()})
+    (output,) = onnxruntime_session(path).run(None, {"images": images.numpy()})
     with torch.no_grad():
         return (model(images) - torch.from_numpy(output)).abs().max().item()
 
@@ -87,14 +115,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         model = training_form_model(name, state_dict, **kwargs)
     model = optimize_for_inference(model, fold=args.deploy, inplace=True)
     img_size = kwargs.get("img_size") or input_size(model)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary_path(output)
-    try:
-        writer = export_onnx if args.format == "onnx" else export_program
-        max_diff = writer(model, temporary, img_size)
-        os.replace(temporary, output)
-    finally:
-        temporary.unlink(missing_ok=True)
+    writer = export_onnx if args.format == "onnx" else export_program
+    max_diff = write_verified(output, lambda path: writer(model, path, img_size))
     return {"model": name, "format": args.format, "output": str(output), "img_size": img_size,
             "deploy": args.deploy, "max_abs_diff": max_diff}
 

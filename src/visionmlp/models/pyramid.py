@@ -2,9 +2,9 @@
 
 Detection and segmentation heads (FPN, UperNet) take a stride-4-to-32 pyramid. Four families give it from their
 stages. Vision Permutator keeps one resolution after its first stage (strides 7, 14, 14, 14): its pyramid is built
-from the last map alone, as ViTDet does for a plain ViT (up-sampled for strides 4 and 8, kept for 16, pooled for 32,
-each followed by a 1x1 and a 3x3 convolution). RaftMLP's one-level models (the MLP-Mixer baseline and ablations) keep
-stride 16 throughout: the four maps the seed's detection backbone taps (patch embedding, blocks 4, 10 and 12 of 12)
+from the last map alone, as ViTDet does for a plain ViT (resampled for strides 4, 8 and 16, max-pooled from
+stride 16 for 32, each followed by a 1x1 and a 3x3 convolution). RaftMLP's one-level models (the MLP-Mixer baseline
+and ablations) keep stride 16 throughout: the four maps the seed's detection backbone taps (patch embedding, blocks 4, 10 and 12 of 12)
 are resampled the same way, one per stride, as SETR and BEiT do for a ViT's intermediate blocks (the seed feeds the
 four stride-16 maps to its FPN as they are; torchvision's heads expect strides 4 to 64).
 
@@ -37,31 +37,37 @@ PYRAMID_STRIDES = (4, 8, 16, 32)
 
 
 class SimplePyramid(nn.Module):
-    """Maps at strides 4, 8, 16 and 32 from one map (or one map per level): each output is its input resampled to its
-    size, then a 1x1 and a 3x3 convolution with LayerNorm (ViTDet's simple feature pyramid, with resampling in place
-    of its deconvolutions so that any input stride works)."""
+    """Maps at strides 4, 8, 16 and 32 from one map (or one map per level), after ViTDet's simple feature pyramid:
+    the stride-32 level is the stride-16 one max-pooled 2x2, the others are resampled (bilinear) to their size where
+    they differ from it (resampling in place of ViTDet's deconvolutions, so that any input stride works); each level
+    then goes through a 1x1 and a 3x3 convolution with LayerNorm. Fixed-size pooling and resampling, not adaptive
+    pooling: ONNX has no adaptive pooling."""
 
-    def __init__(self, in_chans: int, out_chans: int, levels: int = 4) -> None:
+    def __init__(self, in_chans: int, out_chans: int) -> None:
         super().__init__()
         self.levels = nn.ModuleList([
             nn.Sequential(
                 nn.Conv2d(in_chans, out_chans, 1, bias=False), LayerNorm2d(out_chans),
                 nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans),
             )
-            for _ in range(levels)
+            for _ in PYRAMID_STRIDES
         ])
 
+    @staticmethod
+    def resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``x`` resampled (bilinear) to ``size``; ``x`` itself when it has that size."""
+        if tuple(x.shape[-2:]) == tuple(size):
+            return x
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
     def forward(self, maps: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """One map per size in ``sizes`` (largest first), from ``maps``: one for all sizes, or one per size."""
+        """The maps of the sizes ``sizes`` (strides 4 to 32 of the input) from ``maps``: one for all levels, or one
+        per level."""
         out = []
-        for level, size, x in zip(self.levels, sizes, maps * len(sizes) if len(maps) == 1 else maps):
-            if size[0] > x.shape[-2]:
-                y = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            elif size[0] < x.shape[-2]:
-                y = F.adaptive_max_pool2d(x, size)
-            else:
-                y = x
-            out.append(level(y))
+        for i, (level, size, x) in enumerate(zip(self.levels, sizes, maps * len(sizes) if len(maps) == 1 else maps)):
+            if i == len(sizes) - 1:  # stride 32: half the stride-16 size, rounded up
+                x = F.max_pool2d(self.resample(x, sizes[i - 1]), 2, ceil_mode=True)
+            out.append(level(self.resample(x, size)))
         return out
 
 
@@ -142,9 +148,12 @@ class PyramidBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Maps ``"0"`` to ``"3"`` at strides 4, 8, 16 and 32 of ``x``, cropped to its extent."""
-        height, width = x.shape[-2:]
+        # Python numbers, also under the ONNX tracer: an exported graph is built for one input size, and the tracer's
+        # Pad with computed amounts misplaces them
+        height, width = int(x.shape[-2]), int(x.shape[-1])
         padded = self.padded_size(height, width)
-        x = F.pad(x, (0, padded[1] - width, 0, padded[0] - height))
+        if (height, width) != padded:  # no pad op at all when none is needed (a fixed-size export traces none)
+            x = F.pad(x, (0, padded[1] - width, 0, padded[0] - height))
         maps = self.body.forward_intermediates(x, indices=self.indices, intermediates_only=True)
         sizes = [(math.ceil(padded[0] / s), math.ceil(padded[1] / s)) for s in PYRAMID_STRIDES]
         if self.simple_pyramid is not None:

@@ -102,7 +102,9 @@ class CrossScaleEmbed(nn.Module):
         for conv, k in zip(self.proj, self.kernel_sizes):
             pad = (self.max_kernel - k) // 2
             weight = weight + F.pad(conv.weight, (pad, pad, pad, pad))
-        return weight
+        # a no-op here; it tells the ONNX exporter the kernel's shape, which it loses through the padding and without
+        # which it refuses the convolution
+        return weight.view(self.proj[0].out_channels, self.proj[0].in_channels, self.max_kernel, self.max_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """NCHW image or map -> NHWC tokens at 1 / stride resolution."""

@@ -110,19 +110,21 @@ class PartitionConvBn(nn.Module):
     kernel is tiled over all channels so the partitions are convolved in a single depth-wise call.
     """
 
-    def __init__(self, num_sharesets: int, kernel_size: int):
+    def __init__(self, num_sharesets: int, kernel_size: int, channels: int) -> None:
         super().__init__()
         self.num_sharesets = num_sharesets
         self.kernel_size = kernel_size
+        # a constant, not read from the input: an exported graph then knows the tiled kernel's shape
+        self.channels = channels
         self.conv = nn.Conv2d(num_sharesets, num_sharesets, kernel_size, padding=kernel_size // 2,
                               groups=num_sharesets, bias=False)
         self.bn = nn.BatchNorm2d(num_sharesets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map partitions ``(N, C, h, w)`` to ``(N * C / num_sharesets, num_sharesets, h, w)``."""
-        channels, h, w = x.shape[1:]
-        weight = self.conv.weight.repeat(channels // self.num_sharesets, 1, 1, 1)
-        x = F.conv2d(x, weight, padding=self.kernel_size // 2, groups=channels)
+        h, w = x.shape[-2:]
+        weight = self.conv.weight.repeat(self.channels // self.num_sharesets, 1, 1, 1)
+        x = F.conv2d(x, weight, padding=self.kernel_size // 2, groups=self.channels)
         return self.bn(x.reshape(-1, self.num_sharesets, h, w))
 
     def fused_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +192,7 @@ class RepMLPBlock(nn.Module):
         self.fc3 = PartitionLinear(num_sharesets, area, bias=deploy)
         self.fc3_bn = nn.Identity() if deploy else nn.BatchNorm2d(num_sharesets)
         # keyed by kernel size; the official checkpoints name these ``repconv{k}`` (see checkpoint_filter_fn)
-        self.repconvs = nn.ModuleDict({str(k): PartitionConvBn(num_sharesets, k) for k in self.conv_kernels})
+        self.repconvs = nn.ModuleDict({str(k): PartitionConvBn(num_sharesets, k, dim) for k in self.conv_kernels})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape

@@ -1,4 +1,4 @@
-"""``visionmlp segment train | eval | predict``: semantic segmentation on any variant."""
+"""``visionmlp segment train | eval | predict | export``: semantic segmentation on any variant."""
 
 from __future__ import annotations
 
@@ -52,6 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     predict.add_argument("--device", default="auto")
     predict.add_argument("--json", action="store_true", help="print each image's classes and pixel shares as JSON")
 
+    export = sub.add_parser("export", help="the network as ONNX (checked with onnxruntime) or a torch.export program: "
+                            "normalised images (N, 3, H, W) in, class logits (N, classes, H, W) out")
+    export.add_argument("--checkpoint", required=True, metavar="FILE", help="last.pt of visionmlp segment train")
+    export.add_argument("--output", required=True, metavar="FILE", help=".onnx (ONNX) or .pt2 (torch.export)")
+    export.add_argument("--img-size", type=int, nargs="+", metavar="SIDE",
+                        help="the graph's input: SIDE or HEIGHT WIDTH (default: the training crop)")
+    export.add_argument("--deploy", action="store_true", help="fold the backbone first (RepMLPNet)")
+    export.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=("shapes", "ade20k", "folder"))
@@ -67,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
             return _train(args)
         if args.action == "eval":
             return _eval(args)
+        if args.action == "export":
+            return _export(args)
         return _predict(args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"visionmlp segment {args.action}: error: {exc}", file=sys.stderr)
@@ -132,4 +143,35 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         for r in results:
             print(f"{r['image']} -> {r['output']}: " + ", ".join(f"{k} {v:.1f} %" for k, v in r["classes"].items()))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from timm.layers import set_layer_config
+
+    from ..engine.export import FORMAT_SUFFIXES, export_onnx, export_program, write_verified
+    from .engine import crop_size, load_segmenter
+
+    output = Path(args.output)
+    formats = {suffix: name for name, suffix in FORMAT_SUFFIXES.items()}
+    if output.suffix not in formats:
+        raise ValueError(f"--output must end in .onnx (ONNX) or .pt2 (torch.export program), got {str(output)!r}")
+    if args.img_size and len(args.img_size) > 2:
+        raise ValueError(f"--img-size takes SIDE or HEIGHT WIDTH, got {len(args.img_size)} numbers")
+    # an exported graph runs elsewhere (onnxruntime, another torch): the reference maths, public ops only
+    with set_layer_config(exportable=True):
+        model, config, classes = load_segmenter(args.checkpoint, args.deploy)
+    model.requires_grad_(False)
+    size = tuple(args.img_size * (2 // len(args.img_size))) if args.img_size else crop_size(config)
+    model.backbone.padded_size(*size)  # an image the backbone cannot take is refused here, naming the fix
+    writer = export_onnx if formats[output.suffix] == "onnx" else export_program
+    max_diff = write_verified(output, lambda path: writer(model, path, size))
+    result = {"model": config["model"]["name"], "decoder": config["model"]["decoder"], "format":
+              formats[output.suffix], "output": str(output), "img_size": list(size), "classes": classes,
+              "deploy": args.deploy, "max_abs_diff": max_diff}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"wrote {output} ({result['format']}, dynamic batch, {size[0]}x{size[1]}, {len(classes)} classes); "
+              f"largest difference from PyTorch: {max_diff:.3e}")
     return 0
