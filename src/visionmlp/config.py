@@ -45,6 +45,9 @@ DEFAULTS: Config = {
         "mean": None,
         "std": None,
         "pin_memory": True,
+        # tensor: timm's augmentation with the resizing on uint8 tensors (visionmlp.data.tensor_pipeline); pil: as
+        # timm builds it, on PIL images (the official scripts')
+        "pipeline": "tensor",
         # None: every image; a number: that many, spread evenly over the set (quick experiments, tests)
         "max_train_images": None,
         "max_val_images": None,
@@ -110,16 +113,22 @@ DEFAULTS: Config = {
     "device": "auto",
     "threads": None,  # torch intra-op threads per process; None: torch's default (all cores)
     "print_freq": 20,
+    "trackers": ["tensorboard"],  # experiment trackers (docs/tracking.md); [none]: none, not even TensorBoard
 }
+
+# --tracker: more than one may be given; none turns every one off
+TRACKERS = ("tensorboard", "mlflow", "wandb", "clearml", "none")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("digits", "imagenet", "folder", "cifar10", "cifar100", "flowers102", "stanford_cars",
                      "inat2018", "inat2019", "caltech101"),
     "data.flowers102_split": ("raftmlp", "official"),
     "data.cache_mode": ("no", "part", "full"),
+    "data.pipeline": ("tensor", "pil"),
     "aug.mixup_mode": ("batch", "pair", "elem"),
     "train.amp": ("none", "fp16", "bf16"),
     "train.sched": ("cosine", "step", "none"),
+    "trackers": TRACKERS,
 }
 
 # keys whose default is None but whose value is always text: never parsed as YAML
@@ -151,6 +160,7 @@ FLAG_KEYS = {
     "resume": "resume",
     "seed": "seed",
     "device": "device",
+    "tracker": "trackers",
 }
 
 
@@ -240,11 +250,15 @@ class ConfigSchema:
         return config
 
     def check_choices(self, config: Config) -> None:
-        """A ConfigError for a key outside its choices."""
+        """A ConfigError for a key outside its choices (for a list, an item outside them)."""
         flat = self.flatten(config)
         for key, choices in self.choices.items():
-            if flat[key] not in choices:
-                raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {flat[key]!r}")
+            for value in flat[key] if isinstance(flat[key], list) else [flat[key]]:
+                if value not in choices:
+                    raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+        if "trackers" in flat and "none" in flat["trackers"] and len(flat["trackers"]) > 1:
+            raise ConfigError(f"trackers: none turns every tracker off and stands alone; got {flat['trackers']!r} "
+                              "(--tracker none, or name the trackers wanted)")
 
 
 def get(config: Mapping[str, Any], dotted: str) -> Any:
@@ -404,6 +418,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         "default: picked from the model (its family's recipe, or its own)")
     parser.add_argument("--opts", nargs="+", metavar="KEY VALUE", default=None,
                         help="override config keys, e.g. --opts train.base_lr 1e-3 aug.mixup 0")
+
+
+def add_tracker_argument(parser: argparse.ArgumentParser) -> None:
+    """The --tracker flag of the training commands."""
+    parser.add_argument("--tracker", nargs="+", choices=TRACKERS, metavar="NAME",
+                        help="experiment trackers, one or more of tensorboard (default), mlflow, wandb, clearml; "
+                             "none: no tracker (docs/tracking.md)")
 
 
 def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:

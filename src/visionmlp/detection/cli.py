@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import read_checkpoint
-from ..config import Config, ConfigError, parse_opts
+from ..config import Config, ConfigError, add_tracker_argument, parse_opts
 from ..data import DataError
 from ..engine.distributed import cleanup, resolve_device, setup
 from ..engine.train import NonFiniteLossError
@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--resume", metavar="FILE|auto", help="continue from a checkpoint; auto: <output>/last.pt")
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    add_tracker_argument(train)
     _config_arguments(train)
 
     evaluate = sub.add_parser("eval", help="COCO box (and mask) AP of a detect train checkpoint")

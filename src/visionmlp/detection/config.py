@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, ConfigError, ConfigSchema
+from ..config import TRACKERS, Config, ConfigError, ConfigSchema
 
 DETECTORS = ("retinanet", "mask_rcnn", "faster_rcnn")
 
@@ -76,12 +76,14 @@ DEFAULTS: Config = {
     "device": "auto",
     "threads": None,
     "print_freq": 50,
+    "trackers": ["tensorboard"],  # experiment trackers (docs/tracking.md); [none]: none, not even TensorBoard
 }
 
 CHOICES = {
     "detector": DETECTORS,
     "data.dataset": ("synthetic", "coco"),
     "train.amp": ("none", "fp16", "bf16"),
+    "trackers": TRACKERS,
 }
 
 SCHEMA = ConfigSchema(DEFAULTS, CHOICES, text_keys=("data.path", "output", "resume", "model.pretrained"),
@@ -103,6 +105,7 @@ FLAG_KEYS = {
     "resume": "resume",
     "seed": "seed",
     "device": "device",
+    "tracker": "trackers",
 }
 
 # backbones that take inputs of any size (padded to a multiple of their stride or partition)

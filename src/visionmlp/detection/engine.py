@@ -27,6 +27,7 @@ from ..data import DataError
 from ..engine.distributed import DistContext, all_gather_objects, all_reduce_sum, barrier, broadcast_object, setup
 from ..engine.evaluate import autocast
 from ..engine.reporting import RunRecorder, log, use_progress_bars
+from ..engine.trackers import check_installed
 from ..engine.train import (
     NonFiniteLossError,
     capture_rng_state,
@@ -117,6 +118,7 @@ def train(config: Config) -> dict[str, Any]:
     seed_everything(config["seed"] + ctx.rank)
     opt_name = train_cfg["optimizer"].lower()
     optimizer_class(opt_name)  # before the data: a misspelt name fails at once
+    check_installed(config["trackers"])
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     kinds = iou_types(detector)
@@ -166,7 +168,7 @@ def train(config: Config) -> dict[str, Any]:
     if ctx.is_main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(dump(config))
-        recorder = RunRecorder(output, history, start_epoch)
+        recorder = RunRecorder(output, config, history, start_epoch)
         n_params = sum(p.numel() for p in model_without_ddp.parameters())
         short, long = resize_policy(config)
         sizing = f"letterboxed to {long}" if short == long else f"resized to fit {long} x {short} keeping their aspect"
@@ -186,7 +188,7 @@ def train(config: Config) -> dict[str, Any]:
         train_loader.sampler.set_epoch(epoch)
         epoch_start = time.perf_counter()
         train_stats, num_updates = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, ctx, config,
-                                                   epoch, num_updates, output)
+                                                   epoch, num_updates, output, recorder)
         train_time = time.perf_counter() - epoch_start
         metrics = evaluate(model_without_ddp, val_loader, ctx, val_set.coco, category_ids, kinds, train_cfg["amp"])
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats["losses"].items()}, **metrics,
@@ -227,9 +229,9 @@ def train(config: Config) -> dict[str, Any]:
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler: Any,
                     scaler: torch.amp.GradScaler, ctx: DistContext, config: Config, epoch: int, num_updates: int,
-                    output: Path) -> tuple[dict[str, Any], int]:
+                    output: Path, recorder: RunRecorder | None = None) -> tuple[dict[str, Any], int]:
     """One pass over the training data; returns the mean losses (the total and each part), the last rate and the
-    images seen, and the update count."""
+    images seen, and the update count. ``recorder`` (rank 0's) gets the loss and rate at every console step."""
     train_cfg = config["train"]
     num_epochs, num_steps, print_freq = train_cfg["epochs"], len(loader), config["print_freq"]
     model.train()
@@ -282,6 +284,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             totals = [total + value for total, value in zip(totals, read)]
             window_start = step + 1
             lr, mean_loss = optimizer.param_groups[0]["lr"], read[0] / max(read[-1], 1)
+            if recorder is not None:
+                recorder.log_step(num_updates, {"loss": mean_loss, "lr": lr})
             if bar is not None:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
             elif ctx.is_main:

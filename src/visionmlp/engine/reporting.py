@@ -1,4 +1,5 @@
-"""What a training run leaves behind besides checkpoints: console lines, metrics.jsonl, TensorBoard events, curves.png.
+"""What a training run leaves behind besides checkpoints: console lines, metrics.jsonl, curves.png, and what its
+experiment trackers keep (TensorBoard events by default; see trackers.py).
 
 Only rank 0 builds a :class:`RunRecorder`; the other ranks stay silent.
 """
@@ -8,8 +9,11 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from .trackers import build_trackers
 
 
 def log(message: str) -> None:
@@ -23,42 +27,45 @@ def use_progress_bars() -> bool:
 
 
 class RunRecorder:
-    """Writes one record per epoch to ``metrics.jsonl``, TensorBoard and ``curves.png`` under ``output``.
+    """Writes one record per epoch to ``metrics.jsonl``, ``curves.png`` and the run's trackers (``trackers`` in the
+    configuration), and hands them the configuration, the per-step loss and, at the end, the weights.
 
     On resume the history saved in the checkpoint is authoritative: ``metrics.jsonl`` is rewritten
     from it, so an epoch that was logged but not checkpointed before a crash appears once.
     """
 
-    def __init__(self, output: Path, history: list[dict[str, Any]], start_epoch: int, x_key: str = "epoch") -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(self, output: Path, config: Mapping[str, Any], history: list[dict[str, Any]], start_epoch: int,
+                 x_key: str = "epoch") -> None:
         self.output = output
         self.history = history
         self.x_key = x_key
         self.metrics_path = output / "metrics.jsonl"
         self.metrics_path.write_text("".join(json.dumps(record) + "\n" for record in history))
-        # purge_step drops events of epochs that will be trained again
-        self.writer = SummaryWriter(log_dir=str(output / "tensorboard"), purge_step=start_epoch)
+        self.trackers = build_trackers(config["trackers"], output, start_epoch, x_key)
+        for tracker in self.trackers:
+            tracker.log_config(config)
+
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        """The loss and learning rate at a global training step, to the trackers."""
+        for tracker in self.trackers:
+            tracker.log_step(step, values)
 
     def write_epoch(self, record: dict[str, Any]) -> None:
         """Append ``record`` (already in ``history``) to every output."""
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        step = record[self.x_key]
-        for key, value in record.items():
-            if key != self.x_key and isinstance(value, (int, float)):
-                group = "train" if key.startswith("train_") else "val" if key.startswith("val_") else "run"
-                self.writer.add_scalar(f"{group}/{key}", value, step)
-            elif isinstance(value, dict):  # a group of validation figures, e.g. detection's {"bbox": {"AP": ...}}
-                for name, figure in value.items():
-                    if isinstance(figure, (int, float)):
-                        self.writer.add_scalar(f"val/{key}_{name}", figure, step)
-        self.writer.flush()
+        figures = {key: value for key, value in record.items() if key != self.x_key}
+        for tracker in self.trackers:
+            tracker.log_metrics(record[self.x_key], figures)
         plot_curves(self.history, self.output / "curves.png", self.x_key)
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer."""
-        self.writer.close()
+        """Hand the trackers the run's weights (``best.pt``, else ``last.pt``), then close them."""
+        weights = next((p for p in (self.output / "best.pt", self.output / "last.pt") if p.is_file()), None)
+        for tracker in self.trackers:
+            if weights is not None:
+                tracker.log_artifact(weights)
+            tracker.close()
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, x_key: str = "epoch") -> None:

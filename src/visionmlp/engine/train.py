@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import atomic_save, read_checkpoint
 from ..config import (
-    Config, ConfigError, add_config_arguments, build_config, dump, flags_from_args, image_size, parse_opts,
+    Config, ConfigError, add_config_arguments, add_tracker_argument, build_config, dump, flags_from_args, image_size,
+    parse_opts,
 )
 from ..data import DataError, build_dataset, build_loader, build_transform, subset_evenly
 from ..models import load_for_finetuning
@@ -49,6 +50,7 @@ from .distributed import (
 from .evaluate import autocast, build_model, evaluate, resolve_input_config
 from .optim import parameter_groups, train_classifier_only
 from .reporting import RunRecorder, log, use_progress_bars
+from .trackers import check_installed
 
 ADAM_LIKE = ("adam", "adamw", "nadam", "nadamw", "radam", "adamp", "lamb", "lambw", "adan")
 
@@ -104,6 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train the classifier only (linear probing); train.backbone_lr_scale and "
                              "train.layer_decay set per-layer rates instead")
     parser.add_argument("--throughput", action="store_true", help="measure throughput instead of training")
+    add_tracker_argument(parser)
     add_config_arguments(parser)
 
 
@@ -243,6 +246,7 @@ def train(config: Config) -> dict[str, Any]:
     seed_everything(config["seed"] + ctx.rank)
     opt_name = train_cfg["optimizer"].lower()
     opt_class = optimizer_class(opt_name)  # before the data: a misspelt name fails at once
+    check_installed(config["trackers"])
     if config["threads"]:
         torch.set_num_threads(config["threads"])
 
@@ -340,7 +344,7 @@ def train(config: Config) -> dict[str, Any]:
     if ctx.is_main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(dump(config))
-        recorder = RunRecorder(output, history, start_epoch)
+        recorder = RunRecorder(output, config, history, start_epoch)
         n_params = sum(p.numel() for p in model_without_ddp.parameters())
         log(f"model {config['model']['name']} ({n_params / 1e6:.2f} M parameters, {num_classes} classes, input "
             f"{tuple(input_config['input_size'])}) on {ctx.device} x {ctx.world_size} process(es)")
@@ -358,7 +362,7 @@ def train(config: Config) -> dict[str, Any]:
         epoch_start = time.perf_counter()
         train_stats, num_updates = train_one_epoch(
             model, model_without_ddp, train_loader, optimizer, scheduler, scaler, loss_fn, mixup_fn, ema,
-            ctx, config, epoch, num_epochs, num_updates, output)
+            ctx, config, epoch, num_epochs, num_updates, output, recorder)
         train_time = time.perf_counter() - epoch_start
         broadcast_buffers(model_without_ddp, ctx)
         val_stats = evaluate(model_without_ddp, val_loader, ctx, amp=train_cfg["amp"])
@@ -436,8 +440,10 @@ def train_one_epoch(
     num_epochs: int,
     num_updates: int,
     output: Path,
+    recorder: RunRecorder | None = None,
 ) -> tuple[dict[str, float], int]:
-    """One pass over the training data; returns (mean loss, last lr, images seen, skipped) and the update count."""
+    """One pass over the training data; returns (mean loss, last lr, images seen, skipped) and the update count.
+    ``recorder`` (rank 0's) gets the loss and learning rate at every console step."""
     train_cfg = config["train"]
     accumulation, clip_grad, amp = train_cfg["accumulation_steps"], train_cfg["clip_grad"], train_cfg["amp"]
     model.train()
@@ -500,6 +506,8 @@ def train_one_epoch(
             epoch_loss, epoch_steps, window_start = epoch_loss + loss_sum, epoch_steps + steps, step + 1
             lr = optimizer.param_groups[0]["lr"]
             mean_loss = loss_sum / max(steps, 1)
+            if recorder is not None:
+                recorder.log_step(num_updates, {"loss": mean_loss, "lr": lr})
             if bar is not None:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
             elif ctx.is_main:

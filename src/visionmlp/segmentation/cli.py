@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, parse_opts
+from ..config import ConfigError, add_tracker_argument, parse_opts
 from ..engine.distributed import cleanup
 from ..engine.train import NonFiniteLossError
 from .config import add_config_arguments, build_config, flags_from_args
@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--resume", help="a last.pt to continue, or 'auto' for <output>/last.pt")
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    add_tracker_argument(train)
 
     evaluate = sub.add_parser("eval", help="mIoU, mAcc and aAcc of a segment train checkpoint")
     evaluate.add_argument("--checkpoint", required=True, metavar="FILE", help="last.pt of visionmlp segment train")

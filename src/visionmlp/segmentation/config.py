@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, ConfigError, ConfigSchema
+from ..config import TRACKERS, Config, ConfigError, ConfigSchema
 
 DEFAULTS: Config = {
     "model": {
@@ -66,6 +66,7 @@ DEFAULTS: Config = {
     "device": "auto",
     "threads": None,
     "print_freq": 50,
+    "trackers": ["tensorboard"],  # experiment trackers (docs/tracking.md); [none]: none, not even TensorBoard
 }
 
 SCHEMA = ConfigSchema(
@@ -76,6 +77,7 @@ SCHEMA = ConfigSchema(
         "train.optimizer": ("adamw", "sgd"),
         "train.amp": ("none", "fp16", "bf16"),
         "test.mode": ("auto", "whole", "slide"),
+        "trackers": TRACKERS,
     },
     text_keys=("data.path", "output", "resume", "model.pretrained"),
     free_form=("model.kwargs",),
@@ -98,6 +100,7 @@ FLAG_KEYS = {
     "resume": "resume",
     "seed": "seed",
     "device": "device",
+    "tracker": "trackers",
 }
 
 

@@ -33,6 +33,7 @@ from ..engine.distributed import (
 )
 from ..engine.evaluate import autocast
 from ..engine.reporting import RunRecorder, log
+from ..engine.trackers import check_installed
 from ..engine.train import NonFiniteLossError, seed_everything
 from .data import IGNORE_INDEX, EvalTransform, TrainTransform, build_dataset, collate_eval
 from .metrics import ConfusionMatrix
@@ -139,6 +140,7 @@ def train(config: Config) -> dict[str, Any]:
     train_cfg = config["train"]
     output = Path(config["output"] or f"runs/segment-{config['model']['name']}-{config['data']['dataset']}")
     seed_everything(config["seed"] + ctx.rank)
+    check_installed(config["trackers"])
     if config["threads"]:
         torch.set_num_threads(config["threads"])
 
@@ -187,7 +189,7 @@ def train(config: Config) -> dict[str, Any]:
     if ctx.is_main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(dump(config))
-        recorder = RunRecorder(output, history, iteration, x_key="iteration")
+        recorder = RunRecorder(output, config, history, iteration, x_key="iteration")
         n_params = sum(p.numel() for p in model_without_ddp.parameters())
         log(f"{config['model']['decoder']} on {config['model']['name']} ({n_params / 1e6:.2f} M parameters, "
             f"{num_classes} classes, crop {crop_size(config)}) on {ctx.device} x {ctx.world_size} process(es)")
@@ -240,6 +242,7 @@ def train(config: Config) -> dict[str, Any]:
             window_start = iteration
             if ctx.is_main and (iteration % config["print_freq"] == 0 or iteration == total):
                 log(f"iteration {iteration}/{total}: loss {window_loss / steps:.4f}  lr {lr:.3g}")
+                recorder.log_step(iteration, {"loss": window_loss / steps, "lr": lr})
 
         if iteration % interval == 0 or iteration == total:
             train_loss = float(all_reduce_sum(loss_sum, ctx)) / (loss_count * ctx.world_size)
