@@ -1,0 +1,125 @@
+"""--tracker: a tiny `visionmlp train` per tracker, offline, read back from what each tracker stored."""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from visionmlp.cli import main
+
+# test_train.py's tiny ViP, one epoch; print_freq 2 logs a few steps
+TINY = ["--epochs", "1", "--img-size", "14", "--batch-size", "32", "--workers", "0", "--opts", "model.kwargs",
+        "{depths: [1, 1, 1, 1], embed_dims: [16, 32, 32, 32], num_segments: [4, 4, 4, 4]}",
+        "train.warmup_epochs", "0", "print_freq", "2", "data.max_train_images", "96", "data.max_val_images", "32"]
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path, monkeypatch):
+    """Every tracker's files under tmp_path, no server, one thread."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_API_KEY", "WANDB_PROJECT",
+                 "CLEARML_API_HOST", "CLEARML_API_ACCESS_KEY", "CLEARML_AUTH_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("CLEARML_CACHE_DIR", str(tmp_path / "clearml"))
+    monkeypatch.setenv("CLEARML_CONFIG_FILE", str(tmp_path / "no-clearml.conf"))
+    monkeypatch.setenv("CLEARML_OFFLINE_MODE", "1")  # restored afterwards: Task.set_offline sets it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(output: Path, *trackers: str) -> dict:
+    assert main(["train", "--output", str(output), *(["--tracker", *trackers] if trackers else []), *TINY]) == 0
+    return json.loads((output / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_default_is_tensorboard_and_none_turns_it_off(tmp_path):
+    train(tmp_path / "default")
+    assert list((tmp_path / "default" / "tensorboard").glob("events.out.tfevents.*"))
+    train(tmp_path / "none", "none")
+    assert not (tmp_path / "none" / "tensorboard").exists()
+
+
+def test_bad_tracker_choices_are_config_errors(tmp_path, capsys):
+    assert main(["train", "--output", str(tmp_path), "--opts", "trackers", "[mlfow]"]) == 2
+    assert "trackers must be one of tensorboard, mlflow" in capsys.readouterr().err
+    assert main(["train", "--output", str(tmp_path), "--tracker", "none", "mlflow"]) == 2
+    assert "none turns every tracker off" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["mlflow", "wandb", "clearml"])
+def test_a_missing_package_names_the_extra(tmp_path, monkeypatch, capsys, name):
+    monkeypatch.setitem(sys.modules, name, None)
+    assert main(["train", "--output", str(tmp_path / "run"), "--tracker", "tensorboard", name, *TINY]) == 2
+    assert f"pip install 'visionmlp[{name}]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before training
+
+
+def test_mlflow_local_store(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    output = tmp_path / "run"
+    record = train(output, "tensorboard", "mlflow")
+    client = MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("visionmlp").experiment_id])[0]
+    assert run.data.params["model.name"] == "vip_s7" and run.data.params["trackers"] == "['tensorboard', 'mlflow']"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "val_acc1")] == [record["val_acc1"]]
+    assert len(client.get_metric_history(run.info.run_id, "step/loss")) == 2  # 3 steps at print_freq 2
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["best.pt"]
+    assert run.info.status == "FINISHED"
+
+
+def wandb_records(path: Path):
+    """The records of an offline run's .wandb file (LevelDB log format: 32 KiB blocks, 7-byte headers)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, chunks = path.read_bytes(), 7, b""
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        chunks += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            yield record
+
+
+def test_wandb_offline_run(tmp_path):
+    pytest.importorskip("wandb")
+    record = train(tmp_path / "run", "wandb")
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    records = list(wandb_records(run_file))
+    config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
+              for item in r.config.update}
+    assert config["model"]["name"] == "vip_s7"
+    summary = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for r in records
+               if r.WhichOneof("record_type") == "summary" for item in r.summary.update}
+    assert summary["val_acc1"] == pytest.approx(record["val_acc1"]) and summary["global_step"] == 3
+    artifacts = [f.path for r in records if r.WhichOneof("record_type") == "artifact"
+                 for f in r.artifact.manifest.contents]
+    assert artifacts == ["best.pt"]
+
+
+def test_clearml_offline_session(tmp_path):
+    pytest.importorskip("clearml")
+    record = train(tmp_path / "run", "clearml")
+    (session,) = [p for p in (tmp_path / "clearml" / "offline").iterdir() if p.is_dir()]
+    assert (session.parent / f"{session.name}.zip").is_file()
+    events = [e for line in (session / "metrics.jsonl").read_text().splitlines() for e in json.loads(line)]
+    assert [e["value"] for e in events if e["variant"] == "val_acc1"] == [pytest.approx(record["val_acc1"])]
+    task = json.loads((session / "task.json").read_text())
+    assert task["hyperparams"]["config"]["model.name"]["value"] == "vip_s7"
+    assert [a["key"] for a in task["execution"]["artifacts"]] == ["best.pt"]
