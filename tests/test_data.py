@@ -205,7 +205,9 @@ def test_randaugment_posterizes_to_zero_bits_on_any_pillow():
     config["aug"]["auto_augment"] = "rand-m10-n1-mstd0-inc1"
     transform = build_transform(config, {"input_size": (3, 16, 16), "interpolation": "bicubic", "crop_pct": 1.0,
                                          "mean": (0.5,) * 3, "std": (0.5,) * 3}, training=True)
-    randaugment = next(step for step in transform.transforms if hasattr(step, "ops"))
+    # the tensor pipeline runs RandAugment on a PIL view of its pixels (OnPIL)
+    randaugment = next(getattr(step, "transform", step) for step in transform.transforms
+                       if hasattr(getattr(step, "transform", step), "ops"))
     (posterize,) = [op for op in randaugment.ops if op.name == "PosterizeIncreasing"]
     image = Image.new("RGB", (16, 16), (200, 120, 40))
     assert posterize.aug_fn(image, 0).getextrema() == ((0, 0),) * 3

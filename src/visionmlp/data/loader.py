@@ -12,6 +12,8 @@ from timm.data import auto_augment, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from torchvision import transforms as T
 
+from .tensor_pipeline import tensor_pipeline
+
 
 def _pillow_posterizes_to_zero_bits() -> bool:
     """Whether this Pillow posterizes to 0 bits (a black image); Pillow 13 raises instead."""
@@ -45,7 +47,14 @@ def with_posterize_any_bits(transform: Any) -> Any:
 
 
 def build_transform(config: Mapping[str, Any], data_config: Mapping[str, Any], training: bool) -> Any:
-    """timm's train or eval transform for the resolved input size, interpolation, mean/std and crop ratio."""
+    """timm's train or eval transform for the resolved input size, interpolation, mean/std and crop ratio, on uint8
+    tensors with ``data.pipeline: tensor`` (:mod:`visionmlp.data.tensor_pipeline`), on PIL images with ``pil``."""
+    transform = timm_transform(config, data_config, training)
+    return tensor_pipeline(transform) if config["data"]["pipeline"] == "tensor" else transform
+
+
+def timm_transform(config: Mapping[str, Any], data_config: Mapping[str, Any], training: bool) -> Any:
+    """timm's train or eval transform for PIL images, as the official scripts build it."""
     aug = config["aug"]
     input_size = data_config["input_size"]
     if not training:

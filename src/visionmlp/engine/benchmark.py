@@ -496,6 +496,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-images", type=int, default=100, metavar="N",
                         help="images taken evenly from --val-data (default: 100)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    data = parser.add_argument_group("input pipeline", "with --data: a data-loading worker's images/s, ours against "
+                                     "the official scripts' (ImageFolder + PIL + timm), for --model's recipe")
+    data.add_argument("--data", metavar="DIR", help="an ImageNet-layout folder: train/ and val/ of class folders")
+    data.add_argument("--zip", action="store_true", help="read DIR's train.zip, val.zip and map files instead")
+    data.add_argument("--cfg", metavar="FILE", help="the recipe (default: the model's family recipe)")
+    data.add_argument("--images", type=int, default=200, metavar="N", help="images per round (default: 200)")
+    data.add_argument("--rounds", type=int, default=3, metavar="N", help="rounds, the best counts (default: 3)")
+    data.add_argument("--generate", type=int, metavar="N",
+                      help="first write an ImageNet-like JPEG set into DIR: N training images, N/5 validation")
 
 
 def benchmark_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -533,6 +542,8 @@ def run_all(
 
 def run(args: argparse.Namespace) -> int:
     """Run ``visionmlp benchmark``."""
+    if args.data:
+        return run_input_benchmark(args)
     try:
         names = [None] if args.model is None and args.checkpoint else parse_model_names(args.model or "all")
         results = run_all(
@@ -554,4 +565,21 @@ def run(args: argparse.Namespace) -> int:
         print(results_markdown(results))
         print()
         print(results_notes(results))
+    return 0
+
+
+def run_input_benchmark(args: argparse.Namespace) -> int:
+    """``visionmlp benchmark --data DIR``: the input pipeline (:mod:`visionmlp.engine.input_benchmark`)."""
+    from ..config import ConfigError
+    from ..data.imagenet_like import write_imagenet_like
+    from .input_benchmark import benchmark_config, measure, report
+
+    try:
+        if args.generate:
+            write_imagenet_like(args.data, args.generate, max(1, args.generate // 5), zipped=args.zip)
+        result = measure(benchmark_config(args), args.images, args.rounds)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
+        print(f"visionmlp benchmark: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else report(result))
     return 0

@@ -1,0 +1,109 @@
+"""``visionmlp benchmark --data DIR``: images per second of one data-loading worker, ours against the official one.
+
+A training run's input pipeline is its data-loader workers, each a process on one core running one torch thread:
+read a file, decode the JPEG, then the recipe's augmentation. This command times that work in this process, set up as
+a worker is (one torch thread), over the same files for both pipelines, taking turns round by round:
+
+* ours: the training and validation datasets ``visionmlp train`` builds for the recipe (``data.pipeline``, by
+  default ``tensor``: :mod:`visionmlp.data.tensor_pipeline`);
+* baseline: what the official scripts run, torchvision's ``ImageFolder`` (PIL decoding) with the transform
+  ``timm.data.create_transform`` builds from the same recipe; with ``--zip``, our zip reader with that transform.
+
+Each figure is the best of ``--reps`` rounds over ``--images`` files spread evenly over the split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_data_config
+from torchvision.datasets import ImageFolder
+
+from ..config import Config, build_config
+from ..data import build_dataset, build_transform, subset_evenly
+from ..data.loader import timm_transform
+from .machine import cpu_name, num_threads
+
+
+def input_config(config: Config) -> dict[str, Any]:
+    """The input size, interpolation, mean, std and crop ratio ``visionmlp train`` resolves for the recipe's model."""
+    pretrained_cfg = timm.get_pretrained_cfg(config["model"]["name"])
+    data_config = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
+    data = config["data"]
+    if data["img_size"]:
+        size = data["img_size"] if isinstance(data["img_size"], list) else [data["img_size"]] * 2
+        data_config["input_size"] = (3, *size)
+    for key in ("interpolation", "crop_pct", "mean", "std"):
+        if data[key] is not None:
+            data_config[key] = tuple(data[key]) if key in ("mean", "std") else data[key]
+    return data_config
+
+
+def pipelines(config: Config, split: str) -> dict[str, Any]:
+    """``{"ours": dataset, "baseline": dataset}`` for ``split``, each giving transformed samples."""
+    data_config = input_config(config)
+    training = split == "train"
+    data = config["data"]
+    ours = build_dataset("imagenet", split, build_transform(config, data_config, training), data_path=data["path"],
+                         use_zip=data["zip"])
+    official = timm_transform(config, data_config, training)
+    if data["zip"]:
+        baseline: Any = build_dataset("imagenet", split, official, data_path=data["path"], use_zip=True)
+    else:
+        baseline = ImageFolder(str(Path(data["path"]) / split), transform=official)
+    if len(baseline) != len(ours):
+        raise ValueError(f"the baseline reader finds {len(baseline)} images in {split}/, ours {len(ours)}")
+    return {"baseline": baseline, "ours": ours}
+
+
+def images_per_second(sample: Callable[[int], Any], indices: list[int]) -> float:
+    """Images per second of ``sample`` over ``indices``."""
+    start = time.perf_counter()
+    for index in indices:
+        sample(index)
+    return len(indices) / (time.perf_counter() - start)
+
+
+def measure(config: Config, images: int, reps: int) -> dict[str, Any]:
+    """Per-worker images/s of both pipelines on both splits, and the speed-ups."""
+    result: dict[str, Any] = {"cpu": cpu_name(), "pipeline": config["data"]["pipeline"], "images": images,
+                              "reps": reps, "model": config["model"]["name"]}
+    with num_threads(1):  # as in a data-loader worker
+        for split in ("train", "val"):
+            datasets = pipelines(config, split)
+            indices = subset_evenly(list(range(len(datasets["ours"]))), images)
+            best = {name: 0.0 for name in datasets}
+            for _ in range(reps):  # in turn, so that both see the same machine state
+                for name, dataset in datasets.items():
+                    torch.manual_seed(0)
+                    best[name] = max(best[name], images_per_second(dataset.__getitem__, indices))
+            result[f"{split}_images_per_s_per_worker"] = best["ours"]
+            result[f"baseline_{split}_images_per_s_per_worker"] = best["baseline"]
+            result[f"{split}_speedup"] = best["ours"] / best["baseline"]
+    return result
+
+
+def benchmark_config(args: argparse.Namespace) -> Config:
+    """The recipe the measured pipelines are built from."""
+    flags = {"data.dataset": "imagenet", "data.path": args.data, "data.zip": args.zip or None,
+             "model.name": args.model}
+    return build_config(args.cfg, None, flags)
+
+
+def report(result: dict[str, Any]) -> str:
+    """The measurement as a Markdown table."""
+    lines = [f"data-loading worker, one process on one core ({result['cpu']}), {result['model']}'s recipe, best of "
+             f"{result['reps']} rounds over {result['images']} images", "",
+             "| split | ours (data.pipeline: %s) | baseline (ImageFolder + PIL + timm) | speed-up |" % result["pipeline"],
+             "|---|--:|--:|--:|"]
+    for split in ("train", "val"):
+        lines.append(f"| {split} | {result[f'{split}_images_per_s_per_worker']:.1f} img/s | "
+                     f"{result[f'baseline_{split}_images_per_s_per_worker']:.1f} img/s | "
+                     f"{result[f'{split}_speedup']:.2f}x |")
+    return "\n".join(lines)
