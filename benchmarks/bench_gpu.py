@@ -8,14 +8,24 @@ The paths are timed in turn and the faster of ours counts; the project's target 
 baseline. MFU is the achieved FLOP/s (our FLOP count, the same for all) over this GPU's bf16 matmul peak,
 measured in the same run, or over ``--peak-tflops`` (the datasheet's dense figure).
 
+With ``--train``, the training step instead, at each family's recipe batch per GPU (``--batch-size`` to change
+it): the baseline as the official scripts train (fp32 weights, fp16 autocast with a gradient scaler for apex's O1,
+AdamW's per-parameter loop) against ours as ``visionmlp train`` runs on a GPU (bf16 autocast, channels-last, fused
+AdamW, and with ``--compile`` ``torch.compile``). Reported: images/s, MFU (forward and backward FLOPs), peak
+memory, and the losses of the first ``--loss-steps`` steps of both from the same weights on the same batches, with
+the baseline's own run-to-run gap for scale (a second run, another seed for drop path and dropout; the builder should
+make the baseline at its recipe's drop-path rate, as ours is).
+
     python benchmarks/bench_gpu.py --baseline ~/official_builders.py --compile --cuda-graphs --json gpu.json
     python benchmarks/bench_gpu.py --baseline ~/official_builders.py --models ms_mlp_tiny,vip_s7
+    python benchmarks/bench_gpu.py --baseline ~/official_builders.py --train --compile --json gpu_train.json
 """
 
 import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
 from visionmlp import create_model
+from visionmlp.config import family_recipe, load_recipe
 from visionmlp.engine.benchmark import BenchmarkSteps, check_counts, default_img_size, parse_model_names
 from visionmlp.engine.comparison import fast_path_copy, load_builder, seconds_in_turn
 from visionmlp.engine.machine import matmul_peak_gflops, resolve_device, resolve_dtype, synchronize
@@ -43,7 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="cuda[:N] (default: cuda); cpu only to try the script")
     parser.add_argument("--dtype", choices=LOW_PRECISION, default="bf16",
                         help="our weights and activations, and the baseline's autocast dtype (default: bf16)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default: 64; --train: the recipe's per GPU)")
+    parser.add_argument("--train", action="store_true", help="time the training step instead of inference")
+    parser.add_argument("--loss-steps", type=int, default=50,
+                        help="--train: steps whose losses are compared, from the same weights (default: 50)")
+    parser.add_argument("--img-size", type=int, help="input resolution (default: each model's own)")
     parser.add_argument("--compile", action="store_true",
                         help="also time our fast path compiled (weights frozen); the faster of the two counts")
     parser.add_argument("--cuda-graphs", action="store_true",
@@ -145,23 +162,186 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
+def recipe_settings(name: str) -> tuple[int, float]:
+    """The batch per GPU and the stochastic-depth rate of the variant's family recipe."""
+    recipe = family_recipe(name)
+    settings = load_recipe(recipe) if recipe else {}
+    batch_size = settings.get("data", {}).get("batch_size", 64)
+    rate = (settings.get("model", {}).get("drop_path_by_variant") or {}).get(name, 0.0)
+    return int(batch_size), float(rate)
+
+
+class TrainStep:
+    """One optimizer step on a batch: the forward pass under autocast to ``dtype``, the backward pass (through a
+    gradient scaler for fp16, as apex's O1 scales the loss), then AdamW, fused or in its per-parameter loop."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, fused: bool, device: torch.device) -> None:
+        self.model = model.train()
+        self.autocast = torch.autocast(device.type, dtype=dtype)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        options = {"fused": True} if fused else {"foreach": False}
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, **options)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self.autocast:
+            loss = F.cross_entropy(self.model(images), targets)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def baseline_side(name: str, device: torch.device, build_baseline: Callable[[str], nn.Module],
+                  weights: Path | None = None) -> TrainStep:
+    """The official model's training step: fp32 weights, fp16 autocast and loss scaling, AdamW's loop."""
+    model = build_baseline(name).to(device)
+    if weights is not None:
+        model.load_state_dict(torch.load(weights, map_location=device))
+    return TrainStep(model, torch.float16, False, device)
+
+
+def our_side(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+             weights: Path | None = None) -> TrainStep:
+    """Our training step: channels-last, autocast to ``dtype``, fused AdamW, compiled with ``--compile``; at the
+    recipe's drop-path rate, from the official ``weights`` (converted on load) when given."""
+    size = args.img_size or default_img_size(name)
+    model = create_model(name, img_size=size, checkpoint_path=weights, drop_path_rate=recipe_settings(name)[1])
+    model = model.to(device, memory_format=torch.channels_last)
+    return TrainStep(torch.compile(model) if args.compile else model, dtype, True, device)
+
+
+def training_batches(count: int, batch_size: int, size: int, device: torch.device, seed: int = 0
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` reproducible batches of random images and labels."""
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch_size, 3, size, size, generator=generator).to(device),
+             torch.randint(0, 1000, (batch_size,), generator=generator).to(device)) for _ in range(count)]
+
+
+def peak_memory_gib(step: TrainStep, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> float | None:
+    """The GPU memory a few steps peak at (weights, optimizer state and activations); None on a CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(3):
+        step(*batch)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def loss_curves(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                build_baseline: Callable[[str], nn.Module], size: int, batch_size: int) -> dict[str, list[float]]:
+    """Losses of the first ``--loss-steps`` steps of the baseline (twice: its run-to-run noise) and of ours, all from
+    the baseline's initial weights and on the same batches."""
+    batches = training_batches(args.loss_steps, batch_size, size, device, seed=1)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        weights = Path(folder) / "baseline.pth"
+        torch.save(build_baseline(name).state_dict(), weights)
+        curves: dict[str, list[float]] = {}
+        for run, label in enumerate((BASELINE, f"{BASELINE} again", "ours")):
+            torch.manual_seed(run)  # another stream for drop path and dropout in each run
+            if label == "ours":
+                step = our_side(name, args, device, dtype, weights)
+                batches = [(images.contiguous(memory_format=torch.channels_last), targets)
+                           for images, targets in batches]
+            else:
+                step = baseline_side(name, device, build_baseline, weights)
+            curves[label] = [step(images, targets).item() for images, targets in batches]
+    return curves
+
+
+def measure_training(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                     build_baseline: Callable[[str], nn.Module]) -> dict[str, Any]:
+    """Images/s, MFU inputs, peak memory and the loss curves of the baseline's and our training steps."""
+    size = args.img_size or default_img_size(name)
+    batch_size = args.batch_size or recipe_settings(name)[0]
+    counted = BenchmarkSteps(create_model(name, img_size=size).to(device),
+                             torch.randn(2, 3, size, size, device=device), "train", torch.float32, device)
+    counted.run_counted()
+    flops = counted.forward_counter.get_total_flops() + counted.backward_counter.get_total_flops()
+    ((images, targets),) = training_batches(1, batch_size, size, device)
+    sides = {BASELINE: (baseline_side(name, device, build_baseline), images),
+             COMPILED if args.compile else EAGER: (our_side(name, args, device, dtype),
+                                                   images.contiguous(memory_format=torch.channels_last))}
+    steps, memory = {}, {}
+    for label, (step, inputs) in sides.items():
+        steps[label] = lambda step=step, inputs=inputs: step(inputs, targets)
+        memory[label] = peak_memory_gib(step, (inputs, targets), device)
+    seconds = seconds_in_turn(steps, args.warmup, args.reps, device)
+    curves = loss_curves(name, args, device, dtype, build_baseline, size, batch_size)
+    gap = statistics.fmean(abs(a - b) for a, b in zip(curves[BASELINE], curves["ours"]))
+    noise = statistics.fmean(abs(a - b) for a, b in zip(curves[BASELINE], curves[f"{BASELINE} again"]))
+    return {"batch_size": batch_size, "img_size": size, "gflop_per_image": flops / 2 / 1e9,
+            "images_per_s": {label: batch_size / statistics.median(t) for label, t in seconds.items()},
+            "peak_memory_gib": memory, "losses": curves, "loss_gap": gap, "loss_noise": noise}
+
+
+def training_row(name: str, result: dict[str, Any], peak_gflops: float) -> str:
+    """One row of the training table."""
+    rates, memory = result["images_per_s"], result["peak_memory_gib"]
+    ours = next(label for label in rates if label != BASELINE)
+    speedup = rates[ours] / rates[BASELINE]
+
+    def gib(label: str) -> str:
+        return "-" if memory[label] is None else f"{memory[label]:.1f}"
+
+    cells = [name, str(result["batch_size"]), f"{rates[BASELINE]:.0f}",
+             f"{100 * mfu(result, rates[BASELINE], peak_gflops):.1f} %", gib(BASELINE), f"{rates[ours]:.0f}",
+             f"{100 * mfu(result, rates[ours], peak_gflops):.1f} %", gib(ours), f"{speedup:.2f}x",
+             "met" if speedup >= TARGET_SPEEDUP else "not met",
+             f"{result['loss_gap']:.3f} ({result['loss_noise']:.3f})"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main_training(names: list[str], args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                  build_baseline: Callable[[str], nn.Module], peak_gflops: float) -> int:
+    """``--train``: measure each variant, print the table."""
+    results = {}
+    for name in names:
+        results[name] = measure_training(name, args, device, dtype, build_baseline)
+        rates = ", ".join(f"{label} {ips:.1f}" for label, ips in results[name]["images_per_s"].items())
+        print(f"{name}: {rates} img/s", file=sys.stderr, flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"device": device_name(device), "torch": torch.__version__,
+                                             "mode": "train", "peak_gflops": peak_gflops, "results": results}, indent=1))
+    ours = f"{args.dtype} autocast, channels-last, fused AdamW" + (", compiled" if args.compile else "")
+    print(f"{device_name(device)}, torch {torch.__version__}, training step at each recipe's batch per GPU, median of "
+          f"{args.reps} steps timed in turn; MFU over a {args.dtype} matmul peak of {peak_gflops:.0f} GFLOP/s; "
+          f"baseline: fp32 weights, fp16 autocast with a gradient scaler, AdamW per-parameter loop; ours: {ours}\n")
+    header = ["model", "batch", "baseline img/s", "baseline MFU", "baseline peak GiB", "ours img/s", "ours MFU",
+              "ours peak GiB", "speed-up", f"target {TARGET_SPEEDUP:g}x",
+              f"mean loss gap over {args.loss_steps} steps (baseline vs itself)"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    print("\n".join(training_row(name, result, peak_gflops) for name, result in results.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the measurements and print the table."""
     args = parse_args(argv)
     try:
-        check_counts(args.batch_size, img_size=1, warmup=args.warmup, reps=args.reps, threads=None)  # own sizes
+        if args.batch_size is None and not args.train:
+            args.batch_size = 64
+        check_counts(args.batch_size or 1, img_size=1, warmup=args.warmup, reps=args.reps, threads=None)  # own sizes
         names = parse_model_names(args.models)
         device = resolve_device(args.device)
         build_baseline = load_builder(args.baseline) if args.baseline else None
         dtype = resolve_dtype(args.dtype, device)
         if args.cuda_graphs and device.type != "cuda":
             raise ValueError(f"--cuda-graphs needs a GPU: use --device cuda (got {args.device!r})")
+        if args.train and build_baseline is None:
+            raise ValueError("--train compares against the official training step: give --baseline FILE.py")
     except ValueError as error:
         raise SystemExit(f"bench_gpu: error: {error}") from None
     if args.peak_tflops is not None:
         peak_gflops, peak_source = 1000 * args.peak_tflops, "given"
     else:
         peak_gflops, peak_source = matmul_peak_gflops(device, dtype, torch.get_num_threads()), "measured"
+    if args.train:
+        return main_training(names, args, device, dtype, build_baseline, peak_gflops)
     results = {}
     for name in names:
         results[name] = measure(name, args, device, dtype, build_baseline)

@@ -390,6 +390,30 @@ def test_bench_gpu_counts_the_faster_of_our_paths_and_the_lower_agreement(eager_
                    "| 97.0 % |")
 
 
+def test_bench_gpu_train_times_both_steps_and_compares_their_losses(tmp_path, capsys):
+    # the official step (fp16 autocast, loss scaling, AdamW's loop) against ours, tried on CPU at a small size
+    bench_gpu = _bench_gpu()
+    baseline = tmp_path / "builders.py"
+    baseline.write_text("import visionmlp\n\ndef build(name):\n    return visionmlp.create_model(name, img_size=64)\n")
+    args = ["--train", "--device", "cpu", "--models", "raft_mlp_s", "--batch-size", "2", "--img-size", "64",
+            "--loss-steps", "3", "--warmup", "0", "--reps", "1", "--baseline", str(baseline), "--peak-tflops", "0.02",
+            "--json", str(tmp_path / "train.json")]
+    assert bench_gpu.main(args) == 0
+    out = capsys.readouterr().out
+    assert "baseline: fp32 weights, fp16 autocast with a gradient scaler, AdamW per-parameter loop" in out
+    assert re.search(r"\| raft_mlp_s \| 2 \| \d+ \| [\d.]+ % \| - \| \d+ \| [\d.]+ % \| - \| [\d.]+x \| (not )?met "
+                     r"\| [\d.]+ \([\d.]+\) \|", out)
+    result = json.loads((tmp_path / "train.json").read_text())["results"]["raft_mlp_s"]
+    losses = result["losses"]
+    assert set(losses) == {"baseline", "baseline again", "ours"} and all(len(v) == 3 for v in losses.values())
+    # cross-entropy over 1000 classes from the same initial weights: both start near ln(1000)
+    assert all(abs(curve[0] - math.log(1000)) < 1.0 for curve in losses.values())
+    assert result["loss_gap"] >= 0 and result["loss_noise"] >= 0
+    assert bench_gpu.recipe_settings("vip_s7") == (256, 0.1) and bench_gpu.recipe_settings("repmlpnet_t224")[1] == 0
+    with pytest.raises(SystemExit, match="give --baseline FILE.py"):
+        bench_gpu.main(["--train", "--device", "cpu", "--models", "raft_mlp_s"])
+
+
 @pytest.mark.parametrize(("ours_mib", "speedup", "verdict"), [
     (648.2, 1.4, "met"),  # within the measurement's spread of the baseline's 648.0
     (649.0, 1.4, "not met"),

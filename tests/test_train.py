@@ -165,7 +165,9 @@ def torchrun_train(*args: str, command: tuple[str, ...] = ("train",)) -> subproc
 
 def test_two_process_torchrun_with_gloo(tmp_path):
     output = tmp_path / "ddp"
-    result = torchrun_train("--epochs", "1", "--output", str(output), *TINY)
+    # with DDP's static graph and small gradient buckets (the truthfulness test's torchrun run keeps the defaults)
+    result = torchrun_train("--epochs", "1", "--output", str(output), *TINY, "train.ddp_static_graph", "true",
+                            "train.ddp_bucket_cap_mb", "1")
     records = read_metrics(output)
     assert len(records) == 1 and records[0]["world_size"] == 2
     assert result.stdout.count("epoch 1/1: train loss") == 1  # only rank 0 logs

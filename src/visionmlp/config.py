@@ -99,6 +99,11 @@ DEFAULTS: Config = {
         "use_checkpoint": False,
         "amp": "none",
         "compile": False,
+        # DDP (torchrun): gradients all-reduced in buckets of this many MiB (torch's default 25), and static_graph
+        # (the same parameters used in every step: lets DDP skip its per-step search for unused parameters and
+        # overlap more; a model whose graph changes between steps must keep it off)
+        "ddp_bucket_cap_mb": 25,
+        "ddp_static_graph": False,
         "ema": False,
         "ema_decay": 0.9998,
         # fine-tuning: learning rates scaled per layer from the head down (timm's layer decay; None: off), the

@@ -333,7 +333,10 @@ def train(config: Config) -> dict[str, Any]:
         if ctx.is_main:
             log(f"resumed from {resume_path} at epoch {start_epoch}/{num_epochs}")
     if ctx.distributed:
-        model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        # gradients as views of the buckets: no second copy of every gradient
+        model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                        bucket_cap_mb=train_cfg["ddp_bucket_cap_mb"],
+                                        static_graph=train_cfg["ddp_static_graph"], gradient_as_bucket_view=True)
     if train_cfg["compile"]:
         # around DDP, so that its graph breaks at the gradient buckets; shares the parameters of model_without_ddp
         model = torch.compile(model)
