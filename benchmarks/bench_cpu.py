@@ -302,6 +302,22 @@ def train_row(name: str, runs: dict[str, Any]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def buildable_by(build_baseline: Callable[[str], nn.Module], names: list[str]) -> list[str]:
+    """The variants the baseline file builds; the others are named on stderr and left out (all of them: an error)."""
+    kept = []
+    for name in names:
+        try:
+            build_baseline(name)
+        except Exception as error:  # a builder file of the user's: any failure means it cannot make this variant
+            print(f"skipping {name}: the baseline file cannot build it ({type(error).__name__}: {error})",
+                  file=sys.stderr)
+        else:
+            kept.append(name)
+    if not kept:
+        raise SystemExit(f"the baseline file builds none of {', '.join(names)}")
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the measurements and print the tables."""
     args = parse_args(argv)
@@ -321,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.emit_runs:
         print(json.dumps(measure(names[0], args, best_dtype, build_baseline)))
         return 0
+    if build_baseline is not None:
+        names = buildable_by(build_baseline, names)
     results = {}
     for name in names:
         if args.processes == 1:

@@ -232,6 +232,14 @@ def test_bench_cpu_against_a_baseline_file(tmp_path, capsys):
     assert re.search(row, inference)
     assert "fast path img/s (fp32, deploy, channels-last; timed in turn with ours and the baseline)" in inference
     assert re.search(r"\| raft_mlp_s \| [\d.]+ \| \d+\.\d \| [\d.]+ \| \d+\.\d \| [\d.]+x \| (not )?met \|", training)
+    # a variant the baseline file cannot build is left out, named
+    (tmp_path / "partial.py").write_text("import visionmlp\n\ndef build(name):\n    if name != 'raft_mlp_s':\n"
+                                         "        raise KeyError(name)\n    return visionmlp.create_model(name)\n")
+    assert bench_cpu.buildable_by(bench_cpu.load_baseline(tmp_path / "partial.py"), ["vip_s7", "raft_mlp_s"]) == [
+        "raft_mlp_s"]
+    assert "skipping vip_s7: the baseline file cannot build it (KeyError: 'vip_s7')" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="builds none of vip_s7"):
+        bench_cpu.buildable_by(bench_cpu.load_baseline(tmp_path / "partial.py"), ["vip_s7"])
     (tmp_path / "empty.py").write_text("x = 1\n")
     with pytest.raises(SystemExit, match="defines no build"):
         bench_cpu.main(["--baseline", str(tmp_path / "empty.py")])
