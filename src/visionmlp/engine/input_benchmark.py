@@ -22,27 +22,21 @@ from typing import Any
 
 import timm
 import torch
-from timm.data import resolve_data_config
 from torchvision.datasets import ImageFolder
 
 from ..config import Config, build_config
 from ..data import build_dataset, build_transform, subset_evenly
 from ..data.loader import timm_transform
+from .evaluate import resolve_input_config
 from .machine import cpu_name, num_threads
 
 
 def input_config(config: Config) -> dict[str, Any]:
-    """The input size, interpolation, mean, std and crop ratio ``visionmlp train`` resolves for the recipe's model."""
-    pretrained_cfg = timm.get_pretrained_cfg(config["model"]["name"])
-    data_config = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
-    data = config["data"]
-    if data["img_size"]:
-        size = data["img_size"] if isinstance(data["img_size"], list) else [data["img_size"]] * 2
-        data_config["input_size"] = (3, *size)
-    for key in ("interpolation", "crop_pct", "mean", "std"):
-        if data[key] is not None:
-            data_config[key] = tuple(data[key]) if key in ("mean", "std") else data[key]
-    return data_config
+    """The input size, interpolation, mean, std and crop ratio ``visionmlp train`` resolves for the recipe's model
+    (built on the meta device: only its configuration is read)."""
+    with torch.device("meta"):
+        model = timm.create_model(config["model"]["name"])
+    return resolve_input_config(config, model)
 
 
 def pipelines(config: Config, split: str) -> dict[str, Any]:
