@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from visionmlp.cli import main
 from visionmlp.config import build_config
 from visionmlp.data import build_transform
 from visionmlp.data.imagenet_like import write_imagenet_like
-from visionmlp.data.tensor_pipeline import OnPIL, TensorRandomResizedCrop
+from visionmlp.data import opencv_ops
+from visionmlp.data.datasets import decode_pil
+from visionmlp.data.tensor_pipeline import NormalizeUint8, OnPIL, TensorRandomResizedCrop, decode_to_tensor
 
 DATA_CONFIG = {"input_size": (3, 64, 64), "interpolation": "bicubic", "crop_pct": 0.875,
                "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
@@ -48,6 +51,9 @@ def test_the_tensor_pipeline_is_timms_with_tensor_steps():
     built = transforms(True, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
     steps = built["tensor"].transforms
     assert isinstance(steps[0], TensorRandomResizedCrop) and isinstance(steps[2], OnPIL)
+    assert isinstance(steps[3], NormalizeUint8)  # ToTensor and Normalize in one pass
+    functions = {op.name: op.aug_fn for op in steps[2].transform.ops}
+    assert functions["Rotate"] is opencv_ops.rotate and functions["SharpnessIncreasing"] is opencv_ops.sharpness
     timm_crop = built["pil"].transforms[0]  # timm's own sampler, with its scale and ratio
     assert type(steps[0].crop) is type(timm_crop) and (steps[0].crop.scale, steps[0].crop.ratio) == (
         timm_crop.scale, timm_crop.ratio)
@@ -124,3 +130,90 @@ def test_imagenet_like_images_have_imagenet_sizes(tmp_path):
     sizes = [Image.open(path).size for path in (tmp_path / "train").rglob("*.JPEG")]
     assert np.median([max(s) for s in sizes]) == 500
     assert 60_000 < np.mean([p.stat().st_size for p in (tmp_path / "train").rglob("*.JPEG")]) < 160_000
+
+
+def encoded(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_decoding_gives_pils_pixels_and_fails_as_pil_does():
+    photo = Image.fromarray(np.random.default_rng(4).integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize(
+        (200, 150), Image.BICUBIC)
+    for data in (encoded(photo, quality=90), encoded(photo, quality=75, progressive=True),
+                 encoded(photo, subsampling=0), encoded(photo.convert("L")), encoded(photo, "PNG")):
+        pixels = decode_to_tensor(data)
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 150, 200)
+        assert torch.equal(pixels, torch.from_numpy(np.array(decode_pil(data))).permute(2, 0, 1))
+    with pytest.raises(OSError, match="truncated"):
+        decode_to_tensor(encoded(photo)[:2000])
+
+
+def photo_224(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).resize((224, 224), Image.BICUBIC)
+
+
+GEOMETRY = [("rotate", 23.7), ("shear_x", 0.21), ("shear_y", -0.27), ("translate_x_rel", 0.31),
+            ("translate_y_rel", -0.13), ("translate_x_abs", 17.0), ("translate_y_abs", -40.5)]
+
+
+@pytest.mark.parametrize("name,level", GEOMETRY)
+def test_opencv_geometry_ops_sample_as_pils(name, level):
+    from timm.data import auto_augment
+
+    fill = (124, 116, 104)
+    for resample, interior_mean, interior_max in ((Image.NEAREST, 0.0, 0), (Image.BILINEAR, 1.0, 3),
+                                                  (Image.BICUBIC, 2.0, 40)):
+        for seed in range(3):
+            image = photo_224(seed)
+            ours = np.asarray(getattr(opencv_ops, name)(image, level, fillcolor=fill, resample=resample)).astype(int)
+            pil = np.asarray(getattr(auto_augment, name)(image, level, fillcolor=fill, resample=resample)).astype(int)
+            # away from the fill border, where OpenCV blends the edge pixels with the fill and PIL does not
+            filled = (pil == fill).all(-1) | (ours == fill).all(-1)
+            interior = ~np.asarray(Image.fromarray(filled).filter(ImageFilter.MaxFilter(5)))
+            difference = np.abs(ours - pil)[interior]
+            assert interior.mean() > 0.5
+            if resample == Image.NEAREST and name != "rotate":
+                assert difference.max() == 0
+            else:  # rotation's nearest neighbour differs where a sample falls on a pixel edge, in floating point
+                assert difference.mean() < max(interior_mean, 0.01) and np.percentile(difference, 99) <= interior_max
+
+
+def test_opencv_sharpness_equals_pils_and_ops_draw_what_timms_draw():
+    from timm.data import auto_augment
+
+    image = photo_224(5)
+    for factor in (0.1, 0.5, 1.0, 1.9):
+        assert np.array_equal(np.asarray(opencv_ops.sharpness(image, factor)),
+                              np.asarray(auto_augment.sharpness(image, factor)))
+    # a random filter choice is drawn from the same stream as timm's, so the draws after it stay in step
+    resample = (Image.BILINEAR, Image.BICUBIC)
+    states = []
+    for module in (opencv_ops, auto_augment):
+        random.seed(7)
+        module.rotate(image, 10.0, fillcolor=(0, 0, 0), resample=resample)
+        states.append(random.random())
+    assert states[0] == states[1]
+    with pytest.raises(ValueError, match="data.pipeline: pil"):
+        opencv_ops.rotate(image, 10.0, resample=Image.LANCZOS)
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "augmix-m5-w3", "original", "v0"])
+def test_every_auto_augment_policy_runs_with_opencv_ops(policy):
+    from timm.data import auto_augment
+
+    built = transforms(True, auto_augment=policy)
+    (on_pil,) = [step for step in built["tensor"].transforms if isinstance(step, OnPIL)]
+    ops = list(opencv_ops.augment_ops(on_pil.transform))
+    assert ops and not any(op.aug_fn in opencv_ops.OPENCV_OPS for op in ops)  # each one with a form here switched
+    assert any(op.aug_fn in opencv_ops.OPENCV_OPS.values() for op in ops)
+    assert not any(op.aug_fn in opencv_ops.OPENCV_OPS.values() for op in opencv_ops.augment_ops(
+        next(getattr(step, "transform", step) for step in built["pil"].transforms
+             if list(opencv_ops.augment_ops(getattr(step, "transform", step))))))  # timm's pipeline left on PIL
+    torch.manual_seed(0)
+    random.seed(0)
+    for seed in range(8):
+        assert built["tensor"](photo_224(seed)).shape == (3, 64, 64)
+    assert auto_augment.NAME_TO_OP["Rotate"] is auto_augment.rotate

@@ -45,8 +45,8 @@ DEFAULTS: Config = {
         "mean": None,
         "std": None,
         "pin_memory": True,
-        # tensor: timm's augmentation with the resizing on uint8 tensors (visionmlp.data.tensor_pipeline); pil: as
-        # timm builds it, on PIL images (the official scripts')
+        # tensor: timm's augmentation with faster kernels -- libjpeg-turbo decoding, uint8 tensor resizing, OpenCV
+        # geometry (visionmlp.data.tensor_pipeline); pil: as timm builds it, on PIL images (the official scripts')
         "pipeline": "tensor",
         # None: every image; a number: that many, spread evenly over the set (quick experiments, tests)
         "max_train_images": None,

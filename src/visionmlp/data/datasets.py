@@ -116,6 +116,11 @@ def _warn_unreadable(what: str, exc: BaseException) -> None:
         warnings.warn(f"skipping unreadable image {what}: {exc}", stacklevel=3)
 
 
+def decode_pil(data: bytes) -> Image.Image:
+    """An encoded image file as a PIL RGB image."""
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
 class EncodedImageDataset(Dataset):
     """Images stored as encoded files (JPEG, PNG, ...) in a folder or zip, decoded on access.
 
@@ -155,7 +160,8 @@ class EncodedImageDataset(Dataset):
             data = self._cache[index] if index in self._cache else self.source.read(name)
             if data is None:
                 raise OSError("could not be read when filling the cache")
-            image = Image.open(io.BytesIO(data)).convert("RGB")
+            # a transform may name its own decoder (the tensor pipeline's decodes JPEGs straight to a tensor)
+            image = getattr(self.transform, "decode", decode_pil)(data)
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
             _warn_unreadable(self.source.describe(name), exc)
             return None

@@ -12,6 +12,7 @@ from timm.data import auto_augment, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from torchvision import transforms as T
 
+from .opencv_ops import augment_ops
 from .tensor_pipeline import tensor_pipeline
 
 
@@ -40,8 +41,8 @@ def with_posterize_any_bits(transform: Any) -> Any:
     if _pillow_posterizes_to_zero_bits():
         return transform
     for step in getattr(transform, "transforms", []):
-        for op in getattr(step, "ops", []):
-            if isinstance(op, auto_augment.AugmentOp) and op.aug_fn is auto_augment.posterize:
+        for op in augment_ops(step):
+            if op.aug_fn is auto_augment.posterize:
                 op.aug_fn = posterize_any_bits
     return transform
 

@@ -68,7 +68,7 @@ def measure(config: Config, images: int, reps: int) -> dict[str, Any]:
     """Per-worker images/s of both pipelines on both splits, and the speed-ups."""
     result: dict[str, Any] = {"cpu": cpu_name(), "pipeline": config["data"]["pipeline"], "images": images,
                               "reps": reps, "model": config["model"]["name"]}
-    with num_threads(1):  # as in a data-loader worker
+    with num_threads(1):  # as in a data-loader worker (OpenCV runs single-threaded: visionmlp.data.opencv_ops)
         for split in ("train", "val"):
             datasets = pipelines(config, split)
             indices = subset_evenly(list(range(len(datasets["ours"]))), images)
