@@ -217,3 +217,18 @@ def test_every_auto_augment_policy_runs_with_opencv_ops(policy):
     for seed in range(8):
         assert built["tensor"](photo_224(seed)).shape == (3, 64, 64)
     assert auto_augment.NAME_TO_OP["Rotate"] is auto_augment.rotate
+
+
+def test_loader_workers_run_the_pipeline_after_this_process_has(tmp_path):
+    # a worker forked after OpenCV's thread pool had run here deadlocked when it tried to resize that pool
+    from visionmlp.data import build_dataset, build_loader
+
+    write_imagenet_like(tmp_path, 8, 0, classes=2, seed=1)
+    built = transforms(True, auto_augment="rand-m9-mstd0.5-inc1")
+    for seed in range(4):  # the OpenCV ops, here
+        seeded(built["tensor"], photo_224(seed), seed)
+    dataset = build_dataset("imagenet", "train", built["tensor"], data_path=tmp_path)
+    loader = build_loader(dataset, training=True, batch_size=4, workers=2)
+    loader.timeout = 120  # a hung worker fails the test instead of the suite
+    batches = list(loader)
+    assert [images.shape for images, _, skipped in batches] == [(4, 3, 64, 64)] * 2
