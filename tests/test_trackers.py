@@ -120,14 +120,55 @@ def test_clearml_offline_session(tmp_path):
     # compile-worker threads behind (a training run starts ClearML before anything of the kind exists)
     from test_train import subprocess_env
 
-    run = subprocess.run([sys.executable, "-m", "visionmlp", "train", "--output", str(tmp_path / "run"), "--tracker",
-                          "clearml", *TINY], env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    command = [sys.executable, "-m", "visionmlp", "train", "--output", str(tmp_path / "run"), "--tracker", "clearml"]
+    records = []
+    for epochs in (["--epochs", "1"], ["--epochs", "2", "--resume", "auto"]):  # the second continues the task
+        run = subprocess.run([*command, *TINY, *epochs], env=subprocess_env(), capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        records.append(json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1]))
     (session,) = [p for p in (tmp_path / "clearml" / "offline").iterdir() if p.is_dir()]
+    assert json.loads((tmp_path / "run" / "trackers.json").read_text())["clearml"] == session.name
     assert (session.parent / f"{session.name}.zip").is_file()
     events = [e for line in (session / "metrics.jsonl").read_text().splitlines() for e in json.loads(line)]
-    assert [e["value"] for e in events if e["variant"] == "val_acc1"] == [pytest.approx(record["val_acc1"])]
+    assert [e["value"] for e in events if e["variant"] == "val_acc1"] == [
+        pytest.approx(record["val_acc1"]) for record in records]
     task = json.loads((session / "task.json").read_text())
     assert task["hyperparams"]["config"]["model.name"]["value"] == "vip_s7"
+    assert task["hyperparams"]["config"]["train.epochs"]["value"] == "2"
     assert [a["key"] for a in task["execution"]["artifacts"]] == ["best.pt"]
+
+
+def test_a_failed_run_is_marked_failed_and_resuming_continues_the_tracker_runs(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("mlflow")
+    wandb = pytest.importorskip("wandb")
+    from mlflow.tracking import MlflowClient
+
+    wandb.teardown()  # W&B keeps the settings of the first run in a process, WANDB_DIR included
+    output = tmp_path / "run"
+    first = train(output, "mlflow", "wandb")
+    runs = json.loads((output / "trackers.json").read_text())
+
+    class ExplodingLoss(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, targets):
+            return super().forward(logits, targets) * float("nan")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("visionmlp.engine.train.LabelSmoothingCrossEntropy", lambda smoothing: ExplodingLoss())
+        epochs = ["--epochs", "2", "--resume", "auto"]
+        assert main(["train", "--output", str(output), "--tracker", "mlflow", "wandb", *TINY, *epochs]) == 1
+    assert "training loss is nan" in capsys.readouterr().err
+    client = MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
+    assert client.get_run(runs["mlflow"]).info.status == "FAILED"  # not left RUNNING
+    wandb_runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert [path.name.rsplit("-", 1)[1] for path in wandb_runs] == [runs["wandb"]] * 2  # the same run, resumed
+    (failed_file,) = wandb_runs[1].glob("run-*.wandb")
+    assert [r.exit.exit_code for r in wandb_records(failed_file) if r.WhichOneof("record_type") == "exit"] == [1]
+
+    assert main(["train", "--output", str(output), "--tracker", "mlflow", "wandb", *TINY, *epochs]) == 0
+    assert json.loads((output / "trackers.json").read_text()) == runs
+    second = json.loads((output / "metrics.jsonl").read_text().splitlines()[-1])
+    (run,) = client.search_runs([client.get_experiment_by_name("visionmlp").experiment_id])
+    assert run.info.run_id == runs["mlflow"] and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "val_acc1")
+    assert [(m.step, m.value) for m in history] == [(0, first["val_acc1"]), (1, second["val_acc1"])]

@@ -184,41 +184,46 @@ def train(config: Config) -> dict[str, Any]:
     # ---- epochs
     best_ap = max((r["bbox"]["AP"] for r in history), default=-1.0)
     record: dict[str, Any] = history[-1] if history else {}
-    for epoch in range(start_epoch, num_epochs):
-        train_loader.sampler.set_epoch(epoch)
-        epoch_start = time.perf_counter()
-        train_stats, num_updates = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, ctx, config,
-                                                   epoch, num_updates, output, recorder)
-        train_time = time.perf_counter() - epoch_start
-        metrics = evaluate(model_without_ddp, val_loader, ctx, val_set.coco, category_ids, kinds, train_cfg["amp"])
-        record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats["losses"].items()}, **metrics,
-                  "lr": train_stats["lr"], "epoch_time_s": time.perf_counter() - epoch_start,
-                  "images_per_s": train_stats["images"] / train_time, "world_size": ctx.world_size}
-        history.append(record)
-        rng_states = all_gather_objects(capture_rng_state(), ctx)
-        if ctx.is_main:
-            is_best = record["bbox"]["AP"] > best_ap
-            best_ap = max(best_ap, record["bbox"]["AP"])
-            checkpoint = {
-                "model": model_without_ddp.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "epoch": epoch,
-                "num_updates": num_updates,
-                "history": history,
-                "rng": rng_states,
-                "config": config,
-                "classes": classes,
-                "category_ids": category_ids,
-            }
-            atomic_save(checkpoint, output / "last.pt")
-            if is_best:
-                atomic_save(checkpoint, output / "best.pt")
-            recorder.write_epoch(record)
-            log(f"epoch {epoch + 1}/{num_epochs}: train loss {record['train_loss']:.4f}  {summary(metrics)}  "
-                f"({record['epoch_time_s']:.1f} s, {record['images_per_s']:.1f} img/s)")
-        barrier(ctx)
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            train_loader.sampler.set_epoch(epoch)
+            epoch_start = time.perf_counter()
+            train_stats, num_updates = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, ctx, config,
+                                                       epoch, num_updates, output, recorder)
+            train_time = time.perf_counter() - epoch_start
+            metrics = evaluate(model_without_ddp, val_loader, ctx, val_set.coco, category_ids, kinds, train_cfg["amp"])
+            record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats["losses"].items()}, **metrics,
+                      "lr": train_stats["lr"], "epoch_time_s": time.perf_counter() - epoch_start,
+                      "images_per_s": train_stats["images"] / train_time, "world_size": ctx.world_size}
+            history.append(record)
+            rng_states = all_gather_objects(capture_rng_state(), ctx)
+            if ctx.is_main:
+                is_best = record["bbox"]["AP"] > best_ap
+                best_ap = max(best_ap, record["bbox"]["AP"])
+                checkpoint = {
+                    "model": model_without_ddp.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "epoch": epoch,
+                    "num_updates": num_updates,
+                    "history": history,
+                    "rng": rng_states,
+                    "config": config,
+                    "classes": classes,
+                    "category_ids": category_ids,
+                }
+                atomic_save(checkpoint, output / "last.pt")
+                if is_best:
+                    atomic_save(checkpoint, output / "best.pt")
+                recorder.write_epoch(record)
+                log(f"epoch {epoch + 1}/{num_epochs}: train loss {record['train_loss']:.4f}  {summary(metrics)}  "
+                    f"({record['epoch_time_s']:.1f} s, {record['images_per_s']:.1f} img/s)")
+            barrier(ctx)
+    except BaseException:
+        if recorder is not None:
+            recorder.fail()  # the trackers' runs marked failed, not left running
+        raise
 
     if ctx.is_main:
         recorder.close()

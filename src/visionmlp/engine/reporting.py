@@ -31,7 +31,8 @@ class RunRecorder:
     configuration), and hands them the configuration, the per-step loss and, at the end, the weights.
 
     On resume the history saved in the checkpoint is authoritative: ``metrics.jsonl`` is rewritten
-    from it, so an epoch that was logged but not checkpointed before a crash appears once.
+    from it, so an epoch that was logged but not checkpointed before a crash appears once; the trackers continue the
+    runs named in ``trackers.json``.
     """
 
     def __init__(self, output: Path, config: Mapping[str, Any], history: list[dict[str, Any]], start_epoch: int,
@@ -41,13 +42,19 @@ class RunRecorder:
         self.x_key = x_key
         self.metrics_path = output / "metrics.jsonl"
         self.metrics_path.write_text("".join(json.dumps(record) + "\n" for record in history))
-        self.trackers = build_trackers(config["trackers"], output, start_epoch, x_key)
-        for tracker in self.trackers:
+        runs_path = output / "trackers.json"
+        resume_ids = json.loads(runs_path.read_text()) if start_epoch > 0 and runs_path.is_file() else {}
+        self.trackers = build_trackers(config["trackers"], output, start_epoch, x_key, resume_ids)
+        runs = {name: tracker.run_id for name, tracker in self.trackers.items() if tracker.run_id is not None}
+        tmp = runs_path.with_name(f".{runs_path.name}.tmp")
+        tmp.write_text(json.dumps(runs, indent=1) + "\n")
+        tmp.replace(runs_path)
+        for tracker in self.trackers.values():
             tracker.log_config(config)
 
     def log_step(self, step: int, values: dict[str, float]) -> None:
         """The loss and learning rate at a global training step, to the trackers."""
-        for tracker in self.trackers:
+        for tracker in self.trackers.values():
             tracker.log_step(step, values)
 
     def write_epoch(self, record: dict[str, Any]) -> None:
@@ -55,17 +62,22 @@ class RunRecorder:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         figures = {key: value for key, value in record.items() if key != self.x_key}
-        for tracker in self.trackers:
+        for tracker in self.trackers.values():
             tracker.log_metrics(record[self.x_key], figures)
         plot_curves(self.history, self.output / "curves.png", self.x_key)
 
     def close(self) -> None:
         """Hand the trackers the run's weights (``best.pt``, else ``last.pt``), then close them."""
         weights = next((p for p in (self.output / "best.pt", self.output / "last.pt") if p.is_file()), None)
-        for tracker in self.trackers:
+        for tracker in self.trackers.values():
             if weights is not None:
                 tracker.log_artifact(weights)
             tracker.close()
+
+    def fail(self) -> None:
+        """Close the trackers with their runs marked failed (the training run ended in an exception)."""
+        for tracker in self.trackers.values():
+            tracker.close(failed=True)
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, x_key: str = "epoch") -> None:

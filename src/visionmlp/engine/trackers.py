@@ -5,6 +5,9 @@ Each tracker gets the resolved configuration, the loss and learning rate at ever
 ``step/lr``), every epoch's (or evaluation's) record under the names of ``metrics.jsonl`` and, at the end, the run's
 weights. Each reads its library's own settings (``MLFLOW_TRACKING_URI``, ``WANDB_MODE``, ``clearml.conf`` ...) and
 works offline where no server is configured. Only rank 0 builds trackers (see ``RunRecorder``).
+
+A resumed training run continues the tracker runs it started (their ids are kept in ``<output>/trackers.json``); a run
+that ends in an exception is marked failed rather than left running.
 """
 
 from __future__ import annotations
@@ -52,7 +55,10 @@ def scalars(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 class Tracker:
-    """What a run reports; a tracker leaves out what it has no use for."""
+    """What a run reports; a tracker leaves out what it has no use for. ``run_id`` names the tracker's run, for a
+    resumed training run to continue it (None: nothing to continue)."""
+
+    run_id: str | None = None
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         """Record the resolved configuration."""
@@ -66,8 +72,8 @@ class Tracker:
     def log_artifact(self, path: Path) -> None:
         """Keep a file (the run's weights)."""
 
-    def close(self) -> None:
-        """Flush and end the tracker's run."""
+    def close(self, failed: bool = False) -> None:
+        """Flush and end the tracker's run; ``failed``: the training run ended in an exception."""
 
 
 class TensorBoardTracker(Tracker):
@@ -92,7 +98,7 @@ class TensorBoardTracker(Tracker):
                         self.writer.add_scalar(f"val/{key}_{name}", figure, step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         """Close the event file."""
         self.writer.close()
 
@@ -101,12 +107,20 @@ class MLflowTracker(Tracker):
     """An MLflow run; without ``MLFLOW_TRACKING_URI``, in ``<output>/mlflow.db`` with artifacts in ``<output>/mlartifacts``
     (``mlflow ui --backend-store-uri sqlite:///<output>/mlflow.db`` shows it)."""
 
-    def __init__(self, output: Path) -> None:
+    def __init__(self, output: Path, resume_id: str | None) -> None:
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         local = not os.environ.get("MLFLOW_TRACKING_URI")
         self.client = MlflowClient(f"sqlite:///{output.resolve() / 'mlflow.db'}" if local else None)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "visionmlp")
+        if resume_id is not None:
+            try:
+                self.client.update_run(resume_id, status="RUNNING")
+                self.run_id = resume_id
+                return
+            except MlflowException:  # not in this tracking store: a run of its own
+                pass
         experiment = self.client.get_experiment_by_name(name)
         # mlflow's default artifact root is ./mlruns in the working directory, not the run folder
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
@@ -117,7 +131,9 @@ class MLflowTracker(Tracker):
         """Parameters with dotted keys (``train.base_lr``), in batches of mlflow's 100 at most."""
         from mlflow.entities import Param
 
-        params = [Param(key, str(value)) for key, value in flatten(config, ".").items()]
+        # mlflow's parameters cannot change: a resumed run keeps the values it started with (epochs, resume ...)
+        logged = self.client.get_run(self.run_id).data.params
+        params = [Param(key, str(value)) for key, value in flatten(config, ".").items() if key not in logged]
         for start in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[start:start + 100])
 
@@ -139,9 +155,9 @@ class MLflowTracker(Tracker):
         """Copy the file to the run's artifacts."""
         self.client.log_artifact(self.run_id, str(path))
 
-    def close(self) -> None:
-        """Mark the run finished."""
-        self.client.set_terminated(self.run_id)
+    def close(self, failed: bool = False) -> None:
+        """Mark the run finished (or failed)."""
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 def wandb_configured() -> bool:
@@ -158,12 +174,15 @@ def wandb_configured() -> bool:
 class WandbTracker(Tracker):
     """A W&B run (project ``WANDB_PROJECT``, else visionmlp), offline where W&B has no key or mode set."""
 
-    def __init__(self, output: Path, x_key: str) -> None:
+    def __init__(self, output: Path, x_key: str, resume_id: str | None) -> None:
         import wandb
 
         self.wandb, self.x_key = wandb, x_key
+        # offline, a resumed run is a second folder under the same id, which `wandb sync` adds to the first
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "visionmlp"), name=output.name,
-                              mode=None if wandb_configured() else "offline")
+                              mode=None if wandb_configured() else "offline", id=resume_id,
+                              resume="allow" if resume_id else None)
+        self.run_id = self.run.id
         self.run.define_metric("step/*", step_metric="global_step")
 
     def log_config(self, config: Mapping[str, Any]) -> None:
@@ -184,9 +203,9 @@ class WandbTracker(Tracker):
         artifact.add_file(str(path))
         self.run.log_artifact(artifact)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         """Finish the run (an offline one is uploaded later with ``wandb sync``)."""
-        self.run.finish()
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 def clearml_configured() -> bool:
@@ -197,18 +216,29 @@ def clearml_configured() -> bool:
     return get_active_config_file() is not None or any(os.environ.get(key) for key in keys)
 
 
+# every framework ClearML's Task.init can hook into (a name left out of its dictionary is hooked)
+CLEARML_FRAMEWORKS = ("catboost", "fastai", "gradio", "hydra", "joblib", "lightgbm", "matplotlib", "megengine",
+                      "pytorch", "scikit", "tensorboard", "tensorflow", "tfdefines", "xgboost")
+
+
 class ClearMLTracker(Tracker):
     """A ClearML task in project visionmlp; an offline session (``clearml-task --import-offline-session``) where no
     server is configured. Artifacts go to ClearML's ``output_uri`` (e.g. S3), else its file server."""
 
-    def __init__(self, output: Path) -> None:
+    def __init__(self, output: Path, resume_id: str | None) -> None:
         from clearml import Task
 
         if not clearml_configured():
             Task.set_offline(True)
-        # the framework hooks would report TensorBoard's scalars a second time and upload every torch.save
+        # no framework hooks: they would report TensorBoard's scalars a second time and upload every torch.save; no
+        # repository detection: its git subprocess, started from a thread of a process running torch's threads, can
+        # hang, and the closing task waits for it
+        hooks = {name: False for name in CLEARML_FRAMEWORKS}
         self.task = Task.init(project_name="visionmlp", task_name=output.name, reuse_last_task_id=False,
-                              auto_connect_frameworks=False, auto_connect_arg_parser=False)
+                              continue_last_task=resume_id or False,
+                              auto_connect_frameworks={**hooks, "detect_repository": False},
+                              auto_connect_arg_parser=False)
+        self.run_id = self.task.id
         self.logger = self.task.get_logger()
 
     def log_config(self, config: Mapping[str, Any]) -> None:
@@ -229,13 +259,19 @@ class ClearMLTracker(Tracker):
         """Upload the file, waiting for the upload."""
         self.task.upload_artifact(path.name, artifact_object=path, wait_on_upload=True)
 
-    def close(self) -> None:
-        """Close the task (offline: zip the session)."""
+    def close(self, failed: bool = False) -> None:
+        """Close the task (offline: zip the session), marked failed if the run failed."""
+        if failed:
+            self.task.mark_failed(status_reason="the training run ended in an exception", force=True)
         self.task.close()
 
 
-def build_trackers(names: Iterable[str], output: Path, start_step: int, x_key: str) -> list[Tracker]:
-    """The trackers named (``none``: no tracker); ``start_step`` is the first epoch (or iteration) to run."""
-    builders = {"tensorboard": lambda: TensorBoardTracker(output, start_step), "mlflow": lambda: MLflowTracker(output),
-                "wandb": lambda: WandbTracker(output, x_key), "clearml": lambda: ClearMLTracker(output)}
-    return [builders[name]() for name in names if name != "none"]
+def build_trackers(names: Iterable[str], output: Path, start_step: int, x_key: str,
+                   resume_ids: Mapping[str, str | None]) -> dict[str, Tracker]:
+    """The trackers named (``none``: no tracker), by name; ``start_step`` is the first epoch (or iteration) to run,
+    ``resume_ids`` the runs to continue, by tracker name."""
+    builders = {"tensorboard": lambda: TensorBoardTracker(output, start_step),
+                "mlflow": lambda: MLflowTracker(output, resume_ids.get("mlflow")),
+                "wandb": lambda: WandbTracker(output, x_key, resume_ids.get("wandb")),
+                "clearml": lambda: ClearMLTracker(output, resume_ids.get("clearml"))}
+    return {name: builders[name]() for name in names if name != "none"}

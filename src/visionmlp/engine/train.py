@@ -360,62 +360,67 @@ def train(config: Config) -> dict[str, Any]:
     # ---- epochs
     best_acc1 = max((r["val_acc1"] for r in history), default=0.0)
     record: dict[str, Any] = history[-1] if history else {}
-    for epoch in range(start_epoch, num_epochs):
-        train_loader.sampler.set_epoch(epoch)
-        epoch_start = time.perf_counter()
-        train_stats, num_updates = train_one_epoch(
-            model, model_without_ddp, train_loader, optimizer, scheduler, scaler, loss_fn, mixup_fn, ema,
-            ctx, config, epoch, num_epochs, num_updates, output, recorder)
-        train_time = time.perf_counter() - epoch_start
-        broadcast_buffers(model_without_ddp, ctx)
-        val_stats = evaluate(model_without_ddp, val_loader, ctx, amp=train_cfg["amp"])
-        record = {
-            "epoch": epoch,
-            "train_loss": train_stats["loss"],
-            "val_loss": val_stats["loss"],
-            "val_acc1": val_stats["acc1"],
-            "val_acc5": val_stats["acc5"],
-            "lr": train_stats["lr"],
-            "epoch_time_s": time.perf_counter() - epoch_start,
-            "images_per_s": train_stats["images"] / train_time,
-            "world_size": ctx.world_size,
-            "skipped_images": train_stats["skipped_images"] + val_stats["skipped_images"],
-        }
-        if ema is not None:
-            broadcast_buffers(ema.module, ctx)
-            ema_stats = evaluate(ema.module, val_loader, ctx, amp=train_cfg["amp"])
-            record.update(val_loss_ema=ema_stats["loss"], val_acc1_ema=ema_stats["acc1"],
-                          val_acc5_ema=ema_stats["acc5"])
-        if scheduler is not None:
-            scheduler.step(epoch + 1)
-        history.append(record)
-        # every rank's generator states, so that a resumed run continues each rank's random streams exactly
-        rng_states = all_gather_objects(capture_rng_state(), ctx)
-        if ctx.is_main:
-            is_best = record["val_acc1"] > best_acc1
-            best_acc1 = max(best_acc1, record["val_acc1"])
-            checkpoint = {
-                "model": model_without_ddp.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "model_ema": ema.state_dict() if ema is not None else None,
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            train_loader.sampler.set_epoch(epoch)
+            epoch_start = time.perf_counter()
+            train_stats, num_updates = train_one_epoch(
+                model, model_without_ddp, train_loader, optimizer, scheduler, scaler, loss_fn, mixup_fn, ema,
+                ctx, config, epoch, num_epochs, num_updates, output, recorder)
+            train_time = time.perf_counter() - epoch_start
+            broadcast_buffers(model_without_ddp, ctx)
+            val_stats = evaluate(model_without_ddp, val_loader, ctx, amp=train_cfg["amp"])
+            record = {
                 "epoch": epoch,
-                "num_updates": num_updates,
-                "best_acc1": best_acc1,
-                "history": history,
-                "rng": rng_states,
-                "config": config,
+                "train_loss": train_stats["loss"],
+                "val_loss": val_stats["loss"],
+                "val_acc1": val_stats["acc1"],
+                "val_acc5": val_stats["acc5"],
+                "lr": train_stats["lr"],
+                "epoch_time_s": time.perf_counter() - epoch_start,
+                "images_per_s": train_stats["images"] / train_time,
+                "world_size": ctx.world_size,
+                "skipped_images": train_stats["skipped_images"] + val_stats["skipped_images"],
             }
-            atomic_save(checkpoint, output / "last.pt")
-            if is_best:
-                atomic_save(checkpoint, output / "best.pt")
-            recorder.write_epoch(record)
-            log(f"epoch {epoch + 1}/{num_epochs}: train loss {record['train_loss']:.4f}  val loss "
-                f"{record['val_loss']:.4f}  top-1 {record['val_acc1']:.2f} %  top-5 {record['val_acc5']:.2f} %  "
-                f"({record['epoch_time_s']:.1f} s, {record['images_per_s']:.0f} img/s)"
-                + (f"  skipped {record['skipped_images']} unreadable images" if record["skipped_images"] else ""))
-        barrier(ctx)
+            if ema is not None:
+                broadcast_buffers(ema.module, ctx)
+                ema_stats = evaluate(ema.module, val_loader, ctx, amp=train_cfg["amp"])
+                record.update(val_loss_ema=ema_stats["loss"], val_acc1_ema=ema_stats["acc1"],
+                              val_acc5_ema=ema_stats["acc5"])
+            if scheduler is not None:
+                scheduler.step(epoch + 1)
+            history.append(record)
+            # every rank's generator states, so that a resumed run continues each rank's random streams exactly
+            rng_states = all_gather_objects(capture_rng_state(), ctx)
+            if ctx.is_main:
+                is_best = record["val_acc1"] > best_acc1
+                best_acc1 = max(best_acc1, record["val_acc1"])
+                checkpoint = {
+                    "model": model_without_ddp.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "model_ema": ema.state_dict() if ema is not None else None,
+                    "epoch": epoch,
+                    "num_updates": num_updates,
+                    "best_acc1": best_acc1,
+                    "history": history,
+                    "rng": rng_states,
+                    "config": config,
+                }
+                atomic_save(checkpoint, output / "last.pt")
+                if is_best:
+                    atomic_save(checkpoint, output / "best.pt")
+                recorder.write_epoch(record)
+                log(f"epoch {epoch + 1}/{num_epochs}: train loss {record['train_loss']:.4f}  val loss "
+                    f"{record['val_loss']:.4f}  top-1 {record['val_acc1']:.2f} %  top-5 {record['val_acc5']:.2f} %  "
+                    f"({record['epoch_time_s']:.1f} s, {record['images_per_s']:.0f} img/s)"
+                    + (f"  skipped {record['skipped_images']} unreadable images" if record["skipped_images"] else ""))
+            barrier(ctx)
+    except BaseException:
+        if recorder is not None:
+            recorder.fail()  # the trackers' runs marked failed, not left running
+        raise
 
     if ctx.is_main:
         atomic_save(model_without_ddp.state_dict(), output / "model.safetensors")

@@ -209,62 +209,67 @@ def train(config: Config) -> dict[str, Any]:
     # step; a non-finite loss makes the window's sum non-finite, which the read reports on every rank
     window, window_start = torch.zeros(2, dtype=torch.float64, device=ctx.device), iteration
     model.train()
-    while iteration < total:
-        images, labels = next(batches)
-        images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
-        lr = poly_lr(train_cfg["base_lr"], train_cfg["min_lr"], train_cfg["power"], iteration, total,
-                     train_cfg["warmup_iterations"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast(ctx.device, train_cfg["amp"]):
-            loss = loss_fn(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if train_cfg["clip_grad"]:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), train_cfg["clip_grad"])
-        scaler.step(optimizer)
-        scaler.update()
-        iteration += 1
-        loss_sum += loss.detach()
-        loss_count += 1
-        window[0] += loss.detach().double()
-        window[1] += 1
-        if iteration % config["print_freq"] == 0 or iteration % interval == 0 or iteration == total:
-            window_loss, steps = all_reduce_sum(window.clone(), ctx).tolist()
-            window.zero_()
-            if not math.isfinite(window_loss):
-                raise NonFiniteLossError(
-                    f"stopping: the training loss is {window_loss} between iterations {window_start + 1} and "
-                    f"{iteration}. The last good checkpoint, if any, is {output / 'last.pt'}. Try a lower learning "
-                    "rate (--lr), --amp bf16 or none, or gradient clipping (train.clip_grad); --opts print_freq 1 "
-                    "finds the iteration.")
-            window_start = iteration
-            if ctx.is_main and (iteration % config["print_freq"] == 0 or iteration == total):
-                log(f"iteration {iteration}/{total}: loss {window_loss / steps:.4f}  lr {lr:.3g}")
-                recorder.log_step(iteration, {"loss": window_loss / steps, "lr": lr})
+    try:
+        while iteration < total:
+            images, labels = next(batches)
+            images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
+            lr = poly_lr(train_cfg["base_lr"], train_cfg["min_lr"], train_cfg["power"], iteration, total,
+                         train_cfg["warmup_iterations"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(ctx.device, train_cfg["amp"]):
+                loss = loss_fn(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if train_cfg["clip_grad"]:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), train_cfg["clip_grad"])
+            scaler.step(optimizer)
+            scaler.update()
+            iteration += 1
+            loss_sum += loss.detach()
+            loss_count += 1
+            window[0] += loss.detach().double()
+            window[1] += 1
+            if iteration % config["print_freq"] == 0 or iteration % interval == 0 or iteration == total:
+                window_loss, steps = all_reduce_sum(window.clone(), ctx).tolist()
+                window.zero_()
+                if not math.isfinite(window_loss):
+                    raise NonFiniteLossError(
+                        f"stopping: the training loss is {window_loss} between iterations {window_start + 1} and "
+                        f"{iteration}. The last good checkpoint, if any, is {output / 'last.pt'}. Try a lower learning "
+                        "rate (--lr), --amp bf16 or none, or gradient clipping (train.clip_grad); --opts print_freq 1 "
+                        "finds the iteration.")
+                window_start = iteration
+                if ctx.is_main and (iteration % config["print_freq"] == 0 or iteration == total):
+                    log(f"iteration {iteration}/{total}: loss {window_loss / steps:.4f}  lr {lr:.3g}")
+                    recorder.log_step(iteration, {"loss": window_loss / steps, "lr": lr})
 
-        if iteration % interval == 0 or iteration == total:
-            train_loss = float(all_reduce_sum(loss_sum, ctx)) / (loss_count * ctx.world_size)
-            elapsed = time.perf_counter() - interval_start
-            broadcast_buffers(model_without_ddp, ctx)
-            metrics = evaluate(model_without_ddp, val_loader, ctx, config)
-            model.train()
-            record = {"iteration": iteration, "train_loss": train_loss, "lr": lr,
-                      **{f"val_{k}": v for k, v in metrics.items()},
-                      "images_per_s": loss_count * config["data"]["batch_size"] * ctx.world_size / elapsed}
-            history.append(record)
-            if ctx.is_main:
-                checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                              "iteration": iteration, "history": history, "classes": classes, "config": config}
-                atomic_save(checkpoint, output / "last.pt")
-                recorder.write_epoch(record)
-                log(f"iteration {iteration}/{total}: train loss {train_loss:.4f}  val mIoU {metrics['mIoU']:.2f} %  "
-                    f"mAcc {metrics['mAcc']:.2f} %  aAcc {metrics['aAcc']:.2f} %  ({record['images_per_s']:.1f} "
-                    "img/s)")
-            barrier(ctx)
-            loss_sum, loss_count, interval_start = torch.zeros((), device=ctx.device), 0, time.perf_counter()
+            if iteration % interval == 0 or iteration == total:
+                train_loss = float(all_reduce_sum(loss_sum, ctx)) / (loss_count * ctx.world_size)
+                elapsed = time.perf_counter() - interval_start
+                broadcast_buffers(model_without_ddp, ctx)
+                metrics = evaluate(model_without_ddp, val_loader, ctx, config)
+                model.train()
+                record = {"iteration": iteration, "train_loss": train_loss, "lr": lr,
+                          **{f"val_{k}": v for k, v in metrics.items()},
+                          "images_per_s": loss_count * config["data"]["batch_size"] * ctx.world_size / elapsed}
+                history.append(record)
+                if ctx.is_main:
+                    checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                                  "iteration": iteration, "history": history, "classes": classes, "config": config}
+                    atomic_save(checkpoint, output / "last.pt")
+                    recorder.write_epoch(record)
+                    log(f"iteration {iteration}/{total}: train loss {train_loss:.4f}  val mIoU "
+                        f"{metrics['mIoU']:.2f} %  mAcc {metrics['mAcc']:.2f} %  aAcc {metrics['aAcc']:.2f} %  "
+                        f"({record['images_per_s']:.1f} img/s)")
+                barrier(ctx)
+                loss_sum, loss_count, interval_start = torch.zeros((), device=ctx.device), 0, time.perf_counter()
+    except BaseException:
+        if recorder is not None:
+            recorder.fail()  # the trackers' runs marked failed, not left running
+        raise
 
     if ctx.is_main:
         atomic_save(model_without_ddp.state_dict(), output / "model.safetensors")
