@@ -47,6 +47,7 @@ def test_default_is_tensorboard_and_none_turns_it_off(tmp_path):
     assert list((tmp_path / "default" / "tensorboard").glob("events.out.tfevents.*"))
     train(tmp_path / "none", "none")
     assert not (tmp_path / "none" / "tensorboard").exists()
+    assert not (tmp_path / "default" / "trackers.json").exists()  # no tracker run to continue
 
 
 def test_bad_tracker_choices_are_config_errors(tmp_path, capsys):

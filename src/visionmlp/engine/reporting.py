@@ -46,9 +46,10 @@ class RunRecorder:
         resume_ids = json.loads(runs_path.read_text()) if start_epoch > 0 and runs_path.is_file() else {}
         self.trackers = build_trackers(config["trackers"], output, start_epoch, x_key, resume_ids)
         runs = {name: tracker.run_id for name, tracker in self.trackers.items() if tracker.run_id is not None}
-        tmp = runs_path.with_name(f".{runs_path.name}.tmp")
-        tmp.write_text(json.dumps(runs, indent=1) + "\n")
-        tmp.replace(runs_path)
+        if runs or runs_path.is_file():  # TensorBoard alone has no run to name
+            tmp = runs_path.with_name(f".{runs_path.name}.tmp")
+            tmp.write_text(json.dumps(runs, indent=1) + "\n")
+            tmp.replace(runs_path)
         for tracker in self.trackers.values():
             tracker.log_config(config)
 
