@@ -77,8 +77,11 @@ class RunRecorder:
 
     def fail(self) -> None:
         """Close the trackers with their runs marked failed (the training run ended in an exception)."""
-        for tracker in self.trackers.values():
-            tracker.close(failed=True)
+        for name, tracker in self.trackers.items():
+            try:
+                tracker.close(failed=True)
+            except Exception as exc:  # the training run's own error is the one to raise
+                log(f"could not mark the {name} run failed: {exc!r}")
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, x_key: str = "epoch") -> None:
