@@ -12,7 +12,7 @@ from timm.data import auto_augment, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from torchvision import transforms as T
 
-from .opencv_ops import augment_ops
+from .opencv_ops import swap_augment_functions
 from .tensor_pipeline import tensor_pipeline
 
 
@@ -41,9 +41,7 @@ def with_posterize_any_bits(transform: Any) -> Any:
     if _pillow_posterizes_to_zero_bits():
         return transform
     for step in getattr(transform, "transforms", []):
-        for op in augment_ops(step):
-            if op.aug_fn is auto_augment.posterize:
-                op.aug_fn = posterize_any_bits
+        swap_augment_functions(step, {auto_augment.posterize: posterize_any_bits})
     return transform
 
 

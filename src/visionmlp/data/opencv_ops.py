@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import cv2
@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from timm.data import auto_augment
 
-__all__ = ["augment_ops", "with_opencv_ops"]
+__all__ = ["augment_ops", "swap_augment_functions", "with_opencv_ops"]
 
 # These ops run on small images in data-loader workers, one process a core: OpenCV's thread pool would only
 # oversubscribe the cores, and a worker forked after the pool has started deadlocks if it tries to resize the pool.
@@ -135,9 +135,15 @@ def augment_ops(transform: Any) -> Iterator[auto_augment.AugmentOp]:
         yield from (op for op in sub_policy if isinstance(op, auto_augment.AugmentOp))
 
 
+def swap_augment_functions(transform: Any, functions: Mapping[Callable[..., Any], Callable[..., Any]]) -> Any:
+    """``transform`` (a timm auto-augment policy; other transforms pass) with the image function of each op that
+    ``functions`` names replaced by its value, in place; timm's own tables stay as they are."""
+    for op in augment_ops(transform):
+        op.aug_fn = functions.get(op.aug_fn, op.aug_fn)
+    return transform
+
+
 def with_opencv_ops(transform: Any) -> Any:
     """``transform`` with each of its auto-augment ops that has an OpenCV form here switched to it (in place)."""
-    for op in augment_ops(transform):
-        op.aug_fn = OPENCV_OPS.get(op.aug_fn, op.aug_fn)
-    return transform
+    return swap_augment_functions(transform, OPENCV_OPS)
 

@@ -19,7 +19,6 @@ measured speeds.
 
 from __future__ import annotations
 
-import io
 import random
 from typing import Any
 
@@ -33,6 +32,7 @@ from timm.data.transforms import ToTensor as TimmToTensor
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
+from .datasets import decode_pil
 from .opencv_ops import with_opencv_ops
 
 __all__ = ["TensorPipeline", "decode_to_tensor", "tensor_pipeline"]
@@ -58,7 +58,7 @@ def decode_to_tensor(data: bytes) -> torch.Tensor:
     try:
         return hwc_to_tensor(simplejpeg.decode_jpeg(data, colorspace="RGB"))
     except ValueError:  # not a JPEG, or one that only libjpeg's error recovery reads (as PIL does)
-        return pil_to_uint8_tensor(Image.open(io.BytesIO(data)))
+        return pil_to_uint8_tensor(decode_pil(data))
 
 
 def as_uint8_tensor(image: torch.Tensor | Image.Image) -> torch.Tensor:
