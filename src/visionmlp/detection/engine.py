@@ -26,7 +26,7 @@ from ..config import Config, dump
 from ..data import DataError
 from ..engine.distributed import DistContext, all_gather_objects, all_reduce_sum, barrier, broadcast_object, setup
 from ..engine.evaluate import autocast
-from ..engine.reporting import RunRecorder, log, use_progress_bars
+from ..engine.reporting import RunRecorder, log, trackers_failed_on_error, use_progress_bars
 from ..engine.trackers import check_installed
 from ..engine.train import (
     NonFiniteLossError,
@@ -184,7 +184,7 @@ def train(config: Config) -> dict[str, Any]:
     # ---- epochs
     best_ap = max((r["bbox"]["AP"] for r in history), default=-1.0)
     record: dict[str, Any] = history[-1] if history else {}
-    try:
+    with trackers_failed_on_error(recorder):
         for epoch in range(start_epoch, num_epochs):
             train_loader.sampler.set_epoch(epoch)
             epoch_start = time.perf_counter()
@@ -220,10 +220,6 @@ def train(config: Config) -> dict[str, Any]:
                 log(f"epoch {epoch + 1}/{num_epochs}: train loss {record['train_loss']:.4f}  {summary(metrics)}  "
                     f"({record['epoch_time_s']:.1f} s, {record['images_per_s']:.1f} img/s)")
             barrier(ctx)
-    except BaseException:
-        if recorder is not None:
-            recorder.fail()  # the trackers' runs marked failed, not left running
-        raise
 
     if ctx.is_main:
         recorder.close()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,18 @@ class RunRecorder:
                 tracker.close(failed=True)
             except Exception as exc:  # the training run's own error is the one to raise
                 log(f"could not mark the {name} run failed: {exc!r}")
+
+
+@contextmanager
+def trackers_failed_on_error(recorder: RunRecorder | None) -> Iterator[None]:
+    """Runs a training loop; if it raises, ``recorder``'s tracker runs are closed as failed (not left running) and the
+    exception goes on."""
+    try:
+        yield
+    except BaseException:
+        if recorder is not None:
+            recorder.fail()
+        raise
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, x_key: str = "epoch") -> None:

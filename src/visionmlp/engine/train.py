@@ -49,7 +49,7 @@ from .distributed import (
 )
 from .evaluate import autocast, build_model, evaluate, resolve_input_config
 from .optim import parameter_groups, train_classifier_only
-from .reporting import RunRecorder, log, use_progress_bars
+from .reporting import RunRecorder, log, trackers_failed_on_error, use_progress_bars
 from .trackers import check_installed
 
 ADAM_LIKE = ("adam", "adamw", "nadam", "nadamw", "radam", "adamp", "lamb", "lambw", "adan")
@@ -360,7 +360,7 @@ def train(config: Config) -> dict[str, Any]:
     # ---- epochs
     best_acc1 = max((r["val_acc1"] for r in history), default=0.0)
     record: dict[str, Any] = history[-1] if history else {}
-    try:
+    with trackers_failed_on_error(recorder):
         for epoch in range(start_epoch, num_epochs):
             train_loader.sampler.set_epoch(epoch)
             epoch_start = time.perf_counter()
@@ -417,10 +417,6 @@ def train(config: Config) -> dict[str, Any]:
                     f"({record['epoch_time_s']:.1f} s, {record['images_per_s']:.0f} img/s)"
                     + (f"  skipped {record['skipped_images']} unreadable images" if record["skipped_images"] else ""))
             barrier(ctx)
-    except BaseException:
-        if recorder is not None:
-            recorder.fail()  # the trackers' runs marked failed, not left running
-        raise
 
     if ctx.is_main:
         atomic_save(model_without_ddp.state_dict(), output / "model.safetensors")

@@ -32,7 +32,7 @@ from ..engine.distributed import (
     setup,
 )
 from ..engine.evaluate import autocast
-from ..engine.reporting import RunRecorder, log
+from ..engine.reporting import RunRecorder, log, trackers_failed_on_error
 from ..engine.trackers import check_installed
 from ..engine.train import NonFiniteLossError, seed_everything
 from .data import IGNORE_INDEX, EvalTransform, TrainTransform, build_dataset, collate_eval
@@ -209,7 +209,7 @@ def train(config: Config) -> dict[str, Any]:
     # step; a non-finite loss makes the window's sum non-finite, which the read reports on every rank
     window, window_start = torch.zeros(2, dtype=torch.float64, device=ctx.device), iteration
     model.train()
-    try:
+    with trackers_failed_on_error(recorder):
         while iteration < total:
             images, labels = next(batches)
             images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
@@ -266,10 +266,6 @@ def train(config: Config) -> dict[str, Any]:
                         f"({record['images_per_s']:.1f} img/s)")
                 barrier(ctx)
                 loss_sum, loss_count, interval_start = torch.zeros((), device=ctx.device), 0, time.perf_counter()
-    except BaseException:
-        if recorder is not None:
-            recorder.fail()  # the trackers' runs marked failed, not left running
-        raise
 
     if ctx.is_main:
         atomic_save(model_without_ddp.state_dict(), output / "model.safetensors")
