@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train", action="store_true", help="time the training step instead of inference")
     parser.add_argument("--loss-steps", type=int, default=50,
                         help="--train: steps whose losses are compared, from the same weights (default: 50)")
-    parser.add_argument("--img-size", type=int, help="input resolution (default: each model's own)")
+    parser.add_argument("--img-size", type=int,
+                        help="input resolution (default: each model's own; the baseline file must build for it)")
     parser.add_argument("--compile", action="store_true",
                         help="also time our fast path compiled (weights frozen); the faster of the two counts")
     parser.add_argument("--cuda-graphs", action="store_true",
@@ -100,9 +101,9 @@ def measure(
 
     Also the FLOPs, the seconds the first compiled call took, and each of our paths' top-1 agreement with fp32.
     """
-    size = default_img_size(name)
+    size = args.img_size or default_img_size(name)
     images = torch.randn(args.batch_size, 3, size, size, device=device)
-    plain = create_model(name).eval().to(device)
+    plain = create_model(name, img_size=size).eval().to(device)
     counted = BenchmarkSteps(plain, images, "infer", torch.float32, device)
     counted.run_counted()
     flops = counted.forward_counter.get_total_flops()
@@ -325,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size is None and not args.train:
             args.batch_size = 64
-        check_counts(args.batch_size or 1, img_size=1, warmup=args.warmup, reps=args.reps, threads=None)  # own sizes
+        check_counts(args.batch_size or 1, img_size=1 if args.img_size is None else args.img_size, warmup=args.warmup, reps=args.reps,
+                     threads=None)
         names = parse_model_names(args.models)
         device = resolve_device(args.device)
         build_baseline = load_builder(args.baseline) if args.baseline else None
@@ -352,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "batch_size": args.batch_size, "peak_gflops": peak_gflops,
                                              "peak_source": peak_source, "results": results}, indent=1))
     compiled_with = ", compiled" + (" with CUDA graphs" if args.cuda_graphs else "") if args.compile else ""
-    print(f"{device_name(device)}, torch {torch.__version__}, batch {args.batch_size}, native resolutions; median "
+    resolution = "native resolutions" if args.img_size is None else f"{args.img_size} px"
+    print(f"{device_name(device)}, torch {torch.__version__}, batch {args.batch_size}, {resolution}; median "
           f"of {args.reps} rounds timed in turn; MFU over a {args.dtype} matmul peak of {peak_gflops:.0f} GFLOP/s "
           f"({peak_source}); ours: {args.dtype}, deploy, channels-last{compiled_with}\n")
     header = ["model", "GMACs"]

@@ -341,7 +341,7 @@ def test_bench_gpu_against_a_baseline_under_autocast(tmp_path, capsys, monkeypat
     bench_gpu = _bench_gpu()
     autocast_dtypes = []
     baseline = tmp_path / "builders.py"
-    baseline.write_text("import visionmlp\n\ndef build(name):\n    return visionmlp.create_model(name)\n")
+    baseline.write_text("import visionmlp\n\ndef build(name):\n    return visionmlp.create_model(name, img_size=64)\n")
     real_autocast = torch.autocast
 
     def recording_autocast(device_type, dtype=None, enabled=True):
@@ -349,14 +349,15 @@ def test_bench_gpu_against_a_baseline_under_autocast(tmp_path, capsys, monkeypat
         return real_autocast(device_type, dtype=dtype, enabled=enabled)
 
     monkeypatch.setattr(torch, "autocast", recording_autocast)
-    args = ["--device", "cpu", "--models", "raft_mlp_s", "--batch-size", "1", "--warmup", "0", "--reps", "1",
-            "--baseline", str(baseline), "--peak-tflops", "0.02", "--compile", "--json", str(tmp_path / "gpu.json")]
+    args = ["--device", "cpu", "--models", "raft_mlp_s", "--batch-size", "1", "--img-size", "64", "--warmup", "0",
+            "--reps", "1", "--baseline", str(baseline), "--peak-tflops", "0.02", "--compile", "--json", str(tmp_path / "gpu.json")]
     assert bench_gpu.main(args) == 0
     out = capsys.readouterr().out
+    assert "batch 1, 64 px; median of 1 rounds" in out
     assert "MFU over a bf16 matmul peak of 20 GFLOP/s (given); ours: bf16, deploy, channels-last, compiled" in out
     assert ("| baseline img/s (fp32 weights, bf16 autocast) | baseline MFU | ours eager img/s "
             "| ours compiled img/s (compile time) | ours MFU | speed-up | target 2x |") in out
-    assert re.search(r"\| raft_mlp_s \| 2\.0\d \| \d+ \| [\d.]+ % \| \d+ \| \d+ \(\d+ s\) \| [\d.]+ % "
+    assert re.search(r"\| raft_mlp_s \| 0\.\d\d \| \d+ \| [\d.]+ % \| \d+ \| \d+ \(\d+ s\) \| [\d.]+ % "
                      r"\| [\d.]+x( compiled)? \| (not )?met \| 100\.0 % \|", out)
     # ours runs in bf16 itself (its first compiled call, then eager and compiled in turn); the baseline autocasts
     assert autocast_dtypes == [None, None, None, torch.bfloat16]
@@ -370,6 +371,8 @@ def test_bench_gpu_against_a_baseline_under_autocast(tmp_path, capsys, monkeypat
         bench_gpu.main(["--device", "cpu", "--compile", "--cuda-graphs"])
     with pytest.raises(SystemExit, match="reps must be >= 1"):
         bench_gpu.main(["--device", "cpu", "--reps", "0"])
+    with pytest.raises(SystemExit, match="img_size must be >= 1, got 0"):
+        bench_gpu.main(["--device", "cpu", "--img-size", "0"])
     (tmp_path / "empty.py").write_text("x = 1\n")
     with pytest.raises(SystemExit, match="defines no build"):
         bench_gpu.main(["--device", "cpu", "--baseline", str(tmp_path / "empty.py")])

@@ -120,9 +120,19 @@ class TokenChannelBlock(nn.Module):
     """A block's token-mixing residual branch (``token_mixing``, by the subclass) on its grid, then the channel-MLP
     residual branch; shared by the raft and MLP-Mixer blocks."""
 
-    dynamic_img_size: bool
-    fast_kernels: bool
-    grid_size: Tuple[int, int]
+    def __init__(self, grid_size: Tuple[int, int], dynamic_img_size: bool, fast_kernels: bool) -> None:
+        super().__init__()
+        self.fast_kernels = fast_kernels
+        self.dynamic_img_size = dynamic_img_size
+        self.grid_size = tuple(grid_size)
+
+    def add_channel_mixing(self, dim: int, channel_mlp_ratio: float, proj_drop: float, drop_path: float,
+                           dd: Dict[str, Any]) -> None:
+        """Build the channel-MLP branch and the drop path, after the subclass's token-mixing layers (the order of the
+        state dict and of the optimizer's parameters)."""
+        self.norm_channels = nn.LayerNorm(dim, **dd)
+        self.mlp_channels = Mlp(dim, int(dim * channel_mlp_ratio), drop=proj_drop, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def channel_mixing(self, x: torch.Tensor) -> torch.Tensor:
         """The channel-MLP branch of NHWC ``x``."""
@@ -163,13 +173,10 @@ class RaftBlock(TokenChannelBlock):
             device=None,
             dtype=None,
     ) -> None:
-        super().__init__()
+        super().__init__(grid_size, dynamic_img_size, fast_kernels)
         dd = {'device': device, 'dtype': dtype}
         if dim % raft_size:
             raise ValueError(f'dim {dim} must be divisible by raft_size {raft_size}')
-        self.fast_kernels = fast_kernels
-        self.dynamic_img_size = dynamic_img_size
-        self.grid_size = tuple(grid_size)
         self.raft_size = raft_size
         self.groups = dim // raft_size
         height, width = self.grid_size
@@ -177,9 +184,7 @@ class RaftBlock(TokenChannelBlock):
         self.mlp_vertical = Mlp(raft_size * height, int(raft_size * height * token_mlp_ratio), drop=proj_drop, **dd)
         self.norm_horizontal = nn.LayerNorm(dim, **dd)
         self.mlp_horizontal = Mlp(raft_size * width, int(raft_size * width * token_mlp_ratio), drop=proj_drop, **dd)
-        self.norm_channels = nn.LayerNorm(dim, **dd)
-        self.mlp_channels = Mlp(dim, int(dim * channel_mlp_ratio), drop=proj_drop, **dd)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.add_channel_mixing(dim, channel_mlp_ratio, proj_drop, drop_path, dd)
 
     def vertical_mixing(self, x: torch.Tensor) -> torch.Tensor:
         """The vertical token-mixing branch of NHWC ``x``: each raft of a column mixed over its (r, h) values."""
@@ -223,17 +228,12 @@ class MixerBlock(TokenChannelBlock):
             device=None,
             dtype=None,
     ) -> None:
-        super().__init__()
+        super().__init__(grid_size, dynamic_img_size, fast_kernels)
         dd = {'device': device, 'dtype': dtype}
-        self.fast_kernels = fast_kernels
-        self.dynamic_img_size = dynamic_img_size
-        self.grid_size = tuple(grid_size)
         num_tokens = self.grid_size[0] * self.grid_size[1]
         self.norm_tokens = nn.LayerNorm(dim, **dd)
         self.mlp_tokens = Mlp(num_tokens, int(num_tokens * token_mlp_ratio), drop=proj_drop, **dd)
-        self.norm_channels = nn.LayerNorm(dim, **dd)
-        self.mlp_channels = Mlp(dim, int(dim * channel_mlp_ratio), drop=proj_drop, **dd)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.add_channel_mixing(dim, channel_mlp_ratio, proj_drop, drop_path, dd)
 
     def spatial_mixing(self, x: torch.Tensor) -> torch.Tensor:
         """The token-mixing branch of NHWC ``x``: each channel's H * W values mixed by one MLP."""
