@@ -7,8 +7,9 @@ timm's signature, draws the same random numbers (the interpolation choice), and 
 
 * the geometric ops (rotate, shear, translate): the same inverse mapping as PIL's ``Image.transform`` (PIL maps output
   pixel centres, so the matrix is shifted by half a pixel for OpenCV's corner-free convention) with the same fill.
-  Nearest-neighbour sampling gives PIL's pixels; bilinear differs in rounding (OpenCV samples at 1/32 pixel) and along
-  the fill border, which OpenCV blends; bicubic uses OpenCV's kernel (a = -0.75, PIL's is -0.5).
+  Nearest-neighbour sampling gives PIL's pixels; bilinear differs in rounding (OpenCV samples at 1/32 pixel and
+  rounds, PIL truncates) and along the fill border, which OpenCV blends; bicubic uses OpenCV's cubic (a = -0.75),
+  PIL's transform another (a = -1).
 * sharpness: PIL's ``ImageFilter.SMOOTH`` (border pixels kept) blended as ``ImageEnhance`` does; equal to PIL's.
 
 ``tests/test_tensor_pipeline.py`` bounds each difference; ``docs/performance.md`` has the speeds.
