@@ -309,7 +309,8 @@ def main_training(names: list[str], args: argparse.Namespace, device: torch.devi
             args.json.write_text(json.dumps({"device": device_name(device), "torch": torch.__version__,
                                              "mode": "train", "peak_gflops": peak_gflops, "results": results}, indent=1))
     ours = f"{args.dtype} autocast, channels-last, fused AdamW" + (", compiled" if args.compile else "")
-    print(f"{device_name(device)}, torch {torch.__version__}, training step at each recipe's batch per GPU, median of "
+    batch = "each recipe's batch per GPU" if args.batch_size is None else f"batch {args.batch_size}"
+    print(f"{device_name(device)}, torch {torch.__version__}, training step at {batch}, median of "
           f"{args.reps} steps timed in turn; MFU over a {args.dtype} matmul peak of {peak_gflops:.0f} GFLOP/s; "
           f"baseline: fp32 weights, fp16 autocast with a gradient scaler, AdamW per-parameter loop; ours: {ours}\n")
     header = ["model", "batch", "baseline img/s", "baseline MFU", "baseline peak GiB", "ours img/s", "ours MFU",

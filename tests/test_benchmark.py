@@ -412,6 +412,7 @@ def test_bench_gpu_train_times_both_steps_and_compares_their_losses(tmp_path, ca
     assert bench_gpu.main(args) == 0
     out = capsys.readouterr().out
     assert "baseline: fp32 weights, fp16 autocast with a gradient scaler, AdamW per-parameter loop" in out
+    assert "training step at batch 2, median of 1 steps" in out  # the batch given, not the recipe's
     assert re.search(r"\| raft_mlp_s \| 2 \| \d+ \| [\d.]+ % \| - \| \d+ \| [\d.]+ % \| - \| [\d.]+x \| (not )?met "
                      r"\| [\d.]+ \([\d.]+\) \|", out)
     result = json.loads((tmp_path / "train.json").read_text())["results"]["raft_mlp_s"]
