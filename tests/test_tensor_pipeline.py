@@ -146,6 +146,11 @@ def test_decoding_gives_pils_pixels_and_fails_as_pil_does():
         pixels = decode_to_tensor(data)
         assert pixels.dtype == torch.uint8 and pixels.shape == (3, 150, 200)
         assert torch.equal(pixels, torch.from_numpy(np.array(decode_pil(data))).permute(2, 0, 1))
+    # CMYK files (ImageNet holds a few, of Adobe's inverted kind, which PIL writes too): libjpeg-turbo converts them to
+    # RGB itself, rounding otherwise than PIL by at most a level
+    cmyk = encoded(photo.convert("CMYK"))
+    expected = torch.from_numpy(np.array(decode_pil(cmyk))).permute(2, 0, 1)
+    assert (decode_to_tensor(cmyk).int() - expected.int()).abs().max() <= 1
     with pytest.raises(OSError, match="truncated"):
         decode_to_tensor(encoded(photo)[:2000])
 

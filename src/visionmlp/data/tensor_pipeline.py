@@ -4,7 +4,8 @@
 pipeline the official scripts run) and keeps its random draws, in the same order, while replacing the slow kernels:
 
 * decoding: JPEG files are decoded by libjpeg-turbo through ``simplejpeg`` straight into an array (PIL's decoder
-  unpacks to four bytes a pixel and copies); the pixels are PIL's (the same library, the same IDCT and upsampling).
+  unpacks to four bytes a pixel and copies); the pixels are PIL's (the same library, the same IDCT and upsampling;
+  CMYK files, converted to RGB by libjpeg-turbo, within a level).
   Other formats, and JPEGs that need libjpeg's error recovery, go through PIL.
 * the random resized crop (timm's parameter sampling and interpolation choice) and the evaluation resize and centre
   crop: torchvision's vectorised uint8 resize on a channels-last image, antialiased as PIL's is;
