@@ -230,6 +230,11 @@ class ClearMLTracker(Tracker):
 
         if not clearml_configured():
             Task.set_offline(True)
+            # offline, ClearML's reporting subprocess never acknowledges a flush, so closing the task would wait out
+            # its 10 s liveness check; reporting from this process writes the same session
+            from clearml.backend_interface.task.task import Task as BackendTask
+
+            BackendTask._report_subprocess_enabled = False
         # no framework hooks: they would report TensorBoard's scalars a second time and upload every torch.save; no
         # repository detection: its git subprocess, started from a thread of a process running torch's threads, can
         # hang, and the closing task waits for it
