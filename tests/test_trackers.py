@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -161,8 +162,10 @@ def test_a_failed_run_is_marked_failed_and_resuming_continues_the_tracker_runs(t
     assert "training loss is nan" in capsys.readouterr().err
     client = MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
     assert client.get_run(runs["mlflow"]).info.status == "FAILED"  # not left RUNNING
+    # offline-run-<time>-<id>, and W&B appends -1 to the second folder where both runs started in the same second
     wandb_runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert [path.name.rsplit("-", 1)[1] for path in wandb_runs] == [runs["wandb"]] * 2  # the same run, resumed
+    run_ids = [re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(-\d+)?", path.name)[1] for path in wandb_runs]
+    assert run_ids == [runs["wandb"]] * 2  # the same run, resumed
     (failed_file,) = wandb_runs[1].glob("run-*.wandb")
     assert [r.exit.exit_code for r in wandb_records(failed_file) if r.WhichOneof("record_type") == "exit"] == [1]
 
