@@ -13,7 +13,7 @@ from PIL import Image, ImageFilter
 
 from visionmlp.cli import main
 from visionmlp.config import build_config
-from visionmlp.data import build_transform
+from visionmlp.data import build_batch_transform, build_transform
 from visionmlp.data.imagenet_like import write_imagenet_like
 from visionmlp.data import opencv_ops
 from visionmlp.data.datasets import decode_pil
@@ -23,9 +23,15 @@ DATA_CONFIG = {"input_size": (3, 64, 64), "interpolation": "bicubic", "crop_pct"
                "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
-def transforms(training: bool, **aug) -> dict[str, object]:
+def imagenet_config(normalize_on: str = "worker", **aug) -> dict:
     config = build_config(None, None, {"data.dataset": "imagenet", "data.path": "unused", "model.name": "raft_mlp_s"})
+    config["data"]["normalize_on"] = normalize_on
     config["aug"].update(aug)
+    return config
+
+
+def transforms(training: bool, normalize_on: str = "worker", **aug) -> dict[str, object]:
+    config = imagenet_config(normalize_on, **aug)
     built = {}
     for pipeline in ("pil", "tensor"):
         config["data"]["pipeline"] = pipeline
@@ -113,12 +119,13 @@ def test_benchmark_data_reports_per_worker_images_per_second(tmp_path, capsys, z
     root = tmp_path / "imagenet"
     args = ["benchmark", "--data", str(root), "--generate", "10", "--images", "4", "--rounds", "1",
             "--model", "raft_mlp_s", "--json"]
-    assert main(args + (["--zip"] if zipped else [])) == 0
+    assert main(args + (["--zip", "--opts", "data.normalize_on", "worker"] if zipped else [])) == 0
     result = json.loads(capsys.readouterr().out)
     for key in ("train_images_per_s_per_worker", "val_images_per_s_per_worker",
                 "baseline_train_images_per_s_per_worker", "baseline_val_images_per_s_per_worker"):
         assert result[key] > 0, key
     assert result["pipeline"] == "tensor" and result["images"] == 4
+    assert result["normalize_on"] == ("worker" if zipped else "device")
     assert len(list((root / "train").rglob("*.JPEG"))) == 10 and len(list((root / "val").rglob("*.JPEG"))) == 2
     assert (root / "train.zip").is_file() == zipped
     assert main(["benchmark", "--data", str(tmp_path / "missing"), "--model", "raft_mlp_s"]) == 2
@@ -158,6 +165,38 @@ def test_decoding_gives_pils_pixels_and_fails_as_pil_does():
 def photo_224(seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).resize((224, 224), Image.BICUBIC)
+
+
+@pytest.mark.parametrize("pipeline", ["tensor", "pil"])
+def test_normalising_on_the_device_gives_the_workers_pixels(pipeline):
+    # data.normalize_on: device -- workers hand over uint8 images, normalised and erased on the device a batch at a
+    # time, as timm's prefetcher does -- against normalising in each worker
+    aug = dict(auto_augment="rand-m9-mstd0.5-inc1", reprob=0.5, remode="pixel", color_jitter=0.4)
+    photos = [photo_224(seed) for seed in range(6)]
+    for training in (False, True):
+        in_worker = transforms(training, "worker", **aug)[pipeline]
+        on_device = transforms(training, "device", **aug)[pipeline]
+        batch_transform = build_batch_transform(imagenet_config("device", **aug), DATA_CONFIG, training,
+                                                torch.device("cpu"))
+        samples = [seeded(on_device, photo, seed) for seed, photo in enumerate(photos)]
+        assert all(s.dtype == torch.uint8 and s.shape == (3, 64, 64) for s in samples)
+        if not training:
+            expected = torch.stack([in_worker(photo) for photo in photos])
+            got = batch_transform(torch.stack(samples))
+        else:  # one image a batch, so that the erasing draws follow the image's own, as in a worker
+            expected = torch.stack([seeded(in_worker, photo, seed) for seed, photo in enumerate(photos)])
+            got = []
+            for seed, photo in enumerate(photos):
+                image = seeded(on_device, photo, seed)
+                got.append(batch_transform(image[None])[0])
+            got = torch.stack(got)
+            normalised = build_batch_transform(imagenet_config("device"), DATA_CONFIG, False, torch.device("cpu"))
+            erased = (got != normalised(torch.stack(samples))).flatten(1).any(1)
+            assert erased.any() and not erased.all()  # some of the images, as reprob 0.5 draws
+        # the same arithmetic as the worker's (tensor pipeline), or timm's ToTensor + Normalize within rounding (pil)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0 if pipeline == "tensor" else 1e-5)
+    with pytest.raises(TypeError, match="uint8"):
+        batch_transform(got)
 
 
 GEOMETRY = [("rotate", 23.7), ("shear_x", 0.21), ("shear_y", -0.27), ("translate_x_rel", 0.31),

@@ -46,6 +46,21 @@ def test_default_run_logs_what_eval_measures(tmp_path, capsys):
     assert_logged_equals_eval(record, eval_json(output / "last.pt", capsys))
 
 
+def test_normalising_on_the_device_trains_as_normalising_in_workers(tmp_path, capsys):
+    # the same pixels reach the model either way (no random erasing in this recipe): the same run, to the bit
+    records = {}
+    for where in ("worker", "device"):
+        output = tmp_path / where
+        assert main(["train", "--epochs", "1", "--output", str(output), "--opts", "data.normalize_on", where,
+                     "data.max_train_images", "256", "data.max_val_images", "120"]) == 0
+        records[where] = read_metrics(output)[-1]
+        assert_logged_equals_eval(records[where], eval_json(output / "last.pt", capsys))
+    for key in ("train_loss", "val_loss", "val_acc1", "val_acc5"):
+        assert records["device"][key] == records["worker"][key], key
+    state = {where: torch.load(tmp_path / where / "last.pt", weights_only=True)["model"] for where in records}
+    assert all(torch.equal(state["device"][k], state["worker"][k]) for k in state["worker"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SMALLEST_AT_LOW_RESOLUTION)
 def test_full_width_variant_logs_what_eval_measures(name, tmp_path, capsys):

@@ -48,6 +48,9 @@ DEFAULTS: Config = {
         # tensor: timm's augmentation with faster kernels -- libjpeg-turbo decoding, uint8 tensor resizing, OpenCV
         # geometry (visionmlp.data.tensor_pipeline); pil: as timm builds it, on PIL images (the official scripts')
         "pipeline": "tensor",
+        # device: workers hand over uint8 batches, normalised (and randomly erased) batch by batch on the training
+        # device, as timm's prefetcher does: a quarter of the bytes to collate, share and copy; worker: in each worker
+        "normalize_on": "device",
         # None: every image; a number: that many, spread evenly over the set (quick experiments, tests)
         "max_train_images": None,
         "max_val_images": None,
@@ -130,6 +133,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.flowers102_split": ("raftmlp", "official"),
     "data.cache_mode": ("no", "part", "full"),
     "data.pipeline": ("tensor", "pil"),
+    "data.normalize_on": ("device", "worker"),
     "aug.mixup_mode": ("batch", "pair", "elem"),
     "train.amp": ("none", "fp16", "bf16"),
     "train.sched": ("cosine", "step", "none"),

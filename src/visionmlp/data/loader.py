@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 from timm.data import auto_augment, create_transform
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from torchvision import transforms as T
 
 from .opencv_ops import swap_augment_functions
-from .tensor_pipeline import tensor_pipeline
+from .tensor_pipeline import NormalizeUint8, tensor_pipeline
 
 
 def _pillow_posterizes_to_zero_bits() -> bool:
@@ -47,18 +48,37 @@ def with_posterize_any_bits(transform: Any) -> Any:
 
 def build_transform(config: Mapping[str, Any], data_config: Mapping[str, Any], training: bool) -> Any:
     """timm's train or eval transform for the resolved input size, interpolation, mean/std and crop ratio, on uint8
-    tensors with ``data.pipeline: tensor`` (:mod:`visionmlp.data.tensor_pipeline`), on PIL images with ``pil``."""
-    transform = timm_transform(config, data_config, training)
+    tensors with ``data.pipeline: tensor`` (:mod:`visionmlp.data.tensor_pipeline`), on PIL images with ``pil``.
+    With ``data.normalize_on: device`` it ends at uint8 pixels, and :func:`build_batch_transform` does the rest."""
+    on_device = config["data"]["normalize_on"] == "device"
+    transform = timm_transform(config, data_config, training, use_prefetcher=on_device)
     return tensor_pipeline(transform) if config["data"]["pipeline"] == "tensor" else transform
 
 
-def timm_transform(config: Mapping[str, Any], data_config: Mapping[str, Any], training: bool) -> Any:
-    """timm's train or eval transform for PIL images, as the official scripts build it."""
+def build_batch_transform(config: Mapping[str, Any], data_config: Mapping[str, Any], training: bool,
+                          device: torch.device) -> T.Compose:
+    """What a batch from :func:`build_transform`'s samples still needs on ``device``: with ``data.normalize_on:
+    device``, normalisation and (training) timm's random erasing, image by image as timm's prefetcher does; nothing
+    with ``worker``."""
+    if config["data"]["normalize_on"] == "worker":
+        return T.Compose([])
+    steps: list[Any] = [NormalizeUint8(T.Normalize(data_config["mean"], data_config["std"]), device)]
+    aug = config["aug"]
+    if training and aug["reprob"] > 0:
+        steps.append(RandomErasing(aug["reprob"], mode=aug["remode"], max_count=aug["recount"], device=device))
+    return T.Compose(steps)
+
+
+def timm_transform(config: Mapping[str, Any], data_config: Mapping[str, Any], training: bool,
+                   use_prefetcher: bool = False) -> Any:
+    """timm's train or eval transform for PIL images, as the official scripts build it; ``use_prefetcher`` leaves
+    out its normalisation and random erasing (timm's prefetcher, or :func:`build_batch_transform`, does them)."""
     aug = config["aug"]
     input_size = data_config["input_size"]
     if not training:
         return create_transform(input_size, is_training=False, interpolation=data_config["interpolation"],
-                                mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"])
+                                mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
+                                use_prefetcher=use_prefetcher)
     transform = create_transform(
         input_size,
         is_training=True,
@@ -72,6 +92,7 @@ def timm_transform(config: Mapping[str, Any], data_config: Mapping[str, Any], tr
         re_prob=aug["reprob"],
         re_mode=aug["remode"],
         re_count=aug["recount"],
+        use_prefetcher=use_prefetcher,
     )
     if input_size[-1] <= 32 and config["data"]["dataset"] in ("cifar10", "cifar100"):
         # at CIFAR's native 32 px a random-resized crop destroys too much: pad-and-crop instead, as the seeds do

@@ -28,7 +28,7 @@ import simplejpeg
 import torch
 from PIL import Image
 from timm.data.random_erasing import RandomErasing
-from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
+from timm.data.transforms import MaybePILToTensor, MaybeToTensor, RandomResizedCropAndInterpolation
 from timm.data.transforms import ToTensor as TimmToTensor
 from torchvision import transforms as T
 from torchvision.transforms import v2
@@ -124,20 +124,29 @@ class TensorResize:
 
 
 class NormalizeUint8:
-    """``ToTensor`` then ``Normalize`` in one pass: uint8 pixels to ``(x / 255 - mean) / std``, channels-first."""
+    """``ToTensor`` then ``Normalize`` in one pass: uint8 pixels to ``(x / 255 - mean) / std``, channels-first; an
+    image in a worker, or a batch of them on ``device`` (``data.normalize_on: device``), with the same arithmetic."""
 
-    def __init__(self, normalize: T.Normalize) -> None:
+    def __init__(self, normalize: T.Normalize, device: torch.device | str = "cpu") -> None:
         std = torch.as_tensor(normalize.std, dtype=torch.float32).view(-1, 1, 1)
-        self.scale = 1 / (255 * std)
-        self.shift = -torch.as_tensor(normalize.mean, dtype=torch.float32).view(-1, 1, 1) / std
+        self.scale = (1 / (255 * std)).to(device)
+        self.shift = (-torch.as_tensor(normalize.mean, dtype=torch.float32).view(-1, 1, 1) / std).to(device)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(image.shape, dtype=torch.float32)
+        if image.dtype != torch.uint8:
+            raise TypeError(f"expected uint8 pixels, got {image.dtype}: were these images normalised already?")
+        out = torch.empty(image.shape, dtype=torch.float32, device=image.device)
         out.copy_(image)
         return out.mul_(self.scale).add_(self.shift)
 
     def __repr__(self) -> str:
         return f"NormalizeUint8(scale={self.scale.flatten().tolist()}, shift={self.shift.flatten().tolist()})"
+
+
+def contiguous_uint8(image: torch.Tensor | Image.Image) -> torch.Tensor:
+    """The image as a contiguous (3, H, W) uint8 tensor, what workers hand over for normalisation on the device
+    (timm's ``MaybePILToTensor``): a batch of them collates with plain copies."""
+    return as_uint8_tensor(image).contiguous()
 
 
 def uint8_to_float(image: torch.Tensor) -> torch.Tensor:
@@ -162,6 +171,8 @@ def tensor_steps(steps: list[Any]) -> list[Any]:
             i += 1
         elif isinstance(step, TO_TENSOR):
             out.append(uint8_to_float)
+        elif isinstance(step, MaybePILToTensor):
+            out.append(contiguous_uint8)
         elif isinstance(step, RandomResizedCropAndInterpolation):
             out.append(TensorRandomResizedCrop(step))
         elif isinstance(step, T.Resize):

@@ -86,7 +86,8 @@ def run_validation_batch(config: Mapping[str, Any], count: int, model: nn.Module
                                 use_zip=data["zip"], flowers102_split=data.get("flowers102_split", "raftmlp"))
     except DataError:
         return None
-    config = {**config, "data": {**data, "img_size": img_size}}
+    # stacked here as the model's input: normalised in the transform, not on a device afterwards
+    config = {**config, "data": {**data, "img_size": img_size, "normalize_on": "worker"}}
     dataset = subset_evenly(transformed_for(dataset, config, model), count)
     samples = [dataset[i] for i in range(len(dataset))]
     images = [sample[0] for sample in samples if sample is not None]  # unreadable files come back as None
@@ -501,6 +502,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data", metavar="DIR", help="an ImageNet-layout folder: train/ and val/ of class folders")
     data.add_argument("--zip", action="store_true", help="read DIR's train.zip, val.zip and map files instead")
     data.add_argument("--cfg", metavar="FILE", help="the recipe (default: the model's family recipe)")
+    data.add_argument("--opts", nargs="+", metavar="KEY VALUE",
+                      help="override recipe keys, e.g. --opts data.normalize_on worker data.batch_size 256")
     data.add_argument("--images", type=int, default=200, metavar="N", help="images per round (default: 200)")
     data.add_argument("--rounds", type=int, default=3, metavar="N", help="rounds, the best counts (default: 3)")
     data.add_argument("--generate", type=int, metavar="N",

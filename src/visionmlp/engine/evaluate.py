@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import timm
@@ -20,7 +20,7 @@ from ..checkpoint import check_state_dict_fits, read_checkpoint, unwrap_state_di
 from ..config import (
     ConfigError, add_config_arguments, build_config, family_recipe, flags_from_args, image_size, parse_opts,
 )
-from ..data import DataError, build_dataset, build_loader, build_transform, subset_evenly
+from ..data import DataError, build_batch_transform, build_dataset, build_loader, build_transform, subset_evenly
 from ..inference import optimize_for_inference
 from ..models import MODEL_NAMES, convert_official_state_dict, create_model, deploy_model_from_state_dict, family_module
 from .distributed import DistContext, all_reduce_sum, cleanup, setup
@@ -144,12 +144,14 @@ def evaluate(
     amp: str = "none",
     dtype: torch.dtype | None = None,
     memory_format: torch.memory_format = torch.preserve_format,
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Loss and top-1/top-5 accuracy (percent) over the whole loader, summed over all ranks.
 
     Pass the bare model, not the DDP wrapper: ranks may hold one batch more or less than others,
     and DDP's forward would wait for the ranks that have finished. ``dtype`` and ``memory_format`` are
-    those of a model cast to them; its images are cast alike.
+    those of a model cast to them; its images are cast alike, after ``batch_transform`` (the loader's
+    :func:`build_batch_transform`, for uint8 batches) has finished them on the device.
     """
     model.eval()
     # loss sum, top-1 hits, top-5 hits, images, unreadable images
@@ -158,7 +160,10 @@ def evaluate(
         totals[4] += skipped
         if images is None:
             continue
-        images = images.to(ctx.device, dtype, non_blocking=True, memory_format=memory_format)
+        images = images.to(ctx.device, non_blocking=True)
+        if batch_transform is not None:
+            images = batch_transform(images)
+        images = images.to(dtype=dtype, memory_format=memory_format)
         targets = targets.to(ctx.device, non_blocking=True)
         with autocast(ctx.device, amp):
             logits = model(images)
@@ -288,10 +293,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     dataset = subset_evenly(transformed_for(dataset, config, model), data["max_val_images"])
     loader = build_loader(dataset, training=False, batch_size=data["batch_size"], workers=data["workers"],
                           rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
+    batch_transform = build_batch_transform(config, resolve_input_config(config, model), False, ctx.device)
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
     model = optimize_for_inference(model, dtype=dtype, channels_last=args.channels_last, fold=args.deploy,
                                    compile=args.compile_frozen, device=ctx.device, inplace=True)
-    metrics = evaluate(model, loader, ctx, amp=amp, dtype=dtype, memory_format=memory_format)
+    metrics = evaluate(model, loader, ctx, amp=amp, dtype=dtype, memory_format=memory_format,
+                       batch_transform=batch_transform)
     if metrics["skipped_images"]:
         print(f"skipped {metrics['skipped_images']} unreadable images", file=sys.stderr)
     if not ctx.is_main:

@@ -1,13 +1,16 @@
 """``visionmlp benchmark --data DIR``: images per second of one data-loading worker, ours against the official one.
 
 A training run's input pipeline is its data-loader workers, each a process on one core running one torch thread:
-read a file, decode the JPEG, then the recipe's augmentation. This command times that work in this process, set up as
-a worker is (one torch thread), over the same files for both pipelines, taking turns round by round:
+read a file, decode the JPEG, run the recipe's augmentation, and collate each batch. This command times that work in
+this process, set up as a worker is (one torch thread), over the same files for both pipelines, taking turns round by
+round:
 
 * ours: the training and validation datasets ``visionmlp train`` builds for the recipe (``data.pipeline``, by
-  default ``tensor``: :mod:`visionmlp.data.tensor_pipeline`);
+  default ``tensor``: :mod:`visionmlp.data.tensor_pipeline`; ``data.normalize_on``, by default ``device``: uint8
+  batches, normalised on the training device) and its collate function;
 * baseline: what the official scripts run, torchvision's ``ImageFolder`` (PIL decoding) with the transform
-  ``timm.data.create_transform`` builds from the same recipe; with ``--zip``, our zip reader with that transform.
+  ``timm.data.create_transform`` builds from the same recipe, float batches collated by the data loader's default;
+  with ``--zip``, our zip reader with that transform.
 
 Each figure is the best of ``--reps`` rounds over ``--images`` files spread evenly over the split.
 """
@@ -22,10 +25,11 @@ from typing import Any
 
 import timm
 import torch
+from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 
-from ..config import Config, build_config
-from ..data import build_dataset, build_transform, subset_evenly
+from ..config import Config, build_config, parse_opts
+from ..data import build_dataset, build_transform, collate_readable, subset_evenly
 from ..data.loader import timm_transform
 from .evaluate import resolve_input_config
 from .machine import cpu_name, num_threads
@@ -56,27 +60,33 @@ def pipelines(config: Config, split: str) -> dict[str, Any]:
     return {"baseline": baseline, "ours": ours}
 
 
-def images_per_second(sample: Callable[[int], Any], indices: list[int]) -> float:
-    """Images per second of ``sample`` over ``indices``."""
+def images_per_second(sample: Callable[[int], Any], collate: Callable[[list[Any]], Any], indices: list[int],
+                      batch_size: int) -> float:
+    """Images per second of a worker's work over ``indices``: ``sample`` each, ``collate`` each batch of
+    ``batch_size``."""
     start = time.perf_counter()
-    for index in indices:
-        sample(index)
+    for first in range(0, len(indices), batch_size):
+        collate([sample(index) for index in indices[first:first + batch_size]])
     return len(indices) / (time.perf_counter() - start)
 
 
 def measure(config: Config, images: int, reps: int) -> dict[str, Any]:
     """Per-worker images/s of both pipelines on both splits, and the speed-ups."""
-    result: dict[str, Any] = {"cpu": cpu_name(), "pipeline": config["data"]["pipeline"], "images": images,
-                              "reps": reps, "model": config["model"]["name"]}
+    data = config["data"]
+    result: dict[str, Any] = {"cpu": cpu_name(), "pipeline": data["pipeline"], "normalize_on": data["normalize_on"],
+                              "images": images, "batch_size": data["batch_size"], "reps": reps,
+                              "model": config["model"]["name"]}
+    collate = {"baseline": default_collate, "ours": collate_readable}
     with num_threads(1):  # as in a data-loader worker (OpenCV runs single-threaded: visionmlp.data.opencv_ops)
         for split in ("train", "val"):
             datasets = pipelines(config, split)
-            indices = subset_evenly(list(range(len(datasets["ours"]))), images)
+            indices = list(subset_evenly(list(range(len(datasets["ours"]))), images))
             best = {name: 0.0 for name in datasets}
             for _ in range(reps):  # in turn, so that both see the same machine state
                 for name, dataset in datasets.items():
                     torch.manual_seed(0)
-                    best[name] = max(best[name], images_per_second(dataset.__getitem__, indices))
+                    rate = images_per_second(dataset.__getitem__, collate[name], indices, data["batch_size"])
+                    best[name] = max(best[name], rate)
             result[f"{split}_images_per_s_per_worker"] = best["ours"]
             result[f"baseline_{split}_images_per_s_per_worker"] = best["baseline"]
             result[f"{split}_speedup"] = best["ours"] / best["baseline"]
@@ -87,14 +97,15 @@ def benchmark_config(args: argparse.Namespace) -> Config:
     """The recipe the measured pipelines are built from."""
     flags = {"data.dataset": "imagenet", "data.path": args.data, "data.zip": args.zip or None,
              "model.name": args.model}
-    return build_config(args.cfg, None, flags)
+    return build_config(args.cfg, parse_opts(args.opts), flags)
 
 
 def report(result: dict[str, Any]) -> str:
     """The measurement as a Markdown table."""
-    lines = [f"data-loading worker, one process on one core ({result['cpu']}), {result['model']}'s recipe, best of "
-             f"{result['reps']} rounds over {result['images']} images", "",
-             "| split | ours (data.pipeline: %s) | baseline (ImageFolder + PIL + timm) | speed-up |" % result["pipeline"],
+    lines = [f"data-loading worker, one process on one core ({result['cpu']}), {result['model']}'s recipe, batches of "
+             f"{result['batch_size']}, best of {result['reps']} rounds over {result['images']} images", "",
+             f"| split | ours (data.pipeline: {result['pipeline']}, normalize_on: {result['normalize_on']}) | "
+             "baseline (ImageFolder + PIL + timm) | speed-up |",
              "|---|--:|--:|--:|"]
     for split in ("train", "val"):
         lines.append(f"| {split} | {result[f'{split}_images_per_s_per_worker']:.1f} img/s | "

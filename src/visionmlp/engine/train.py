@@ -34,7 +34,7 @@ from ..config import (
     Config, ConfigError, add_config_arguments, add_tracker_argument, build_config, dump, flags_from_args, image_size,
     parse_opts,
 )
-from ..data import DataError, build_dataset, build_loader, build_transform, subset_evenly
+from ..data import DataError, build_batch_transform, build_dataset, build_loader, build_transform, subset_evenly
 from ..models import load_for_finetuning
 from ..models.factory import run_classes
 from .distributed import (
@@ -273,6 +273,9 @@ def train(config: Config) -> dict[str, Any]:
         dataset.transform = build_transform(config, input_config, training)
         if data_cfg["dataset"] == "digits":
             dataset.img_size = max(input_config["input_size"][1:])
+    # what the collated batches still need on the device (data.normalize_on)
+    train_batch_transform = build_batch_transform(config, input_config, True, ctx.device)
+    val_batch_transform = build_batch_transform(config, input_config, False, ctx.device)
     train_set = subset_evenly(train_set, data_cfg["max_train_images"])
     val_set = subset_evenly(val_set, data_cfg["max_val_images"])
     loader_args = dict(batch_size=data_cfg["batch_size"], workers=data_cfg["workers"], rank=ctx.rank,
@@ -365,11 +368,12 @@ def train(config: Config) -> dict[str, Any]:
             train_loader.sampler.set_epoch(epoch)
             epoch_start = time.perf_counter()
             train_stats, num_updates = train_one_epoch(
-                model, model_without_ddp, train_loader, optimizer, scheduler, scaler, loss_fn, mixup_fn, ema,
-                ctx, config, epoch, num_epochs, num_updates, output, recorder)
+                model, model_without_ddp, train_loader, train_batch_transform, optimizer, scheduler, scaler, loss_fn,
+                mixup_fn, ema, ctx, config, epoch, num_epochs, num_updates, output, recorder)
             train_time = time.perf_counter() - epoch_start
             broadcast_buffers(model_without_ddp, ctx)
-            val_stats = evaluate(model_without_ddp, val_loader, ctx, amp=train_cfg["amp"])
+            val_stats = evaluate(model_without_ddp, val_loader, ctx, amp=train_cfg["amp"],
+                                 batch_transform=val_batch_transform)
             record = {
                 "epoch": epoch,
                 "train_loss": train_stats["loss"],
@@ -384,7 +388,8 @@ def train(config: Config) -> dict[str, Any]:
             }
             if ema is not None:
                 broadcast_buffers(ema.module, ctx)
-                ema_stats = evaluate(ema.module, val_loader, ctx, amp=train_cfg["amp"])
+                ema_stats = evaluate(ema.module, val_loader, ctx, amp=train_cfg["amp"],
+                                     batch_transform=val_batch_transform)
                 record.update(val_loss_ema=ema_stats["loss"], val_acc1_ema=ema_stats["acc1"],
                               val_acc5_ema=ema_stats["acc5"])
             if scheduler is not None:
@@ -432,6 +437,7 @@ def train_one_epoch(
     model: nn.Module,
     model_without_ddp: nn.Module,
     loader: torch.utils.data.DataLoader,
+    batch_transform: Callable[[torch.Tensor], torch.Tensor],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler,
@@ -447,7 +453,8 @@ def train_one_epoch(
     recorder: RunRecorder | None = None,
 ) -> tuple[dict[str, float], int]:
     """One pass over the training data; returns (mean loss, last lr, images seen, skipped) and the update count.
-    ``recorder`` (rank 0's) gets the loss and learning rate at every console step."""
+    ``batch_transform`` finishes each batch on the device (:func:`build_batch_transform`); ``recorder`` (rank 0's)
+    gets the loss and learning rate at every console step."""
     train_cfg = config["train"]
     accumulation, clip_grad, amp = train_cfg["accumulation_steps"], train_cfg["clip_grad"], train_cfg["amp"]
     model.train()
@@ -467,7 +474,7 @@ def train_one_epoch(
     for step, (images, targets, skipped) in enumerate(loader):
         skipped_total += skipped
         if images is not None:
-            images = images.to(ctx.device, non_blocking=True)
+            images = batch_transform(images.to(ctx.device, non_blocking=True))
             targets = targets.to(ctx.device, non_blocking=True)
             if mixup_fn is not None:
                 if images.shape[0] % 2:  # mixup pairs images; a batch shortened by unreadable files may be odd
