@@ -1,9 +1,9 @@
 """``visionmlp benchmark --data DIR``: images per second of one data-loading worker, ours against the official one.
 
 A training run's input pipeline is its data-loader workers, each a process on one core running one torch thread:
-read a file, decode the JPEG, run the recipe's augmentation, and collate each batch. This command times that work in
-this process, set up as a worker is (one torch thread), over the same files for both pipelines, taking turns round by
-round:
+read a file, decode the JPEG, run the recipe's augmentation, and collate each batch (into shared memory, which the
+main process maps). This command times that work in a data-loader worker process, over the same files for both
+pipelines, taking turns round by round:
 
 * ours: the training and validation datasets ``visionmlp train`` builds for the recipe (``data.pipeline``, by
   default ``tensor``: :mod:`visionmlp.data.tensor_pipeline`; ``data.normalize_on``, by default ``device``: uint8
@@ -18,6 +18,7 @@ Each figure is the best of ``--reps`` rounds over ``--images`` files spread even
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,14 +26,14 @@ from typing import Any
 
 import timm
 import torch
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.datasets import ImageFolder
 
 from ..config import Config, build_config, parse_opts
 from ..data import build_dataset, build_transform, collate_readable, subset_evenly
 from ..data.loader import timm_transform
 from .evaluate import resolve_input_config
-from .machine import cpu_name, num_threads
+from .machine import cpu_name
 
 
 def input_config(config: Config) -> dict[str, Any]:
@@ -70,26 +71,50 @@ def images_per_second(sample: Callable[[int], Any], collate: Callable[[list[Any]
     return len(indices) / (time.perf_counter() - start)
 
 
+class InWorker(Dataset):
+    """A one-item data set whose item is ``function()``: a data loader runs it in a worker process."""
+
+    def __init__(self, function: Callable[[], Any]) -> None:
+        self.function = function
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> Any:
+        return self.function()
+
+
+def in_a_worker(function: Callable[[], Any]) -> Any:
+    """``function()`` run in a data-loader worker process, set up by torch as its workers are (one torch thread,
+    batches collated into shared memory)."""
+    return next(iter(DataLoader(InWorker(function), batch_size=None, num_workers=1)))
+
+
+def best_rates(config: Config, split: str, images: int, reps: int) -> dict[str, float]:
+    """Images/s of both pipelines on ``split``: the best of ``reps`` rounds, the two taking turns."""
+    datasets = pipelines(config, split)
+    collate = {"baseline": default_collate, "ours": collate_readable}
+    indices = list(subset_evenly(list(range(len(datasets["ours"]))), images))
+    best = {name: 0.0 for name in datasets}
+    for _ in range(reps):  # in turn, so that both see the same machine state
+        for name, dataset in datasets.items():
+            torch.manual_seed(0)
+            rate = images_per_second(dataset.__getitem__, collate[name], indices, config["data"]["batch_size"])
+            best[name] = max(best[name], rate)
+    return best
+
+
 def measure(config: Config, images: int, reps: int) -> dict[str, Any]:
     """Per-worker images/s of both pipelines on both splits, and the speed-ups."""
     data = config["data"]
     result: dict[str, Any] = {"cpu": cpu_name(), "pipeline": data["pipeline"], "normalize_on": data["normalize_on"],
                               "images": images, "batch_size": data["batch_size"], "reps": reps,
                               "model": config["model"]["name"]}
-    collate = {"baseline": default_collate, "ours": collate_readable}
-    with num_threads(1):  # as in a data-loader worker (OpenCV runs single-threaded: visionmlp.data.opencv_ops)
-        for split in ("train", "val"):
-            datasets = pipelines(config, split)
-            indices = list(subset_evenly(list(range(len(datasets["ours"]))), images))
-            best = {name: 0.0 for name in datasets}
-            for _ in range(reps):  # in turn, so that both see the same machine state
-                for name, dataset in datasets.items():
-                    torch.manual_seed(0)
-                    rate = images_per_second(dataset.__getitem__, collate[name], indices, data["batch_size"])
-                    best[name] = max(best[name], rate)
-            result[f"{split}_images_per_s_per_worker"] = best["ours"]
-            result[f"baseline_{split}_images_per_s_per_worker"] = best["baseline"]
-            result[f"{split}_speedup"] = best["ours"] / best["baseline"]
+    for split in ("train", "val"):
+        best = in_a_worker(functools.partial(best_rates, config, split, images, reps))
+        result[f"{split}_images_per_s_per_worker"] = best["ours"]
+        result[f"baseline_{split}_images_per_s_per_worker"] = best["baseline"]
+        result[f"{split}_speedup"] = best["ours"] / best["baseline"]
     return result
 
 
