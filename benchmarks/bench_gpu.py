@@ -12,8 +12,8 @@ With ``--train``, the training step instead, at each family's recipe batch per G
 it): the baseline as the official scripts train (fp32 weights, fp16 autocast with a gradient scaler for apex's O1,
 AdamW's per-parameter loop) against ours as ``visionmlp train`` runs on a GPU (bf16 autocast, channels-last, fused
 AdamW, and with ``--compile`` ``torch.compile``). Reported: images/s, MFU (forward and backward FLOPs), peak
-memory, and the losses of the first ``--loss-steps`` steps of both from the same weights on the same batches, with
-the baseline's own run-to-run gap for scale (a second run, another seed for drop path and dropout; the builder should
+memory, and the losses of the first ``--loss-steps`` steps of both from the same weights on the same batches (the
+learning rate warming up to 1e-3 over them), with the baseline's own run-to-run gap for scale (a second run, another seed for drop path and dropout; the builder should
 make the baseline at its recipe's drop-path rate, as ours is).
 
     python benchmarks/bench_gpu.py --baseline ~/official_builders.py --compile --cuda-graphs --json gpu.json
@@ -46,6 +46,7 @@ from visionmlp.engine.quantize import fp32_agreement
 TARGET_SPEEDUP = 2.0
 BASELINE, EAGER, COMPILED = "baseline", "ours", "ours compiled"
 LOW_PRECISION = ("bf16", "fp16")
+PEAK_LR = 1e-3  # the loss comparison warms up to it linearly, as every recipe starts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -181,7 +182,12 @@ class TrainStep:
         self.autocast = torch.autocast(device.type, dtype=dtype)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         options = {"fused": True} if fused else {"foreach": False}
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, **options)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, weight_decay=0.05, **options)
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every parameter group."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self.autocast:
@@ -212,72 +218,81 @@ def our_side(name: str, args: argparse.Namespace, device: torch.device, dtype: t
     return TrainStep(torch.compile(model) if args.compile else model, dtype, True, device)
 
 
-def training_batches(count: int, batch_size: int, size: int, device: torch.device, seed: int = 0
-                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``count`` reproducible batches of random images and labels."""
-    generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch_size, 3, size, size, generator=generator).to(device),
-             torch.randint(0, 1000, (batch_size,), generator=generator).to(device)) for _ in range(count)]
+def training_batch(index: int, batch_size: int, size: int, device: torch.device, seed: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch ``index`` of a reproducible stream of random images and labels, made on ``device``."""
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+    return (torch.randn(batch_size, 3, size, size, generator=generator, device=device),
+            torch.randint(0, 1000, (batch_size,), generator=generator, device=device))
 
 
-def peak_memory_gib(step: TrainStep, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> float | None:
-    """The GPU memory a few steps peak at (weights, optimizer state and activations); None on a CPU."""
+def allocated_bytes(device: torch.device) -> int | None:
+    """The GPU memory allocated now; None on a CPU."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(3):
-        step(*batch)
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**30
-
-
-def loss_curves(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
-                build_baseline: Callable[[str], nn.Module], size: int, batch_size: int) -> dict[str, list[float]]:
-    """Losses of the first ``--loss-steps`` steps of the baseline (twice: its run-to-run noise) and of ours, all from
-    the baseline's initial weights and on the same batches."""
-    batches = training_batches(args.loss_steps, batch_size, size, device, seed=1)
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as folder:
-        weights = Path(folder) / "baseline.pth"
-        torch.save(build_baseline(name).state_dict(), weights)
-        curves: dict[str, list[float]] = {}
-        for run, label in enumerate((BASELINE, f"{BASELINE} again", "ours")):
-            torch.manual_seed(run)  # another stream for drop path and dropout in each run
-            if label == "ours":
-                step = our_side(name, args, device, dtype, weights)
-                batches = [(images.contiguous(memory_format=torch.channels_last), targets)
-                           for images, targets in batches]
-            else:
-                step = baseline_side(name, device, build_baseline, weights)
-            curves[label] = [step(images, targets).item() for images, targets in batches]
-    return curves
+    return torch.cuda.memory_allocated(device)
 
 
 def measure_training(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
                      build_baseline: Callable[[str], nn.Module]) -> dict[str, Any]:
-    """Images/s, MFU inputs, peak memory and the loss curves of the baseline's and our training steps."""
+    """Images/s, MFU inputs, peak memory and the loss curves of the baseline's and our training steps.
+
+    The baseline runs twice (its run-to-run noise, another seed for drop path and dropout) and ours once, all from
+    the baseline's initial weights on the same ``--loss-steps`` batches, the learning rate warming up over them (the
+    baseline's loss scaler skips its first updates, which overflow); each side's peak memory is what it adds to
+    the GPU over those steps (weights, optimizer state, activations). The baseline's first run and ours are then
+    timed in turn, so that ours is compiled once.
+    """
     size = args.img_size or default_img_size(name)
     batch_size = args.batch_size or recipe_settings(name)[0]
     counted = BenchmarkSteps(create_model(name, img_size=size).to(device),
                              torch.randn(2, 3, size, size, device=device), "train", torch.float32, device)
     counted.run_counted()
     flops = counted.forward_counter.get_total_flops() + counted.backward_counter.get_total_flops()
-    ((images, targets),) = training_batches(1, batch_size, size, device)
-    sides = {BASELINE: (baseline_side(name, device, build_baseline), images),
-             COMPILED if args.compile else EAGER: (our_side(name, args, device, dtype),
-                                                   images.contiguous(memory_format=torch.channels_last))}
-    steps, memory = {}, {}
-    for label, (step, inputs) in sides.items():
-        steps[label] = lambda step=step, inputs=inputs: step(inputs, targets)
-        memory[label] = peak_memory_gib(step, (inputs, targets), device)
-    seconds = seconds_in_turn(steps, args.warmup, args.reps, device)
-    curves = loss_curves(name, args, device, dtype, build_baseline, size, batch_size)
-    gap = statistics.fmean(abs(a - b) for a, b in zip(curves[BASELINE], curves["ours"]))
+    if args.compile:
+        torch._dynamo.reset()  # earlier models' graphs would count against dynamo's recompilation limit
+    ours = COMPILED if args.compile else EAGER
+    curves: dict[str, list[float]] = {}
+    memory: dict[str, float | None] = {}
+    skipped: dict[str, int] = {}
+    timed: dict[str, TrainStep] = {}
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        weights = Path(folder) / "baseline.pth"
+        torch.save(build_baseline(name).state_dict(), weights)
+        for run, label in enumerate((BASELINE, f"{BASELINE} again", ours)):
+            torch.manual_seed(run)
+            before = allocated_bytes(device)
+            if before is not None:
+                torch.cuda.reset_peak_memory_stats(device)
+            step = our_side(name, args, device, dtype, weights) if label == ours else \
+                baseline_side(name, device, build_baseline, weights)
+            losses, skipped[label] = [], 0
+            for index in range(args.loss_steps):
+                images, targets = training_batch(index, batch_size, size, device, seed=1)
+                if label == ours:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                step.set_lr(PEAK_LR * (index + 1) / args.loss_steps)
+                scale = step.scaler.get_scale()  # 1.0 without loss scaling
+                losses.append(step(images, targets))
+                skipped[label] += step.scaler.get_scale() < scale  # an overflow: the scaler skipped the update
+            curves[label] = [loss.item() for loss in losses]
+            if before is not None:
+                memory[label] = (torch.cuda.max_memory_allocated(device) - before) / 2**30
+            if label != f"{BASELINE} again":
+                timed[label] = step
+            del step
+    images, targets = training_batch(0, batch_size, size, device)
+    inputs = {BASELINE: images, ours: images.contiguous(memory_format=torch.channels_last)}
+    seconds = seconds_in_turn({label: lambda step=step, x=inputs[label]: step(x, targets)
+                               for label, step in timed.items()}, args.warmup, args.reps, device)
+    gap = statistics.fmean(abs(a - b) for a, b in zip(curves[BASELINE], curves[ours]))
     noise = statistics.fmean(abs(a - b) for a, b in zip(curves[BASELINE], curves[f"{BASELINE} again"]))
     return {"batch_size": batch_size, "img_size": size, "gflop_per_image": flops / 2 / 1e9,
             "images_per_s": {label: batch_size / statistics.median(t) for label, t in seconds.items()},
-            "peak_memory_gib": memory, "losses": curves, "loss_gap": gap, "loss_noise": noise}
+            "peak_memory_gib": {label: memory.get(label) for label in timed}, "losses": curves,
+            "skipped_steps": skipped, "loss_gap": gap, "loss_noise": noise}
 
 
 def training_row(name: str, result: dict[str, Any], peak_gflops: float) -> str:

@@ -421,6 +421,9 @@ def test_bench_gpu_train_times_both_steps_and_compares_their_losses(tmp_path, ca
     # cross-entropy over 1000 classes from the same initial weights: both start near ln(1000)
     assert all(abs(curve[0] - math.log(1000)) < 1.0 for curve in losses.values())
     assert result["loss_gap"] >= 0 and result["loss_noise"] >= 0
+    # only the baseline scales its loss; each side's memory is its own (none reported on a CPU)
+    assert result["skipped_steps"]["ours"] == 0 and set(result["skipped_steps"]) == set(losses)
+    assert result["peak_memory_gib"] == {"baseline": None, "ours": None}
     assert bench_gpu.recipe_settings("vip_s7") == (256, 0.1) and bench_gpu.recipe_settings("repmlpnet_t224")[1] == 0
     with pytest.raises(SystemExit, match="give --baseline FILE.py"):
         bench_gpu.main(["--train", "--device", "cpu", "--models", "raft_mlp_s"])
