@@ -72,7 +72,8 @@ def images_per_second(sample: Callable[[int], Any], collate: Callable[[list[Any]
 
 
 class InWorker(Dataset):
-    """A one-item data set whose item is ``function()``: a data loader runs it in a worker process."""
+    """A one-item data set whose item is ``function()`` and the bad-input error it raised, if any: a data loader runs
+    it in a worker process."""
 
     def __init__(self, function: Callable[[], Any]) -> None:
         self.function = function
@@ -80,14 +81,20 @@ class InWorker(Dataset):
     def __len__(self) -> int:
         return 1
 
-    def __getitem__(self, index: int) -> Any:
-        return self.function()
+    def __getitem__(self, index: int) -> tuple[Any, Exception | None]:
+        try:
+            return self.function(), None
+        except (ValueError, OSError) as error:  # handed back whole: the loader would bury it in a worker traceback
+            return None, error
 
 
 def in_a_worker(function: Callable[[], Any]) -> Any:
     """``function()`` run in a data-loader worker process, set up by torch as its workers are (one torch thread,
-    batches collated into shared memory)."""
-    return next(iter(DataLoader(InWorker(function), batch_size=None, num_workers=1)))
+    batches collated into shared memory); its ValueError or OSError is raised here as it was."""
+    result, error = next(iter(DataLoader(InWorker(function), batch_size=None, num_workers=1)))
+    if error is not None:
+        raise error
+    return result
 
 
 def best_rates(config: Config, split: str, images: int, reps: int) -> dict[str, float]:
