@@ -8,13 +8,14 @@ The paths are timed in turn and the faster of ours counts; the project's target 
 baseline. MFU is the achieved FLOP/s (our FLOP count, the same for all) over this GPU's bf16 matmul peak,
 measured in the same run, or over ``--peak-tflops`` (the datasheet's dense figure).
 
-With ``--train``, the training step instead, at each family's recipe batch per GPU (``--batch-size`` to change
-it): the baseline as the official scripts train (fp32 weights, fp16 autocast with a gradient scaler for apex's O1,
-AdamW's per-parameter loop) against ours as ``visionmlp train`` runs on a GPU (bf16 autocast, channels-last, fused
-AdamW, and with ``--compile`` ``torch.compile``). Reported: images/s, MFU (forward and backward FLOPs), peak
-memory, and the losses of the first ``--loss-steps`` steps of both from the same weights on the same batches (the
-learning rate warming up to 1e-3 over them), with the baseline's own run-to-run gap for scale (a second run, another seed for drop path and dropout; the builder should
-make the baseline at its recipe's drop-path rate, as ours is).
+With ``--train``, the training step instead, at each family's recipe batch per GPU (``--batch-size`` to change it):
+the baseline as the official scripts train (fp32 weights, fp16 autocast with a gradient scaler for apex's O1,
+AdamW's per-parameter loop) against ours as ``visionmlp train --amp bf16 --channels-last [--compile]`` runs on a GPU
+(bf16 autocast, channels-last, fused AdamW, and with ``--compile`` ``torch.compile``). Reported: images/s, MFU
+(forward and backward FLOPs), peak memory, and the losses of the first ``--loss-steps`` steps of both from the same
+weights on the same batches (the learning rate warming up to 1e-3 over them), with the baseline's own run-to-run gap
+for scale (a second run, another seed for drop path and dropout; the builder should make the baseline at its
+recipe's drop-path rate, as ours is).
 
     python benchmarks/bench_gpu.py --baseline ~/official_builders.py --compile --cuda-graphs --json gpu.json
     python benchmarks/bench_gpu.py --baseline ~/official_builders.py --models ms_mlp_tiny,vip_s7

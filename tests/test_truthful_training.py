@@ -61,6 +61,19 @@ def test_normalising_on_the_device_trains_as_normalising_in_workers(tmp_path, ca
     assert all(torch.equal(state["device"][k], state["worker"][k]) for k in state["worker"])
 
 
+def test_channels_last_run_trains_so_and_is_evaluated_so(tmp_path, capsys):
+    # the weights and batches in NHWC memory (a model with convolutions): eval of the run's checkpoint takes the
+    # recorded layout, so that it measures what the run's own validation did
+    output = tmp_path / "run"
+    assert main(["train", "--model", "strip_mlp_tiny_light", "--img-size", "32", "--epochs", "1", "--channels-last",
+                 "--output", str(output), *FEW_IMAGES]) == 0
+    stem = torch.load(output / "last.pt", weights_only=True)["model"]["stem.weight"]
+    assert stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
+    measured = eval_json(output / "last.pt", capsys)
+    assert measured["channels_last"] is True
+    assert_logged_equals_eval(read_metrics(output)[-1], measured)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SMALLEST_AT_LOW_RESOLUTION)
 def test_full_width_variant_logs_what_eval_measures(name, tmp_path, capsys):

@@ -102,6 +102,9 @@ DEFAULTS: Config = {
         "use_checkpoint": False,
         "amp": "none",
         "compile": False,
+        # weights and batches in channels-last (NHWC) memory: cuDNN's preferred layout for convolutions under
+        # autocast, as timm's --channels-last; the same maths
+        "channels_last": False,
         # DDP (torchrun): gradients all-reduced in buckets of this many MiB (torch's default 25), and static_graph
         # (the same parameters used in every step: lets DDP skip its per-step search for unused parameters and
         # overlap more; a model whose graph changes between steps must keep it off)
@@ -162,6 +165,7 @@ FLAG_KEYS = {
     "use_checkpoint": "train.use_checkpoint",
     "amp": "train.amp",
     "compile": "train.compile",
+    "channels_last": "train.channels_last",
     "drop_path": "model.drop_path_rate",
     "freeze_backbone": "train.freeze_backbone",
     "pretrained": "model.pretrained",

@@ -58,15 +58,22 @@ def build_transform(config: Mapping[str, Any], data_config: Mapping[str, Any], t
 def build_batch_transform(config: Mapping[str, Any], data_config: Mapping[str, Any], training: bool,
                           device: torch.device) -> T.Compose:
     """What a batch from :func:`build_transform`'s samples still needs on ``device``: with ``data.normalize_on:
-    device``, normalisation and (training) timm's random erasing, image by image as timm's prefetcher does; nothing
-    with ``worker``."""
-    if config["data"]["normalize_on"] == "worker":
-        return T.Compose([])
-    steps: list[Any] = [NormalizeUint8(T.Normalize(data_config["mean"], data_config["std"]), device)]
-    aug = config["aug"]
-    if training and aug["reprob"] > 0:
-        steps.append(RandomErasing(aug["reprob"], mode=aug["remode"], max_count=aug["recount"], device=device))
+    device``, normalisation and (training) timm's random erasing, image by image as timm's prefetcher does; with
+    ``train.channels_last``, channels-last memory for a model in that layout."""
+    steps: list[Any] = []
+    if config["data"]["normalize_on"] == "device":
+        steps.append(NormalizeUint8(T.Normalize(data_config["mean"], data_config["std"]), device))
+        aug = config["aug"]
+        if training and aug["reprob"] > 0:
+            steps.append(RandomErasing(aug["reprob"], mode=aug["remode"], max_count=aug["recount"], device=device))
+    if config["train"]["channels_last"]:
+        steps.append(to_channels_last)
     return T.Compose(steps)
+
+
+def to_channels_last(images: torch.Tensor) -> torch.Tensor:
+    """A batch in channels-last (NHWC) memory, the same values."""
+    return images.contiguous(memory_format=torch.channels_last)
 
 
 def timm_transform(config: Mapping[str, Any], data_config: Mapping[str, Any], training: bool,

@@ -215,7 +215,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                         help="cast the weights and images to this dtype (default: fp32); unlike --amp, every "
                              "operation then runs in it, as visionmlp benchmark's fast path does")
-    parser.add_argument("--channels-last", action="store_true", help="channels-last weights and images")
+    parser.add_argument("--channels-last", action="store_true", default=None,
+                        help="channels-last weights and images (default: as the run was trained, train.channels_last)")
     parser.add_argument("--compile", dest="compile_frozen", action="store_true",
                         help="torch.compile the model with its weights frozen into the graph, as visionmlp "
                              "benchmark --compile does")
@@ -294,8 +295,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     loader = build_loader(dataset, training=False, batch_size=data["batch_size"], workers=data["workers"],
                           rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
     batch_transform = build_batch_transform(config, resolve_input_config(config, model), False, ctx.device)
-    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
-    model = optimize_for_inference(model, dtype=dtype, channels_last=args.channels_last, fold=args.deploy,
+    channels_last = config["train"]["channels_last"]  # --channels-last, or as the run was trained and validated
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    model = optimize_for_inference(model, dtype=dtype, channels_last=channels_last, fold=args.deploy,
                                    compile=args.compile_frozen, device=ctx.device, inplace=True)
     metrics = evaluate(model, loader, ctx, amp=amp, dtype=dtype, memory_format=memory_format,
                        batch_transform=batch_transform)
@@ -304,4 +306,4 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     if not ctx.is_main:
         return None
     return {"model": config["model"]["name"], "checkpoint": str(args.checkpoint), "dataset": data["dataset"],
-            "dtype": args.dtype, "channels_last": args.channels_last, "compile": args.compile_frozen, **metrics}
+            "dtype": args.dtype, "channels_last": channels_last, "compile": args.compile_frozen, **metrics}

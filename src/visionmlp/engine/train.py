@@ -88,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", choices=("none", "fp16", "bf16"), help="mixed precision (replaces apex O0/O1)")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the training forward and backward (evaluation stays eager)")
+    parser.add_argument("--channels-last", action="store_true", default=None,
+                        help="weights and batches in channels-last (NHWC) memory, as timm's --channels-last")
     parser.add_argument("--zip", action="store_true", default=None,
                         help="imagenet from train.zip/val.zip + train_map.txt/val_map.txt")
     parser.add_argument("--cache-mode", choices=("no", "part", "full"),
@@ -266,7 +268,7 @@ def train(config: Config) -> dict[str, Any]:
         if not hasattr(model, "set_grad_checkpointing"):
             raise ConfigError(f"--use-checkpoint: model {config['model']['name']!r} does not support it")
         model.set_grad_checkpointing(True)
-    model.to(ctx.device)
+    model.to(ctx.device, memory_format=torch.channels_last if train_cfg["channels_last"] else torch.preserve_format)
     model_without_ddp = model
     input_config = resolve_input_config(config, model)
     for dataset, training in ((train_set, True), (val_set, False)):
