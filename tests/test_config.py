@@ -78,7 +78,7 @@ def test_shipped_imagenet_recipes_validate(recipe):
 @pytest.mark.parametrize("opts, message", [
     (["train.epoch", "3"], "did you mean train.epochs"),
     (["train.epochs", "many"], "train.epochs must be of type int"),
-    (["train.amp", "O1"], "train.amp must be one of none, fp16, bf16"),
+    (["train.amp", "O1"], "train.amp must be one of auto, none, fp16, bf16"),
     (["data.batch_size", "0"], "data.batch_size must be positive"),
     (["data.dataset", "imagenet"], "needs --data-path"),
     (["train.epochs"], "KEY VALUE pairs"),

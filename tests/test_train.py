@@ -63,6 +63,7 @@ def test_train_and_eval_on_digits(tmp_path, capsys):
     assert {"model", "optimizer", "scheduler", "scaler", "model_ema", "epoch", "rng", "config"} <= set(checkpoint)
     assert checkpoint["epoch"] == 1 and checkpoint["config"]["model"]["name"] == "vip_s7"
     assert checkpoint["optimizer"]["param_groups"][0]["fused"] is True  # AdamW's single-kernel update
+    assert checkpoint["config"]["train"]["amp"] == "none"  # train.amp auto, as chosen on a CPU
 
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(output / "last.pt"), "--json"]) == 0
@@ -301,3 +302,14 @@ def test_a_run_with_its_own_thread_count_leaves_the_callers_alone(tmp_path):
     # the default recipe trains on one thread
     assert main(["train", "--epochs", "1", "--output", str(tmp_path / "run"), *TINY, "threads", "1"]) == 0
     assert torch.get_num_threads() == before
+
+
+def test_automatic_mixed_precision_is_bf16_on_a_gpu_that_has_it_and_none_on_a_cpu(monkeypatch):
+    from visionmlp.engine.machine import resolve_amp
+
+    assert resolve_amp("auto", torch.device("cpu")) == "none"
+    assert resolve_amp("fp16", torch.device("cpu")) == "fp16"  # a choice made is kept
+    for has_bf16, expected in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda has_bf16=has_bf16: has_bf16)
+        assert resolve_amp("auto", torch.device("cuda")) == expected
+        assert resolve_amp("none", torch.device("cuda")) == "none"

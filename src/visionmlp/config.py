@@ -100,7 +100,7 @@ DEFAULTS: Config = {
         "label_smoothing": 0.1,
         "accumulation_steps": 1,
         "use_checkpoint": False,
-        "amp": "none",
+        "amp": "auto",  # bf16 autocast on a GPU that has it (else fp16), none on a CPU; a run records its choice
         "compile": False,
         # weights and batches in channels-last (NHWC) memory: cuDNN's preferred layout for convolutions under
         # autocast, as timm's --channels-last; the same maths
@@ -138,7 +138,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.pipeline": ("tensor", "pil"),
     "data.normalize_on": ("device", "worker"),
     "aug.mixup_mode": ("batch", "pair", "elem"),
-    "train.amp": ("none", "fp16", "bf16"),
+    "train.amp": ("auto", "none", "fp16", "bf16"),
     "train.sched": ("cosine", "step", "none"),
     "trackers": TRACKERS,
 }

@@ -24,7 +24,7 @@ from ..data import DataError, build_batch_transform, build_dataset, build_loader
 from ..inference import optimize_for_inference
 from ..models import MODEL_NAMES, convert_official_state_dict, create_model, deploy_model_from_state_dict, family_module
 from .distributed import DistContext, all_reduce_sum, cleanup, setup
-from .machine import DTYPES, resolve_dtype
+from .machine import DTYPES, resolve_amp, resolve_dtype
 
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -205,7 +205,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input resolution: one side, or height and width")
     parser.add_argument("--zip", action="store_true", default=None, help="read val.zip + val_map.txt")
     parser.add_argument("--cache-mode", choices=("no", "part", "full"), help="in-memory cache of encoded images")
-    parser.add_argument("--amp", choices=("none", "fp16", "bf16"), help="autocast precision")
+    parser.add_argument("--amp", choices=("auto", "none", "fp16", "bf16"),
+                        help="autocast precision (default: the run's own; none for an official or bare checkpoint)")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights stored in the checkpoint")
     parser.add_argument("--deploy", action="store_true",
@@ -258,12 +259,13 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     else:
         if args.model is None:
             raise ConfigError("--model is needed: this checkpoint does not record which model it holds")
-        # an official or bare checkpoint: evaluate as its family's recipe does (resize, crop, interpolation)
+        # an official or bare checkpoint: evaluate as its family's recipe does (resize, crop, interpolation), in
+        # fp32 unless --amp (or --opts train.amp) asks otherwise
         recipe = args.cfg or family_recipe(args.model)
-        config = build_config(recipe, parse_opts(args.opts), flags, pick_recipe=False)
+        config = build_config(recipe, {"train.amp": "none", **parse_opts(args.opts)}, flags, pick_recipe=False)
     ctx = setup(config["device"])
     dtype = resolve_dtype(args.dtype, ctx.device)
-    amp = config["train"]["amp"]
+    amp = resolve_amp(config["train"]["amp"], ctx.device)
     if dtype != torch.float32:
         if args.amp not in (None, "none"):
             raise ValueError(f"--dtype {args.dtype} casts the weights themselves and --amp {args.amp} autocasts "

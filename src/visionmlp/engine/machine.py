@@ -59,6 +59,16 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``train.amp`` made concrete: ``auto`` autocasts to bf16 on a GPU that has it (else fp16, with loss scaling),
+    as the official scripts train with apex's mixed precision on GPUs, and not at all on a CPU."""
+    if amp != "auto":
+        return amp
+    if device.type != "cuda":
+        return "none"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """Check that ``dtype`` is one of fp32/bf16/fp16 and that ``device`` can compute in it."""
     if dtype not in DTYPES:

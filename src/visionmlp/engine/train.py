@@ -48,6 +48,7 @@ from .distributed import (
     setup,
 )
 from .evaluate import autocast, build_model, evaluate, resolve_input_config
+from .machine import resolve_amp
 from .optim import parameter_groups, train_classifier_only
 from .reporting import RunRecorder, log, trackers_failed_on_error, use_progress_bars
 from .trackers import check_installed
@@ -85,7 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accumulation-steps", type=int, help="micro-batches per optimiser step")
     parser.add_argument("--use-checkpoint", action="store_true", default=None,
                         help="gradient checkpointing: less memory, more compute")
-    parser.add_argument("--amp", choices=("none", "fp16", "bf16"), help="mixed precision (replaces apex O0/O1)")
+    parser.add_argument("--amp", choices=("auto", "none", "fp16", "bf16"),
+                        help="mixed precision, replacing apex O0/O1 (default auto: bf16 on a GPU that has it, else "
+                             "fp16; none on a CPU)")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the training forward and backward (evaluation stays eager)")
     parser.add_argument("--channels-last", action="store_true", default=None,
@@ -244,6 +247,9 @@ def train(config: Config) -> dict[str, Any]:
     """Run the configured training to the end; returns the last epoch's metrics."""
     ctx = setup(config["device"])
     data_cfg, train_cfg, aug = config["data"], config["train"], config["aug"]
+    train_cfg["amp"] = resolve_amp(train_cfg["amp"], ctx.device)  # recorded as chosen, for eval to follow
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN may pick its fastest kernels, as timm does
     output = Path(config["output"] or f"runs/{config['model']['name']}-{data_cfg['dataset']}")
     seed_everything(config["seed"] + ctx.rank)
     opt_name = train_cfg["optimizer"].lower()
