@@ -308,4 +308,4 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     if not ctx.is_main:
         return None
     return {"model": config["model"]["name"], "checkpoint": str(args.checkpoint), "dataset": data["dataset"],
-            "dtype": args.dtype, "channels_last": channels_last, "compile": args.compile_frozen, **metrics}
+            "dtype": args.dtype, "amp": amp, "channels_last": channels_last, "compile": args.compile_frozen, **metrics}
