@@ -269,21 +269,20 @@ def measure_training(name: str, args: argparse.Namespace, device: torch.device, 
                 torch.cuda.reset_peak_memory_stats(device)
             step = our_side(name, args, device, dtype, weights) if label == ours else \
                 baseline_side(name, device, build_baseline, weights)
-            losses, skipped[label] = [], 0
+            curves[label], skipped[label] = [], 0
             for index in range(args.loss_steps):
                 images, targets = training_batch(index, batch_size, size, device, seed=1)
                 if label == ours:
                     images = images.contiguous(memory_format=torch.channels_last)
                 step.set_lr(PEAK_LR * (index + 1) / args.loss_steps)
                 scale = step.scaler.get_scale()  # 1.0 without loss scaling
-                losses.append(step(images, targets))
+                curves[label].append(step(images, targets).item())
                 skipped[label] += step.scaler.get_scale() < scale  # an overflow: the scaler skipped the update
-            curves[label] = [loss.item() for loss in losses]
             if before is not None:
                 memory[label] = (torch.cuda.max_memory_allocated(device) - before) / 2**30
             if label != f"{BASELINE} again":
                 timed[label] = step
-            del step
+            del step  # the second baseline run's model goes before ours is built and measured
     images, targets = training_batch(0, batch_size, size, device)
     inputs = {BASELINE: images, ours: images.contiguous(memory_format=torch.channels_last)}
     seconds = seconds_in_turn({label: lambda step=step, x=inputs[label]: step(x, targets)

@@ -143,15 +143,14 @@ def evaluate(
     ctx: DistContext,
     amp: str = "none",
     dtype: torch.dtype | None = None,
-    memory_format: torch.memory_format = torch.preserve_format,
     batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Loss and top-1/top-5 accuracy (percent) over the whole loader, summed over all ranks.
 
     Pass the bare model, not the DDP wrapper: ranks may hold one batch more or less than others,
-    and DDP's forward would wait for the ranks that have finished. ``dtype`` and ``memory_format`` are
-    those of a model cast to them; its images are cast alike, after ``batch_transform`` (the loader's
-    :func:`build_batch_transform`, for uint8 batches) has finished them on the device.
+    and DDP's forward would wait for the ranks that have finished. ``dtype`` is that of a model cast to it; its
+    images are cast alike, after ``batch_transform`` (the loader's :func:`build_batch_transform`: uint8 batches
+    normalised, channels-last memory) has finished them on the device.
     """
     model.eval()
     # loss sum, top-1 hits, top-5 hits, images, unreadable images
@@ -163,7 +162,7 @@ def evaluate(
         images = images.to(ctx.device, non_blocking=True)
         if batch_transform is not None:
             images = batch_transform(images)
-        images = images.to(dtype=dtype, memory_format=memory_format)
+        images = images.to(dtype=dtype)
         targets = targets.to(ctx.device, non_blocking=True)
         with autocast(ctx.device, amp):
             logits = model(images)
@@ -297,12 +296,11 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     loader = build_loader(dataset, training=False, batch_size=data["batch_size"], workers=data["workers"],
                           rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
     batch_transform = build_batch_transform(config, resolve_input_config(config, model), False, ctx.device)
-    channels_last = config["train"]["channels_last"]  # --channels-last, or as the run was trained and validated
-    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    # --channels-last, or as the run was trained and validated; the batch transform lays the images out alike
+    channels_last = config["train"]["channels_last"]
     model = optimize_for_inference(model, dtype=dtype, channels_last=channels_last, fold=args.deploy,
                                    compile=args.compile_frozen, device=ctx.device, inplace=True)
-    metrics = evaluate(model, loader, ctx, amp=amp, dtype=dtype, memory_format=memory_format,
-                       batch_transform=batch_transform)
+    metrics = evaluate(model, loader, ctx, amp=amp, dtype=dtype, batch_transform=batch_transform)
     if metrics["skipped_images"]:
         print(f"skipped {metrics['skipped_images']} unreadable images", file=sys.stderr)
     if not ctx.is_main:

@@ -24,13 +24,11 @@ __all__ = ["checkpoint_filter_fn", "resample_partition_fcs"]
 
 def _fold_block_state(state_dict: StateDict, prefix: str, block: RepMLPBlock) -> StateDict:
     """State of ``block`` (deploy form) from a training-form checkpoint's entries under ``prefix``."""
-    from .repmlpnet import RepMLPBlock  # the model module imports this one
-
     own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     kernels = sorted(v.shape[-1] for k, v in own.items() if k.startswith("repconvs.") and k.endswith(".conv.weight"))
     reference = own["fc3.weight"]
     with torch.device(reference.device):
-        trained = RepMLPBlock(block.dim, block.partition_size, block.num_sharesets, kernels, block.gp_reduction)
+        trained = type(block)(block.dim, block.partition_size, block.num_sharesets, kernels, block.gp_reduction)
     trained.to(reference.dtype).load_state_dict(own)
     trained.local_inject()
     return {prefix + k: v for k, v in trained.state_dict().items()}
@@ -43,7 +41,7 @@ def checkpoint_filter_fn(state_dict: StateDict, model: RepMLPNet) -> StateDict:
     training-form checkpoint loaded into a deploy-form model is folded here (locality injection); a deploy
     checkpoint cannot be unfolded into a training-form model.
     """
-    from .repmlpnet import RepMLPBlock
+    from .repmlpnet import RepMLPBlock  # at call time: the model module imports this one
 
     out = {re.sub(r"(^|\.)repconv(\d+)\.", r"\1repconvs.\2.", k): v for k, v in state_dict.items()}
     out = resample_partition_fcs(out, model)
