@@ -4,6 +4,7 @@ Every model comparison builds the same weights twice, with ``fast_kernels=True``
 outputs and gradients (fp32, relative error <= 1e-5), at sizes where the fast kernels engage.
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -28,7 +29,10 @@ from visionmlp.kernels import (
     linear_gelu,
     per_sample_linear,
 )
-from visionmlp.kernels.torch_ops import LINEAR_POINTWISE
+from visionmlp.kernels.torch_ops import LINEAR_POINTWISE, ONEDNN_BF16
+
+# the module (the package's ``linear`` is the function of that name)
+linear_module = importlib.import_module("visionmlp.kernels.linear")
 
 # The smallest variant of each family at a small resolution where every fast kernel engages; batch 2
 CASES = {
@@ -314,7 +318,8 @@ def test_linear_gelu_runs_as_one_onednn_call_without_gradients(dtype, tolerance,
     x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((64, 128), (256, 128), (256,)))
     with torch.no_grad():
         out = linear_gelu(x.to(dtype), weight.to(dtype), bias.to(dtype))
-    assert onednn_calls == ["gelu"] and out.dtype == dtype
+    # a CPU without oneDNN's bf16 (AVX2) computes bf16 with the reference ops
+    assert onednn_calls == (["gelu"] if dtype == torch.float32 or ONEDNN_BF16 else []) and out.dtype == dtype
     expected = F.gelu(F.linear(x.double(), weight.double(), bias.double()))
     assert relative_l2(out.double(), expected) <= tolerance
     bias.requires_grad_()  # with gradients: the product (oneDNN in fp32), then the GELU
@@ -324,6 +329,22 @@ def test_linear_gelu_runs_as_one_onednn_call_without_gradients(dtype, tolerance,
     (expected_grad,) = torch.autograd.grad(F.gelu(F.linear(x.double(), weight.double(), reference_bias)).sum(),
                                            reference_bias)
     assert relative_l2(grad_bias.double(), expected_grad) <= 1e-6
+
+
+@needs_onednn
+@pytest.mark.parametrize("has_bf16", [True, False], ids=["onednn-bf16", "no-onednn-bf16"])
+def test_bf16_linears_take_onednn_only_where_this_cpu_has_its_bf16(has_bf16, monkeypatch, onednn_calls):
+    if has_bf16 and not ONEDNN_BF16:
+        pytest.skip("this CPU has no oneDNN bf16 (AVX2)")
+    monkeypatch.setattr(linear_module, "ONEDNN_BF16", has_bf16)
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((64, 128), (256, 128), (256,)))
+    with torch.no_grad():
+        got = [fn(x.bfloat16(), weight.bfloat16(), bias.bfloat16()) for fn in (linear, linear_gelu)]
+    assert onednn_calls == (["none", "gelu"] if has_bf16 else [])
+    expected = F.linear(x.double(), weight.double(), bias.double())
+    for out, reference in zip(got, (expected, F.gelu(expected))):
+        assert out.dtype == torch.bfloat16 and relative_l2(out.double(), reference) <= 1e-2
 
 
 @needs_onednn

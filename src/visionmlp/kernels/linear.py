@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
-from .torch_ops import LINEAR_POINTWISE, eager_on_cpu
+from .torch_ops import LINEAR_POINTWISE, ONEDNN_BF16, eager_on_cpu
 from .tuning import ONEDNN_LINEAR_MIN_MACS
 
 __all__ = ["OneDnnLinear", "OneDnnMlp", "linear", "linear_gelu", "per_sample_linear", "use_onednn_linears"]
@@ -27,8 +27,10 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, po
 
 
 def _onednn_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether oneDNN computes ``x @ weight.T + bias``: eager CPU code, one dtype of fp32 or bf16, large enough."""
-    return (LINEAR_POINTWISE is not None and eager_on_cpu(x) and x.dtype in (torch.float32, torch.bfloat16)
+    """Whether oneDNN computes ``x @ weight.T + bias``: eager CPU code, one dtype of fp32 or (where this CPU has
+    oneDNN's bf16) bf16, large enough."""
+    return (LINEAR_POINTWISE is not None and eager_on_cpu(x)
+            and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and ONEDNN_BF16))
             and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
             and x.numel() * weight.shape[0] >= ONEDNN_LINEAR_MIN_MACS)
 

@@ -11,14 +11,16 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["LINEAR_POINTWISE", "REORDER_LINEAR_WEIGHT", "eager_on_cpu"]
+__all__ = ["LINEAR_POINTWISE", "ONEDNN_BF16", "eager_on_cpu"]
 
 # oneDNN's matmul with an optional fused post-op, ``(x, weight, bias, post_op, scalars, algorithm)``; PyTorch keeps it
 # for inductor's CPU fusions. Eager ``F.linear`` calls the BLAS (MKL) instead.
 LINEAR_POINTWISE = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
                     if torch.backends.mkldnn.is_available() else None)
-# A linear weight reordered into oneDNN's blocked layout for a given row count: ``(weight, rows)``.
-REORDER_LINEAR_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if LINEAR_POINTWISE else None
+# Whether oneDNN computes in bf16 on this CPU (AVX-512 or newer); without it, e.g. on AVX2 CPUs, its bf16 matmul
+# fails to build a primitive, and bf16 products take the reference ops.
+_BF16_SUPPORTED = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+ONEDNN_BF16 = bool(LINEAR_POINTWISE is not None and _BF16_SUPPORTED is not None and _BF16_SUPPORTED())
 
 if LINEAR_POINTWISE is not None:
     @register_flop_formula(LINEAR_POINTWISE)  # so that FlopCounterMode (the benchmark's GMACs) counts its products
