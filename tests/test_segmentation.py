@@ -12,6 +12,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from visionmlp.cli import main
 from visionmlp.config import ConfigError
+from visionmlp.detection.config import build_config as build_detection_config
 from visionmlp.segmentation.config import build_config
 from visionmlp.segmentation.data import ADE20K, IGNORE_INDEX, SegmentationFolder, Shapes, TrainTransform
 from visionmlp.segmentation.engine import predict_logits, sliding_windows
@@ -70,6 +71,22 @@ def test_folder_layout_and_its_errors(tmp_path):
         SegmentationFolder(tmp_path, "val", 3)
     with pytest.raises(ConfigError, match="--num-classes"):
         build_config(opts={"data.dataset": "folder", "data.path": str(tmp_path)})
+
+
+@pytest.mark.parametrize("build", [build_config, build_detection_config], ids=["segment", "detect"])
+def test_another_model_than_the_recipes_drops_the_recipes_backbone_settings(build):
+    demo = build(None, {}, {})
+    assert demo["model"]["name"] == "raft_mlp_s"
+    for name in ("ms_mlp_tiny", "vip_s7", "strip_mlp_tiny"):  # the demo's kwargs are a reduced RaftMLP's
+        assert build(None, {}, {"model.name": name})["model"]["kwargs"] == {}
+    kept = {"model.kwargs": {"embed_dim": 48}}
+    assert build(None, kept, {"model.name": "ms_mlp_tiny"})["model"]["kwargs"] == {"embed_dim": 48}
+    recipe = "segment_ade20k_upernet" if build is build_config else "detect_retinanet_coco"
+    data = {"data.path": "/data"}
+    assert build(recipe, {}, data)["model"]["dynamic_img_size"]  # RaftMLP at every size, as its authors' code
+    assert build(recipe, {}, {**data, "model.name": "raft_mlp_m"})["model"]["dynamic_img_size"]
+    for name in ("strip_mlp_tiny", "vip_s7"):  # grid-bound backbones are built for the crop instead
+        assert not build(recipe, {}, {**data, "model.name": name})["model"]["dynamic_img_size"]
 
 
 def test_shapes_are_deterministic_and_labelled():

@@ -353,6 +353,21 @@ def family_recipe(model_name: str) -> str | None:
     return family if family in shipped_recipes() else None
 
 
+def forget_recipe_backbone(config: Config, recipe_model: str, opts: Mapping[str, Any], defaults: Config) -> None:
+    """Where the flags or --opts chose another backbone than the recipe's: the recipe's ``model.kwargs`` and
+    ``model.img_size`` describe its own backbone, and its ``model.dynamic_img_size`` suits RaftMLPs only; each goes
+    back to ``defaults`` unless --opts set it (detection and segmentation recipes)."""
+    model = config["model"]
+    if model["name"] == recipe_model:
+        return
+    keys = [key for key in ("kwargs", "img_size") if key in model]
+    if not str(model["name"]).startswith("raft_mlp"):
+        keys.append("dynamic_img_size")
+    for key in keys:
+        if f"model.{key}" not in opts:
+            model[key] = copy.deepcopy(defaults["model"][key])
+
+
 def build_config(
     recipe: str | Path | None = None,
     opts: Mapping[str, Any] | None = None,

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..config import TRACKERS, Config, ConfigError, ConfigSchema
+from ..config import TRACKERS, Config, ConfigError, ConfigSchema, forget_recipe_backbone
 
 DETECTORS = ("retinanet", "mask_rcnn", "faster_rcnn")
 
@@ -145,15 +145,7 @@ def build_config(recipe: str | Path | None = None, opts: Mapping[str, Any] | Non
     recipe_model = config["model"]["name"]
     SCHEMA.merge(config, opts, "--opts")
     SCHEMA.merge(config, flags, "command-line flags")
-    if config["model"]["name"] != recipe_model:
-        # the recipe's constructor arguments describe its own backbone, not the one chosen instead, and its RaftMLP
-        # setting suits RaftMLPs only
-        resets = {"kwargs": {}, "img_size": None}
-        if not str(config["model"]["name"]).startswith("raft_mlp"):
-            resets["dynamic_img_size"] = False
-        for key, default in resets.items():
-            if f"model.{key}" not in opts:
-                config["model"][key] = default
+    forget_recipe_backbone(config, recipe_model, opts, DEFAULTS)
     validate(config)
     return config
 

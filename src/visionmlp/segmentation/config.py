@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..config import TRACKERS, Config, ConfigError, ConfigSchema
+from ..config import TRACKERS, Config, ConfigError, ConfigSchema, forget_recipe_backbone
 
 DEFAULTS: Config = {
     "model": {
@@ -107,9 +107,14 @@ FLAG_KEYS = {
 def build_config(recipe: str | Path | None = None, opts: dict[str, Any] | None = None,
                  flags: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> Config:
     """Defaults (or a recorded ``base``) <- recipe (``segment_demo`` unless given) <- opts <- flags, validated."""
+    opts, flags = dict(opts or {}), {k: v for k, v in (flags or {}).items() if v is not None}
     if recipe is None and base is None:
         recipe = "segment_demo"
-    config = SCHEMA.resolve(recipe, opts, flags, base)
+    config = SCHEMA.resolve(recipe, None, None, base)
+    recipe_model = config["model"]["name"]
+    SCHEMA.merge(config, opts, "--opts")
+    SCHEMA.merge(config, flags, "command-line flags")
+    forget_recipe_backbone(config, recipe_model, opts, DEFAULTS)
     validate(config)
     return config
 
