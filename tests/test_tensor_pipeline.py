@@ -18,6 +18,7 @@ from visionmlp.data.imagenet_like import write_imagenet_like
 from visionmlp.data import opencv_ops
 from visionmlp.data.datasets import decode_pil
 from visionmlp.data.tensor_pipeline import NormalizeUint8, OnPIL, TensorRandomResizedCrop, decode_to_tensor
+from visionmlp.engine.input_benchmark import report
 
 DATA_CONFIG = {"input_size": (3, 64, 64), "interpolation": "bicubic", "crop_pct": 0.875,
                "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
@@ -124,7 +125,11 @@ def test_benchmark_data_reports_per_worker_images_per_second(tmp_path, capsys, z
     for key in ("train_images_per_s_per_worker", "val_images_per_s_per_worker",
                 "baseline_train_images_per_s_per_worker", "baseline_val_images_per_s_per_worker"):
         assert result[key] > 0, key
-    assert result["pipeline"] == "tensor" and result["images"] == 4
+    # val/ holds 2 of the 10 generated images: the figures say they are over those 2, not the 4 asked for
+    assert result["pipeline"] == "tensor" and (result["train_images"], result["val_images"]) == (4, 2)
+    table = report(result)
+    assert "over 4 train and 2 val images" in table
+    assert ("baseline (zip reader + PIL + timm)" if zipped else "baseline (ImageFolder + PIL + timm)") in table
     assert result["normalize_on"] == ("worker" if zipped else "device")
     assert len(list((root / "train").rglob("*.JPEG"))) == 10 and len(list((root / "val").rglob("*.JPEG"))) == 2
     assert (root / "train.zip").is_file() == zipped

@@ -97,8 +97,9 @@ def in_a_worker(function: Callable[[], Any]) -> Any:
     return result
 
 
-def best_rates(config: Config, split: str, images: int, reps: int) -> dict[str, float]:
-    """Images/s of both pipelines on ``split``: the best of ``reps`` rounds, the two taking turns."""
+def best_rates(config: Config, split: str, images: int, reps: int) -> tuple[dict[str, float], int]:
+    """Images/s of both pipelines on ``split``: the best of ``reps`` rounds, the two taking turns; and the number of
+    images timed (fewer than ``images`` where the split has fewer)."""
     datasets = pipelines(config, split)
     collate = {"baseline": default_collate, "ours": collate_readable}
     indices = list(subset_evenly(list(range(len(datasets["ours"]))), images))
@@ -108,17 +109,17 @@ def best_rates(config: Config, split: str, images: int, reps: int) -> dict[str, 
             torch.manual_seed(0)
             rate = images_per_second(dataset.__getitem__, collate[name], indices, config["data"]["batch_size"])
             best[name] = max(best[name], rate)
-    return best
+    return best, len(indices)
 
 
 def measure(config: Config, images: int, reps: int) -> dict[str, Any]:
     """Per-worker images/s of both pipelines on both splits, and the speed-ups."""
     data = config["data"]
     result: dict[str, Any] = {"cpu": cpu_name(), "pipeline": data["pipeline"], "normalize_on": data["normalize_on"],
-                              "images": images, "batch_size": data["batch_size"], "reps": reps,
+                              "zip": bool(data["zip"]), "batch_size": data["batch_size"], "reps": reps,
                               "model": config["model"]["name"]}
     for split in ("train", "val"):
-        best = in_a_worker(functools.partial(best_rates, config, split, images, reps))
+        best, result[f"{split}_images"] = in_a_worker(functools.partial(best_rates, config, split, images, reps))
         result[f"{split}_images_per_s_per_worker"] = best["ours"]
         result[f"baseline_{split}_images_per_s_per_worker"] = best["baseline"]
         result[f"{split}_speedup"] = best["ours"] / best["baseline"]
@@ -134,10 +135,12 @@ def benchmark_config(args: argparse.Namespace) -> Config:
 
 def report(result: dict[str, Any]) -> str:
     """The measurement as a Markdown table."""
+    baseline = "zip reader + PIL + timm" if result["zip"] else "ImageFolder + PIL + timm"
     lines = [f"data-loading worker, one process on one core ({result['cpu']}), {result['model']}'s recipe, batches of "
-             f"{result['batch_size']}, best of {result['reps']} rounds over {result['images']} images", "",
+             f"{result['batch_size']}, best of {result['reps']} rounds over {result['train_images']} train and "
+             f"{result['val_images']} val images", "",
              f"| split | ours (data.pipeline: {result['pipeline']}, normalize_on: {result['normalize_on']}) | "
-             "baseline (ImageFolder + PIL + timm) | speed-up |",
+             f"baseline ({baseline}) | speed-up |",
              "|---|--:|--:|--:|"]
     for split in ("train", "val"):
         lines.append(f"| {split} | {result[f'{split}_images_per_s_per_worker']:.1f} img/s | "
