@@ -9,7 +9,7 @@ that file, for instance the official implementation from a clone of its reposito
 targets of the project are checked (see benchmarks/README.md). visionmlp ships no official code; the
 file is yours to write.
 
-    python benchmarks/bench_cpu.py                                   # all 19, 2 threads, batch 8
+    python benchmarks/bench_cpu.py                                   # all 26, 2 threads, batch 8
     python benchmarks/bench_cpu.py --models vip_s7,raft_mlp_s --baseline ~/official_builders.py --train
 """
 
