@@ -138,7 +138,7 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
         ({"model_name": "raft_mlp_s", "mode": "eval"}, "unknown mode 'eval'"),
         ({"model_name": "raft_mlp_s", "dtype": "fp64"}, "unknown dtype 'fp64'"),
         ({"model_name": "raft_mlp_s", "device": "meta"}, "device must be 'cpu' or 'cuda[:N]', got 'meta'"),
-        ({"model_name": "raft_mlp_s", "device": "gpu0"}, "invalid device 'gpu0'"),
+        ({"model_name": "raft_mlp_s", "device": "gpu0"}, "device must be 'cpu' or 'cuda[:N]', got 'gpu0'"),
         ({"model_name": "raft_mlp_s", "mode": "train", "deploy": True}, "cannot be combined with --mode train"),
         ({"model_name": "raft_mlp_s", "batch_size": 0}, "batch_size must be >= 1"),
         ({"model_name": "raft_mlp_s", "reps": 0}, "reps must be >= 1"),

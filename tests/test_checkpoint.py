@@ -87,6 +87,23 @@ def test_atomic_save_round_trips_and_leaves_no_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.safetensors"]
 
 
+def test_a_truncated_file_says_so(tmp_path):
+    for name in ("w.safetensors", "w.pt"):
+        atomic_save(tiny_state_dict(), tmp_path / name)
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+        for unsafe in (False, True):
+            with pytest.raises(ValueError, match="truncated"):
+                read_checkpoint(tmp_path / name, allow_unsafe_pickle=unsafe)
+
+
+def test_atomic_save_gives_the_file_the_permissions_open_would(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic_save(tiny_state_dict(), tmp_path / "last.pt")  # not mkstemp's 0600: readable on a shared cluster
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "last.pt"
     atomic_save({"step": torch.tensor(1)}, path)

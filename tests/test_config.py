@@ -82,10 +82,20 @@ def test_shipped_imagenet_recipes_validate(recipe):
     (["data.batch_size", "0"], "data.batch_size must be positive"),
     (["data.dataset", "imagenet"], "needs --data-path"),
     (["train.epochs"], "KEY VALUE pairs"),
+    (["train.clip_grad", "-1"], "train.clip_grad must be positive, or null"),  # a negative norm ascends
+    (["model.drop_path_rate", "1.5"], r"model.drop_path_rate must be in \[0, 1\)"),
+    (["data.max_train_images", "0"], "data.max_train_images must be positive"),
 ])
 def test_bad_overrides_fail_with_a_clear_message(opts, message):
     with pytest.raises(ConfigError, match=message):
         build_config(opts=parse_opts(opts))
+
+
+def test_a_recipe_that_is_not_yaml_names_its_line(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("train:\n  epochs: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"(?s)broken.yaml' is not valid YAML.*line 2, column 11"):
+        build_config(recipe)
 
 
 def test_unknown_recipe_lists_the_shipped_ones():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,6 +48,55 @@ def subprocess_env() -> dict[str, str]:
     src = str(Path(visionmlp.__file__).resolve().parents[1])
     return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
             "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_a_new_run_never_replaces_the_run_in_its_output_folder(tmp_path, capsys):
+    output = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--output", str(output), *TINY]) == 0
+    kept = (output / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--epochs", "1", "--seed", "5", "--output", str(output), *TINY]) == 2
+    assert "already holds a run (last.pt); --resume auto continues it" in capsys.readouterr().err
+    assert (output / "last.pt").read_bytes() == kept
+    assert main(["train", "--epochs", "1", "--seed", "5", "--overwrite", "--output", str(output), *TINY]) == 0
+    assert read_checkpoint(output / "last.pt")["config"]["seed"] == 5
+
+    # what a run cannot resume from, and a conversion onto its own input
+    capsys.readouterr()
+    elsewhere = ["--epochs", "2", "--output", str(tmp_path / "other")]
+    assert main(["train", *elsewhere, "--resume", str(output / "model.safetensors"), *TINY]) == 2
+    assert "not the last.pt of a run of this command" in capsys.readouterr().err
+    wider = [*TINY[:8], "{depths: [1, 1, 1, 1], embed_dims: [24, 32, 32, 32], num_segments: [4, 4, 4, 4]}",
+             *TINY[9:]]
+    assert main(["train", *elsewhere, "--resume", str(output / "last.pt"), *wider]) == 2
+    assert "checkpoint does not fit this run's model" in capsys.readouterr().err
+    assert main(["convert", "--checkpoint", str(output / "last.pt"), "--output", str(output / "last.pt")]) == 2
+    assert "is the checkpoint being converted" in capsys.readouterr().err
+    assert read_checkpoint(output / "last.pt")["optimizer"]
+
+
+def test_data_a_classifier_cannot_learn_from_is_refused(tmp_path, capsys, monkeypatch):
+    root = make_imagenet_folder(tmp_path / "data")
+    folder = ["train", "--dataset", "folder", "--data-path", str(root), "--epochs", "1", "--img-size", "14",
+              "--workers", "0", "--opts", "print_freq", "1000"]
+    for path in (root / "train").rglob("*.jpg"):
+        path.write_bytes(b"not a jpeg")
+    assert main([*folder, "--output", str(tmp_path / "unreadable")]) == 2
+    assert "not one training image could be read (" in capsys.readouterr().err
+    for name in ("train", "val"):
+        for extra in sorted((root / name).iterdir())[1:]:
+            shutil.rmtree(extra)
+    assert main([*folder, "--output", str(tmp_path / "one")]) == 2
+    assert "holds 1 class sub-folder; a classifier needs" in capsys.readouterr().err
+    assert main(["train", "--device", "tpu", "--output", str(tmp_path / "tpu")]) == 2
+    assert "device must be 'cpu' or 'cuda[:N]'" in capsys.readouterr().err
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("visionmlp.engine.train.train", interrupted)
+    assert main(["train", "--output", str(tmp_path / "stopped")]) == 130
+    assert "interrupted; its last.pt, if one was written, continues with --resume auto" in capsys.readouterr().err
 
 
 def test_train_and_eval_on_digits(tmp_path, capsys):
@@ -294,7 +344,7 @@ def test_the_loss_is_read_every_print_freq_steps_not_every_step(tmp_path, monkey
     monkeypatch.setattr(train_module, "all_reduce_sum", counting_all_reduce)
     # 192 images in batches of 32: 6 steps, logged every 4 steps and at the end
     assert main(["train", "--epochs", "1", "--output", str(tmp_path / "run"), *TINY, "print_freq", "4"]) == 0
-    assert reads == [2, 2, 1]  # the two windows' (loss sum, steps), then the count of unreadable images
+    assert reads == [2, 2, 2]  # the two windows' (loss sum, steps), then the counts of images read and unreadable
 
 
 def test_a_run_with_its_own_thread_count_leaves_the_callers_alone(tmp_path):

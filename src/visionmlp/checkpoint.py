@@ -25,6 +25,9 @@ StateDict = dict[str, torch.Tensor]
 # Nesting keys used by the official training scripts (and ours), in order of preference.
 _NESTING_KEYS = ("model", "state_dict", "model_state_dict", "module")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# the process umask (read by setting it), which files written through a temporary file are given as open() would
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class OpaqueObject(dict):
@@ -90,11 +93,20 @@ def read_checkpoint(path: str | os.PathLike, *, allow_unsafe_pickle: bool = Fals
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist; pass the path of a saved checkpoint")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:
+            raise ValueError(f"could not read {str(path)!r} as a safetensors file ({exc}); it may be truncated: "
+                             "copy or download it again") from None
     if allow_unsafe_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # any unpickling failure means the same to the user
+            raise ValueError(f"could not read {str(path)!r} as a torch checkpoint ({exc}); it may be truncated or "
+                             "not a checkpoint") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # the restricted reader below gives the error that matters
@@ -212,6 +224,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp's 0600 would keep the file from the rest of a shared cluster
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file

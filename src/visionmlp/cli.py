@@ -46,5 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     from .engine.machine import num_threads
 
     # a run's thread count (a recipe's `threads`) ends with it, also when main() is called from Python
-    with num_threads(None):
-        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    try:
+        with num_threads(None):
+            return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except KeyboardInterrupt:  # checkpoints are written atomically: the last one written is whole
+        training = "train" in (args.command, getattr(args, "action", None))
+        resume = "; its last.pt, if one was written, continues with --resume auto" if training else ""
+        print(f"visionmlp {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130

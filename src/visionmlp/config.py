@@ -120,6 +120,7 @@ DEFAULTS: Config = {
     },
     "output": None,  # None: runs/<model>-<dataset>
     "resume": None,  # a checkpoint file, or "auto" for <output>/last.pt when it exists
+    "overwrite": False,  # start afresh in an output folder that holds a run (else: an error, to keep that run)
     "seed": 0,
     "device": "auto",
     "threads": None,  # torch intra-op threads per process; None: torch's default (all cores)
@@ -171,6 +172,7 @@ FLAG_KEYS = {
     "pretrained": "model.pretrained",
     "output": "output",
     "resume": "resume",
+    "overwrite": "overwrite",
     "seed": "seed",
     "device": "device",
     "tracker": "trackers",
@@ -325,8 +327,11 @@ def shipped_recipes() -> list[str]:
 def load_recipe(name_or_path: str | Path) -> Config:
     """Read a recipe file as a nested dict."""
     path = recipe_path(name_or_path)
-    with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            recipe = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:  # the parser's message names the line and column
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe {str(path)!r} must hold a mapping of keys, not {type(recipe).__name__}")
     return recipe
@@ -416,6 +421,11 @@ def validate(config: Config) -> None:
     for key in non_negative:
         if flat[key] < 0:
             raise ConfigError(f"{key} must be >= 0; got {flat[key]!r}")
+    if not flat["model.drop_path_rate"] < 1.0:
+        raise ConfigError(f"model.drop_path_rate must be in [0, 1); got {flat['model.drop_path_rate']!r}")
+    for key in ("train.clip_grad", "data.max_train_images", "data.max_val_images"):
+        if flat[key] is not None and not flat[key] > 0:
+            raise ConfigError(f"{key} must be positive, or null for none; got {flat[key]!r}")
     if not 0.0 <= flat["train.label_smoothing"] < 1.0:
         raise ConfigError(f"train.label_smoothing must be in [0, 1); got {flat['train.label_smoothing']!r}")
     size = flat["data.img_size"]

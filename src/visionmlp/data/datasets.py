@@ -187,8 +187,9 @@ def imagenet_folder(root: Path, split: str, transform: Transform, cache_mode: st
                 f"each with one sub-folder of images per class{zip_hint}"
             )
     classes = _class_folders(train_dir)
-    if not classes:
-        raise DataError(f"--dataset {kind}: {str(train_dir)!r} holds no class sub-folders")
+    if len(classes) < 2:
+        raise DataError(f"--dataset {kind}: {str(train_dir)!r} holds {len(classes) or 'no'} class sub-folder"
+                        f"{'' if classes else 's'}; a classifier needs one sub-folder of images per class, two or more")
     class_index = {name: i for i, name in enumerate(classes)}
     samples = []
     for name in _class_folders(split_dir):

@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--workers", type=int, help="data-loading processes per training process")
     train.add_argument("--output", metavar="DIR", help="run folder (default runs/detect-<detector>-<model>-<data>)")
     train.add_argument("--resume", metavar="FILE|auto", help="continue from a checkpoint; auto: <output>/last.pt")
+    train.add_argument("--overwrite", action="store_true", default=None,
+                       help="start afresh in an output folder that holds a run (without it, an error keeps that run)")
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     add_tracker_argument(train)

@@ -72,6 +72,7 @@ DEFAULTS: Config = {
     },
     "output": None,  # None: runs/detect-<detector>-<model>-<dataset>
     "resume": None,  # a checkpoint file, or "auto" for <output>/last.pt when it exists
+    "overwrite": False,  # start afresh in an output folder that holds a run (else: an error, to keep that run)
     "seed": 0,
     "device": "auto",
     "threads": None,
@@ -103,6 +104,7 @@ FLAG_KEYS = {
     "pretrained": "model.pretrained",
     "output": "output",
     "resume": "resume",
+    "overwrite": "overwrite",
     "seed": "seed",
     "device": "device",
     "tracker": "trackers",

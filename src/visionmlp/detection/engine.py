@@ -30,9 +30,9 @@ from ..engine.reporting import RunRecorder, log, trackers_failed_on_error, use_p
 from ..engine.trackers import check_installed
 from ..engine.train import (
     NonFiniteLossError,
+    agree_on_resume_path,
     capture_rng_state,
     optimizer_class,
-    resolve_resume_path,
     resume_training_state,
     seed_everything,
 )
@@ -118,6 +118,7 @@ def train(config: Config) -> dict[str, Any]:
     seed_everything(config["seed"] + ctx.rank)
     opt_name = train_cfg["optimizer"].lower()
     optimizer_class(opt_name)  # before the data: a misspelt name fails at once
+    resume_path = agree_on_resume_path(config, output, ctx)  # likewise a run in the way of this one
     check_installed(config["trackers"])
     if config["threads"]:
         torch.set_num_threads(config["threads"])
@@ -150,9 +151,8 @@ def train(config: Config) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=train_cfg["amp"] == "fp16")
     num_epochs = train_cfg["epochs"]
 
-    # ---- resume; rank 0 decides, so that all ranks resume together or start fresh together
+    # ---- resume
     start_epoch, num_updates, history = 0, 0, []
-    resume_path = broadcast_object(resolve_resume_path(config, output) if ctx.is_main else None, ctx)
     if resume_path is not None:
         start_epoch, num_updates, history = resume_training_state(
             resume_path, ctx, config["seed"], model_without_ddp, optimizer, scheduler, scaler)

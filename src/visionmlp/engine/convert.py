@@ -90,6 +90,9 @@ def save_weights(
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
     """Read, convert (fold, quantize) and save; the facts to report."""
+    if args.output and args.checkpoint and Path(args.output).resolve() == Path(args.checkpoint).resolve():
+        raise ValueError(f"--output {args.output} is the checkpoint being converted, which it would replace; write to "
+                         "another file")
     name, state_dict, kwargs, config = model_from_flags(args)
     if config is not None and args.img_size:
         config = {**config, "data": {**config["data"], "img_size": args.img_size}}

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .machine import resolve_device as check_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -34,10 +36,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> this rank's GPU when there is one, else CPU; ``cuda`` -> ``cuda:<local rank>``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    device = check_device(name)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -47,13 +47,13 @@ def resolve_device(device: str) -> torch.device:
     """Check that ``device`` names a CPU or an available CUDA device."""
     try:
         resolved = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"invalid device {device!r}: {error}") from None
-    if resolved.type not in ("cpu", "cuda"):
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available on this machine")
+            raise ValueError("device 'cuda' requested but CUDA is not available on this machine; use --device cpu")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return resolved

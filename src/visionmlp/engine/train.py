@@ -15,7 +15,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import atomic_save, read_checkpoint
+from ..checkpoint import atomic_save, check_state_dict_fits, read_checkpoint
 from ..config import (
     Config, ConfigError, add_config_arguments, add_tracker_argument, build_config, dump, flags_from_args, image_size,
     parse_opts,
@@ -83,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="DIR", help="output folder (default: runs/<model>-<dataset>)")
     parser.add_argument("--resume", metavar="FILE|auto",
                         help="continue from a checkpoint; 'auto': from <output>/last.pt if it exists")
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="start afresh in an output folder that holds a run (without it, an error keeps that run)")
     parser.add_argument("--accumulation-steps", type=int, help="micro-batches per optimiser step")
     parser.add_argument("--use-checkpoint", action="store_true", default=None,
                         help="gradient checkpointing: less memory, more compute")
@@ -185,13 +187,24 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # training
 
 
+def read_training_checkpoint(path: Path, model: nn.Module, position_key: str) -> dict[str, Any]:
+    """A run's checkpoint to resume from, checked: it holds training state (``position_key``: ``epoch`` or
+    ``iteration``) and weights that fit ``model``."""
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, Mapping) or not {"model", "optimizer", position_key} <= set(checkpoint):
+        raise ValueError(f"--resume {path}: not the last.pt of a run of this command (it holds no optimizer state "
+                         f"and {position_key}); to start from its weights instead, use --pretrained")
+    check_state_dict_fits(model, checkpoint["model"], f"this run's model (--resume {path})")
+    return checkpoint
+
+
 def resume_training_state(
     path: Path, ctx: DistContext, seed: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
     scaler: torch.amp.GradScaler, ema: ModelEmaV3 | None = None,
 ) -> tuple[int, int, list[dict[str, Any]]]:
     """Load an epoch checkpoint into the run's state and each rank's random streams; returns the first epoch to run,
     the number of updates so far and the history of the epochs before."""
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_training_checkpoint(path, model, "epoch")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if scheduler is not None and checkpoint.get("scheduler"):
@@ -219,9 +232,14 @@ def scaled_learning_rates(config: Config, world_size: int) -> tuple[float, float
 
 
 def resolve_resume_path(config: Config, output: Path) -> Path | None:
-    """The checkpoint to resume from: ``--resume FILE``, or ``auto`` -> ``<output>/last.pt`` when present."""
+    """The checkpoint to resume from: ``--resume FILE``, or ``auto`` -> ``<output>/last.pt`` when present; a
+    ConfigError where a fresh run would replace the run already in ``output``."""
     resume = config["resume"]
     if not resume:
+        if (output / "last.pt").is_file() and not config["overwrite"]:
+            raise ConfigError(
+                f"{output} already holds a run (last.pt); --resume auto continues it, --output DIR starts this one "
+                "elsewhere, --overwrite replaces it")
         return None
     if resume == "auto":
         last = output / "last.pt"
@@ -230,6 +248,24 @@ def resolve_resume_path(config: Config, output: Path) -> Path | None:
     if not path.is_file():
         raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint file")
     return path
+
+
+def agree_on_resume_path(config: Config, output: Path, ctx: DistContext) -> Path | None:
+    """Rank 0's :func:`resolve_resume_path` on every rank (its error raised on every rank), so that all ranks resume
+    together, start fresh together or stop together."""
+    decision: Path | Exception | None = None
+    if ctx.is_main:
+        try:
+            decision = resolve_resume_path(config, output)
+        except (ConfigError, FileNotFoundError) as exc:
+            decision = exc
+    decision = broadcast_object(decision, ctx)
+    if isinstance(decision, Exception):
+        raise decision
+    if decision is not None and not decision.is_file():
+        raise FileNotFoundError(f"rank {ctx.rank} cannot see {decision}; to resume, every node needs the output "
+                                "folder (a shared file system)")
+    return decision
 
 
 def optimizer_class(opt_name: str) -> Callable[..., torch.optim.Optimizer]:
@@ -254,6 +290,7 @@ def train(config: Config) -> dict[str, Any]:
     seed_everything(config["seed"] + ctx.rank)
     opt_name = train_cfg["optimizer"].lower()
     opt_class = optimizer_class(opt_name)  # before the data: a misspelt name fails at once
+    resume_path = agree_on_resume_path(config, output, ctx)  # likewise a run in the way of this one
     check_installed(config["trackers"])
     if config["threads"]:
         torch.set_num_threads(config["threads"])
@@ -333,12 +370,7 @@ def train(config: Config) -> dict[str, Any]:
 
     # ---- resume
     start_epoch, num_updates, history = 0, 0, []
-    # rank 0 decides, so that all ranks resume together or start fresh together
-    resume_path = broadcast_object(resolve_resume_path(config, output) if ctx.is_main else None, ctx)
     if resume_path is not None:
-        if not resume_path.is_file():
-            raise FileNotFoundError(f"rank {ctx.rank} cannot see {resume_path}; to resume, every node needs the "
-                                    "output folder (a shared file system)")
         start_epoch, num_updates, history = resume_training_state(
             resume_path, ctx, config["seed"], model_without_ddp, optimizer, scheduler, scaler, ema)
         if ctx.is_main:
@@ -379,6 +411,9 @@ def train(config: Config) -> dict[str, Any]:
                 model, model_without_ddp, train_loader, train_batch_transform, optimizer, scheduler, scaler, loss_fn,
                 mixup_fn, ema, ctx, config, epoch, num_epochs, num_updates, output, recorder)
             train_time = time.perf_counter() - epoch_start
+            if train_stats["images"] == 0:
+                raise DataError(f"epoch {epoch + 1}: not one training image could be read "
+                                f"({train_stats['skipped_images']} skipped as unreadable); check the image files")
             broadcast_buffers(model_without_ddp, ctx)
             val_stats = evaluate(model_without_ddp, val_loader, ctx, amp=train_cfg["amp"],
                                  batch_transform=val_batch_transform)
@@ -509,7 +544,7 @@ def train_one_epoch(
                     scheduler.step_update(num_updates)
                 if ema is not None:
                     ema.update(model_without_ddp, step=num_updates)
-            images_seen += images.shape[0] * ctx.world_size
+            images_seen += images.shape[0]
 
         if (step + 1) % print_freq == 0 or step + 1 == num_steps:
             # every rank reads the same sums and so agrees to stop: ranks that carried on would wait forever
@@ -535,7 +570,7 @@ def train_one_epoch(
             bar.update(1)
     if bar is not None:
         bar.close()
-    skipped = torch.tensor([skipped_total], dtype=torch.float64, device=ctx.device)
-    skipped_total = int(all_reduce_sum(skipped, ctx).item())
+    counts = torch.tensor([images_seen, skipped_total], dtype=torch.float64, device=ctx.device)
+    images_seen, skipped_total = (int(n) for n in all_reduce_sum(counts, ctx).tolist())  # over all ranks
     return {"loss": epoch_loss / max(1, epoch_steps), "lr": optimizer.param_groups[0]["lr"], "images": images_seen,
             "skipped_images": skipped_total}, num_updates
