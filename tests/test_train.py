@@ -75,6 +75,26 @@ def test_a_new_run_never_replaces_the_run_in_its_output_folder(tmp_path, capsys)
     assert read_checkpoint(output / "last.pt")["optimizer"]
 
 
+def test_a_run_records_its_class_names_for_predict_and_eval(tmp_path, capsys):
+    root = make_imagenet_folder(tmp_path / "data")
+    output = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--data-path", str(root), "--epochs", "1", "--output", str(output),
+                 *TINY]) == 0
+    names = sorted(p.name for p in (root / "train").iterdir())
+    assert read_checkpoint(output / "last.pt")["classes"] == names
+    capsys.readouterr()
+    image = str(next((root / "val").rglob("*.jpg")))
+    assert main(["predict", "--checkpoint", str(output / "last.pt"), image, "--json", "--top-k", "2"]) == 0
+    labels = [entry["label"] for entry in json.loads(capsys.readouterr().out)[0]["top"]]
+    assert len(labels) == 2 and set(labels) <= set(names)
+    assert main(["predict", "--checkpoint", str(output / "last.pt"), image, "--top-k", "0"]) == 2
+    assert "--top-k must be at least 1" in capsys.readouterr().err
+    for split in ("train", "val"):  # the same number of classes, under other names
+        (root / split / names[0]).rename(root / split / "zebra")
+    assert main(["eval", "--checkpoint", str(output / "last.pt"), "--data-path", str(root)]) == 2
+    assert "the data's classes are not those" in capsys.readouterr().err
+
+
 def test_data_a_classifier_cannot_learn_from_is_refused(tmp_path, capsys, monkeypatch):
     root = make_imagenet_folder(tmp_path / "data")
     folder = ["train", "--dataset", "folder", "--data-path", str(root), "--epochs", "1", "--img-size", "14",

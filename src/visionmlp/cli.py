@@ -16,7 +16,7 @@ COMMANDS = {
     "benchmark": ("visionmlp.engine.benchmark", "measure throughput, latency and memory"),
     "convert": ("visionmlp.engine.convert", "convert a checkpoint to visionmlp's format, folded or int8 if asked"),
     "export": ("visionmlp.engine.export", "export to ONNX (verified with onnxruntime) or a torch.export program"),
-    "predict": ("visionmlp.engine.predict", "top-5 ImageNet labels for images"),
+    "predict": ("visionmlp.engine.predict", "top-5 classes of images: ImageNet's, or those a run trained on"),
     "detect": ("visionmlp.detection.cli",
                "object detection: train, eval, predict (RetinaNet, Mask R-CNN, Faster R-CNN)"),
     "segment": ("visionmlp.segmentation.cli", "semantic segmentation: train, eval, predict (semantic FPN, UperNet)"),

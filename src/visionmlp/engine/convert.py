@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import timm
 import torch
@@ -20,7 +20,7 @@ from torch import nn
 
 from ..checkpoint import StateDict, atomic_save, check_state_dict_fits, read_checkpoint, unwrap_state_dict
 from ..models import MODEL_NAMES, count_batchnorms, deploy_model_from_state_dict, family_module, reparameterize
-from .evaluate import checkpoint_variant
+from .evaluate import checkpoint_variant, recorded_class_names
 from .quantize import QUANTIZATION_DTYPES, compare_with_fp32, quantize_dynamic_int8
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -34,14 +34,23 @@ def check_output_suffix(path: str | Path, suffixes: tuple[str, ...] = WEIGHT_SUF
     return path
 
 
-def model_from_flags(args: argparse.Namespace) -> tuple[str, StateDict, dict[str, Any], Mapping[str, Any] | None]:
-    """Variant, state dict, constructor arguments and recorded run configuration from the model flags
-    (see :func:`visionmlp.engine.evaluate.checkpoint_variant`)."""
+class CheckpointModel(NamedTuple):
+    """What the model flags name: the variant, its weights and constructor arguments, and what its run recorded."""
+
+    name: str
+    state_dict: StateDict
+    kwargs: dict[str, Any]
+    config: Mapping[str, Any] | None  # the run's configuration (a visionmlp train checkpoint)
+    class_names: list[str] | None  # its training classes in label order (likewise)
+
+
+def model_from_flags(args: argparse.Namespace) -> CheckpointModel:
+    """The checkpoint the model flags name, read (see :func:`visionmlp.engine.evaluate.checkpoint_variant`)."""
     checkpoint = read_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle)
     name, kwargs, config = checkpoint_variant(checkpoint, args.checkpoint, args.model, args.num_classes)
     if args.img_size:
         kwargs["img_size"] = args.img_size
-    return name, unwrap_state_dict(checkpoint), kwargs, config
+    return CheckpointModel(name, unwrap_state_dict(checkpoint), kwargs, config, recorded_class_names(checkpoint))
 
 
 def training_form_model(name: str, state_dict: StateDict, **kwargs: Any) -> nn.Module:
@@ -93,7 +102,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     if args.output and args.checkpoint and Path(args.output).resolve() == Path(args.checkpoint).resolve():
         raise ValueError(f"--output {args.output} is the checkpoint being converted, which it would replace; write to "
                          "another file")
-    name, state_dict, kwargs, config = model_from_flags(args)
+    name, state_dict, kwargs, config, _ = model_from_flags(args)
     if config is not None and args.img_size:
         config = {**config, "data": {**config["data"], "img_size": args.img_size}}
     if args.check:

@@ -78,6 +78,24 @@ def checkpoint_model(
     return name, model_kwargs(config, recorded_classes), config
 
 
+def recorded_class_names(checkpoint: Any) -> list[str] | None:
+    """The class names a ``visionmlp train`` checkpoint records, in label order (None for any other checkpoint)."""
+    names = checkpoint.get("classes") if isinstance(checkpoint, Mapping) else None
+    return [str(name) for name in names] if names else None
+
+
+def check_same_classes(recorded: list[str] | None, found: list[str], source: str) -> None:
+    """A ValueError where the data's classes are not the ones the model was trained on, in the same order. Numbered
+    classes (a zip map's, CIFAR's) name no class, so they are not compared."""
+    numbered = [str(i) for i in range(len(found))]
+    if recorded is None or recorded == [str(name) for name in found] or numbered in (recorded, list(map(str, found))):
+        return
+    differ = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(recorded, found)) if a != str(b)][:3]
+    raise ValueError(f"the data's classes are not those {source} was trained on ({len(recorded)} recorded, "
+                     f"{len(found)} here; first differences, recorded vs here: {', '.join(differ) or 'none'}); "
+                     "evaluate on a data set with the same class folders")
+
+
 def checkpoint_variant(
     checkpoint: Any, source: str, model_name: str | None = None, num_classes: int | None = None
 ) -> tuple[str, dict[str, Any], Mapping[str, Any] | None]:
@@ -276,6 +294,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
                             cache_mode=data["cache_mode"], rank=ctx.rank, world_size=ctx.world_size,
                             flowers102_split=data["flowers102_split"], classes=data["classes"])
     num_classes = config["model"]["num_classes"] or len(dataset.classes)
+    check_same_classes(recorded_class_names(checkpoint), list(dataset.classes), args.checkpoint)
     if args.ema:
         if not isinstance(checkpoint, Mapping) or checkpoint.get("model_ema") is None:
             raise ValueError("--ema: this checkpoint holds no EMA weights (train with --opts train.ema true)")

@@ -106,7 +106,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     suffix = FORMAT_SUFFIXES[args.format]
     if output.suffix != suffix:
         raise ValueError(f"--format {args.format} writes {suffix} files; got --output {str(output)!r}")
-    name, state_dict, kwargs, _ = model_from_flags(args)
+    name, state_dict, kwargs, _, _ = model_from_flags(args)
     # an exported graph runs elsewhere (onnxruntime, another torch): the reference maths, public ops only
     kwargs["fast_kernels"] = False
     if args.deploy:

@@ -1,4 +1,4 @@
-"""``visionmlp predict``: the top-5 ImageNet classes of images, with the model's own preprocessing."""
+"""``visionmlp predict``: the top-5 classes of images (ImageNet's, or a run's own), with the model's own preprocessing."""
 
 from __future__ import annotations
 
@@ -47,18 +47,25 @@ def predict(
     top_k: int = 5,
     img_size: int | None = None,
     config: Mapping[str, Any] | None = None,
+    class_names: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-``k`` classes of each image, preprocessed as the run ``config`` or the model's ``pretrained_cfg`` says."""
+    """Top-``k`` classes of each image, preprocessed as the run ``config`` or the model's ``pretrained_cfg`` says;
+    labelled with ImageNet's descriptions for a 1000-way head, else with ``class_names`` (a run's classes) if given,
+    else with the class index."""
+    if top_k < 1:
+        raise ValueError(f"--top-k must be at least 1; got {top_k}")
     model.eval()
     transform = eval_transform(model, img_size, config)
-    # class names exist only for a 1000-way ImageNet head
-    info = ImageNetInfo() if getattr(model, "num_classes", None) == 1000 else None
+    num_classes = getattr(model, "num_classes", None)
+    info = ImageNetInfo() if num_classes == 1000 else None
+    names = class_names if class_names is not None and len(class_names) == num_classes else None
     results = []
     for path in paths:
         probabilities = model(transform(load_image(path)).unsqueeze(0)).softmax(dim=1)[0]
         values, indices = probabilities.topk(min(top_k, probabilities.numel()))
         results.append({"image": str(path), "top": [
-            {"index": i, "label": info.index_to_description(i) if info else str(i), "probability": p}
+            {"index": i, "label": info.index_to_description(i) if info else names[i] if names else str(i),
+             "probability": p}
             for i, p in zip(indices.tolist(), values.tolist())
         ]})
     return results
@@ -76,10 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``visionmlp predict``."""
     try:
-        name, state_dict, kwargs, config = model_from_flags(args)
+        name, state_dict, kwargs, config, class_names = model_from_flags(args)
         build = deploy_model_from_state_dict if args.deploy else training_form_model
         model = optimize_for_inference(build(name, state_dict, **kwargs), fold=args.deploy, inplace=True)
-        results = predict(model, args.images, args.top_k, kwargs.get("img_size"), config)
+        results = predict(model, args.images, args.top_k, kwargs.get("img_size"), config, class_names)
     except (FileNotFoundError, ValueError) as exc:
         print(f"visionmlp predict: error: {exc}", file=sys.stderr)
         return 2

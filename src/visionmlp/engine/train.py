@@ -302,6 +302,7 @@ def train(config: Config) -> dict[str, Any]:
     train_set = build_dataset(data_cfg["dataset"], "train", None, **dataset_args)
     val_set = build_dataset(data_cfg["dataset"], "val", None, **dataset_args)
     num_classes = config["model"]["num_classes"] or len(train_set.classes)
+    class_names = [str(name) for name in train_set.classes]  # recorded: predict's labels, eval's check of its data
 
     # ---- model, initialised from a checkpoint when fine-tuning
     model = build_model(config, num_classes)
@@ -455,6 +456,7 @@ def train(config: Config) -> dict[str, Any]:
                     "history": history,
                     "rng": rng_states,
                     "config": config,
+                    "classes": class_names,
                 }
                 atomic_save(checkpoint, output / "last.pt")
                 if is_best:
