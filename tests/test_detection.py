@@ -15,7 +15,7 @@ from visionmlp.cli import main
 from visionmlp.config import ConfigError
 from visionmlp.detection.coco_eval import coco_evaluate, coco_ground_truth, detections_to_coco
 from visionmlp.detection.config import build_config, resize_policy
-from visionmlp.detection.data import CocoInstances, SyntheticScenes, build_transforms, collate
+from visionmlp.detection.data import CocoInstances, SampleError, SyntheticScenes, build_transforms, collate
 from visionmlp.detection.model import backbone_img_size, build_detector
 from visionmlp.models import count_batchnorms
 
@@ -195,7 +195,8 @@ def test_train_eval_predict_end_to_end_on_the_built_in_scenes(tmp_path, capsys):
     assert main(["detect", "predict", str(image), "--checkpoint", str(output / "last.pt"), "--output", str(drawn),
                  "--score-thresh", "0", "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
-    assert result["output"] == str(drawn / "scene.png") and Image.open(drawn / "scene.png").size == (110, 90)
+    assert result["output"] == str(drawn / "scene_detections.png")
+    assert Image.open(drawn / "scene_detections.png").size == (110, 90)
     assert result["detections"], "a score threshold of 0 keeps every detection"
     for detection in result["detections"]:
         assert detection["label"] in ("circle", "square", "triangle") and 0 <= detection["score"] <= 1
@@ -203,7 +204,7 @@ def test_train_eval_predict_end_to_end_on_the_built_in_scenes(tmp_path, capsys):
         assert 0 <= x1 <= x2 <= 110 and 0 <= y1 <= y2 <= 90
     # without images, a run on the built-in scenes draws four validation scenes
     assert main(["detect", "predict", "--checkpoint", str(output / "last.pt"), "--output", str(drawn)]) == 0
-    assert (drawn / "scene-3.png").is_file()
+    assert (drawn / "scene-3_detections.png").is_file()
     capsys.readouterr()
 
     # the ONNX graph finds what predict finds, on an image of the size it was exported for
@@ -313,6 +314,113 @@ def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
     assert "instances_train2017.json" in capsys.readouterr().err
     assert main(["detect", "eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def edit_annotations(root: Path, split: str, edit) -> Path:
+    """``edit`` applied to the parsed ``instances_{split}2017.json`` of the tree at ``root``; returns the file."""
+    path = root / "annotations" / f"instances_{split}2017.json"
+    content = json.loads(path.read_text())
+    edit(content)
+    path.write_text(json.dumps(content))
+    return path
+
+
+def set_first_annotation(key, value):
+    return lambda content: content["annotations"][0].update({key: value})
+
+
+@pytest.mark.parametrize("edit, detector, expected", [
+    (lambda content: content.pop("categories"), "faster_rcnn", "has no 'categories' key"),
+    (lambda content: content.pop("annotations"), "faster_rcnn", "has no 'annotations' key"),
+    (set_first_annotation("category_id", 5), "retinanet",
+     "annotation 1 (image 100) has category_id 5, which is not among the categories' ids (3, 7)"),
+    (lambda content: [a.pop("segmentation") for a in content["annotations"]], "mask_rcnn",
+     "annotation 1 (image 100) has no 'segmentation'"),
+    (set_first_annotation("bbox", "10,10,5,5"), "faster_rcnn", "annotation 1 (image 100) has bbox '10,10,5,5'"),
+    (set_first_annotation("bbox", [10, 10, 5]), "faster_rcnn", "has bbox [10, 10, 5]: a COCO bbox is a list of four"),
+], ids=["no-categories", "no-annotations", "unknown-category", "no-segmentation", "bbox-text", "bbox-short"])
+def test_coco_annotation_mistakes_are_named_when_the_data_set_is_built(tmp_path, capsys, edit, detector, expected):
+    root = make_coco_tree(tmp_path / "coco")
+    path = edit_annotations(root, "train", edit)
+    assert main(["detect", "train", "--detector", detector, "--data-path", str(root), "--workers", "0",
+                 "--output", str(tmp_path / "run"), *RAFT_TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path}" in err and expected in err and "Traceback" not in err
+    if detector == "mask_rcnn":
+        assert "--detector faster_rcnn or --detector retinanet" in err
+    assert not (tmp_path / "run" / "last.pt").exists()  # refused before any training
+
+
+def test_coco_annotation_mistakes_in_eval_and_unparsable_json(tmp_path, capsys):
+    root = make_coco_tree(tmp_path / "coco")
+    config = build_config(None, {"model.kwargs": TINY["raft_mlp_s"], "model.fpn_channels": 32},
+                          {"model.name": "raft_mlp_s", "detector": "mask_rcnn", "data.img_size": 64})
+    checkpoint = tmp_path / "last.pt"
+    torch.save({"model": build_detector(config, num_classes=3).state_dict(), "config": config,
+                "classes": ["disc", "block"], "category_ids": [3, 7]}, checkpoint)
+    evaluate = ["detect", "eval", "--checkpoint", str(checkpoint), "--data-path", str(root), "--workers", "0"]
+    # Mask R-CNN is scored on masks: the validation annotations need them too
+    path = edit_annotations(root, "val", lambda content: [a.pop("segmentation") for a in content["annotations"]])
+    assert main(evaluate) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: annotation 1 (image 100) has no 'segmentation'" in err and "Traceback" not in err
+    path.write_text('{"images": [], "annotations": [}')
+    assert main(evaluate) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path} is not valid JSON (Expecting value: line 1" in err and "Traceback" not in err
+    path.write_text("[]")
+    assert main(evaluate) == 2
+    assert f"error: {path} is not a COCO instances file" in capsys.readouterr().err
+
+
+def test_an_unreadable_coco_image_is_named(tmp_path, capsys):
+    root = make_coco_tree(tmp_path / "coco")
+    broken = root / "train2017" / "000000000001.jpg"
+    broken.write_bytes(b"not an image")
+    dataset = CocoInstances(root, "train", build_transforms(False))
+    with pytest.raises(SampleError, match=f"could not read image {broken}: cannot identify image file"):
+        dataset[1]
+    # from a loader's worker process, the same one-line message (not the worker's traceback)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=collate)
+    with pytest.raises(SampleError) as raised:
+        next(iter(loader))
+    assert str(raised.value).startswith(f"could not read image {broken}: ") and "\n" not in str(raised.value)
+    assert main(["detect", "train", "--detector", "faster_rcnn", "--data-path", str(root), "--workers", "0",
+                 "--batch-size", "2", "--output", str(tmp_path / "run"), *RAFT_TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"error: could not read image {broken}" in err and "Traceback" not in err
+
+
+def test_drawing_paths_never_name_an_input_nor_each_other(tmp_path):
+    from visionmlp.detection.predict import drawing_paths
+
+    inputs = [tmp_path / "p1.png", tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg", tmp_path / "a" / "x.png",
+              tmp_path / "y_detections.png", tmp_path / "y.png"]
+    paths = drawing_paths([p.stem for p in inputs], tmp_path, "detections", inputs)
+    assert [p.name for p in paths] == ["p1_detections.png", "x_detections.png", "x_detections-2.png",
+                                       "x_detections-3.png", "y_detections_detections.png", "y_detections-2.png"]
+    # an input spelt another way is still that input
+    assert drawing_paths(["y"], tmp_path / "a" / "..", "detections", [tmp_path / "y_detections.png"]) == [
+        tmp_path / "a" / ".." / "y_detections-2.png"]
+
+
+def test_predict_into_the_images_folder_overwrites_no_image(tmp_path, monkeypatch, capsys):
+    config = build_config(None, {"model.kwargs": TINY["raft_mlp_s"], "model.fpn_channels": 32},
+                          {"model.name": "raft_mlp_s", "detector": "faster_rcnn", "data.img_size": 64})
+    torch.save({"model": build_detector(config, num_classes=3).state_dict(), "config": config,
+                "classes": ["a", "b"], "category_ids": [1, 2]}, tmp_path / "last.pt")
+    images = ["p1.png", "a/x.jpg", "b/x.jpg", "a/x.png", "p1_detections.png"]
+    for i, name in enumerate(images):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (40, 32), (10 * i, 200, 30)).save(tmp_path / name)
+    before = {name: (tmp_path / name).read_bytes() for name in images}
+    monkeypatch.chdir(tmp_path)
+    assert main(["detect", "predict", "--checkpoint", "last.pt", *images, "--output", ".", "--json"]) == 0
+    outputs = [result["output"] for result in json.loads(capsys.readouterr().out)]
+    assert outputs == ["p1_detections-2.png", "x_detections.png", "x_detections-2.png", "x_detections-3.png",
+                       "p1_detections_detections.png"]
+    assert all(Image.open(name).size == (40, 32) for name in outputs)
+    assert {name: (tmp_path / name).read_bytes() for name in images} == before
 
 
 def test_without_pycocotools_the_error_names_the_extra(monkeypatch, capsys):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,7 +64,8 @@ def test_ade20k_layout_ignores_label_zero_and_shifts_the_rest(tmp_path):
 def test_folder_layout_and_its_errors(tmp_path):
     write_pair(tmp_path / "images" / "train" / "a.png", tmp_path / "masks" / "train" / "a.png", np.array([[0, 2]]))
     assert np.array(SegmentationFolder(tmp_path, "train", 3)[0][1]).tolist() == [[0, 2]]
-    with pytest.raises(ValueError, match="--num-classes is 2"):
+    with pytest.raises(ValueError, match=f"{tmp_path / 'masks' / 'train' / 'a.png'}: the mask holds class 2 but "
+                                         "--num-classes is 2"):
         SegmentationFolder(tmp_path, "train", 2)[0]
     (tmp_path / "images" / "train" / "b.jpg").write_bytes((tmp_path / "images" / "train" / "a.png").read_bytes())
     with pytest.raises(FileNotFoundError, match="no mask"):
@@ -71,6 +74,59 @@ def test_folder_layout_and_its_errors(tmp_path):
         SegmentationFolder(tmp_path, "val", 3)
     with pytest.raises(ConfigError, match="--num-classes"):
         build_config(opts={"data.dataset": "folder", "data.path": str(tmp_path)})
+
+
+def folder_of_pairs(root, count: int = 2, size: int = 32) -> None:
+    """``count`` image and mask pairs, ``size`` px a side (classes 0..2), in both splits of a folder set at ``root``."""
+    labels = np.indices((size, size)).sum(0) % 3
+    for split in ("train", "val"):
+        for i in range(count):
+            write_pair(root / "images" / split / f"{i}.png", root / "masks" / split / f"{i}.png", labels)
+
+
+FOLDER_RUN = ["--dataset", "folder", "--num-classes", "3", "--workers", "0", "--opts", "model.kwargs",
+              "{embed_dims: [16, 32, 48, 64], depths: [1, 1, 1, 1]}", "data.crop_size", "[32, 32]", "data.scale",
+              "[32, 32]", "data.batch_size", "2", "train.iterations", "2", "train.eval_interval", "2"]
+
+
+def test_a_mask_of_another_size_than_its_image_is_named_with_both(tmp_path, capsys):
+    folder_of_pairs(tmp_path / "data")
+    image, mask = tmp_path / "data" / "images" / "train" / "1.png", tmp_path / "data" / "masks" / "train" / "1.png"
+    Image.fromarray(np.zeros((48, 32), np.uint8)).save(mask)  # 32 wide, 48 high; its image is 32 x 32
+    expected = f"the mask {mask} is 32x48 but its image {image} is 32x32 (width x height)"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        SegmentationFolder(tmp_path / "data", "train", 3)[1]
+    assert main(["segment", "train", "--data-path", str(tmp_path / "data"), "--output", str(tmp_path / "run"),
+                 *FOLDER_RUN]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {expected}" in err and "Traceback" not in err
+
+
+def test_an_unreadable_image_is_named_even_from_a_loader_worker(tmp_path, capsys):
+    folder_of_pairs(tmp_path / "data")
+    broken = tmp_path / "data" / "images" / "train" / "0.png"
+    broken.write_bytes(b"not a png")
+    dataset = SegmentationFolder(tmp_path / "data", "train", 3)
+    with pytest.raises(ValueError, match=f"could not read {broken}: cannot identify image file"):
+        dataset[0]
+    # a worker's error reaches the main process with the worker's traceback as its text: only the message is kept
+    with pytest.raises(ValueError) as raised:
+        next(iter(torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=lambda b: b)))
+    assert str(raised.value).startswith(f"could not read {broken}: ") and "\n" not in str(raised.value)
+    assert main(["segment", "train", "--data-path", str(tmp_path / "data"), "--output", str(tmp_path / "run"),
+                 *FOLDER_RUN]) == 2
+    err = capsys.readouterr().err
+    assert f"error: could not read {broken}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("count", ["-3", "1"])
+def test_num_classes_below_two_is_refused(tmp_path, capsys, count):
+    assert main(["segment", "train", "--num-classes", count, "--output", str(tmp_path / "run")]) == 2
+    assert (f"error: data.num_classes (--num-classes) must be a whole number of at least 2, or null for the data "
+            f"set's own count; got {count}") in capsys.readouterr().err
+    for value in (0, 2.5):
+        with pytest.raises(ConfigError, match=f"got {value}"):
+            build_config(opts={"data.num_classes": value})
 
 
 @pytest.mark.parametrize("build", [build_config, build_detection_config], ids=["segment", "detect"])
@@ -227,6 +283,25 @@ def test_two_process_torchrun_logs_what_eval_measures(tmp_path, capsys):
     assert main(["segment", "eval", "--checkpoint", str(output / "last.pt"), "--json"]) == 0
     measured = json.loads(capsys.readouterr().out)
     assert measured == {k: logged[f"val_{k}"] for k in ("mIoU", "mAcc", "aAcc")}
+
+
+def test_predict_names_each_drawing_apart_where_stems_repeat(tmp_path, capsys):
+    from visionmlp.segmentation.engine import crop_size
+
+    config = build_config(opts={"model.kwargs": TINY["raft_mlp_s"], "data.crop_size": [32, 32],
+                                "data.scale": [32, 32]})
+    model = build_segmenter(config["model"], len(Shapes.classes), crop_size(config))
+    torch.save({"model": model.state_dict(), "config": config, "classes": Shapes.classes}, tmp_path / "last.pt")
+    images = [tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg", tmp_path / "a" / "x.png"]
+    for image in images:
+        image.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (40, 32), (10, 200, 30)).save(image)
+    assert main(["segment", "predict", "--checkpoint", str(tmp_path / "last.pt"), *map(str, images), "--output",
+                 str(tmp_path / "a"), "--json"]) == 0
+    outputs = [result["output"] for result in json.loads(capsys.readouterr().out)]
+    assert [Path(output).name for output in outputs] == ["x_segmentation.png", "x_segmentation-2.png",
+                                                         "x_segmentation-3.png"]
+    assert all(Image.open(output).size == (40, 32) for output in outputs)
 
 
 def test_eval_refuses_a_classification_checkpoint(tmp_path, capsys):

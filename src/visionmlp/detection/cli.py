@@ -167,7 +167,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import draw_detections, load_image, predict_image
+    from .predict import draw_detections, drawing_paths, load_image, predict_image
 
     flags = {"device": args.device} if args.device else {}
     model, config, checkpoint = load_detector(args.checkpoint, None, flags, deploy=args.deploy)
@@ -183,10 +183,10 @@ def _predict(args: argparse.Namespace) -> int:
         raise ValueError("give the image files to predict on")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    targets = drawing_paths([stem for stem, _, _ in inputs], output, "detections", args.images)
     results = []
-    for stem, source, image in inputs:
+    for (_, source, image), target in zip(inputs, targets):
         detections = predict_image(model, image, checkpoint["classes"], args.score_thresh, device)
-        target = output / f"{stem}.png"
         draw_detections(image, detections, checkpoint["classes"]).save(target)
         results.append({"image": source, "output": str(target),
                         "detections": [{k: v for k, v in d.items() if k != "mask"} for d in detections]})

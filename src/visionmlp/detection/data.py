@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..data import DataError
+from ..data import DataError, SampleError
 from ..data.loader import EvalShardSampler
 
 SHAPES = ("circle", "square", "triangle")
@@ -163,16 +163,42 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
 # COCO
 
 
+def check_coco_annotations(dataset: dict[str, Any], path: Path, with_segmentation: bool) -> None:
+    """A DataError naming ``path`` and the entry for what would fail mid-epoch: a missing top-level key, an
+    annotation of an unknown category, a bbox that is not four numbers, or no segmentation where masks are needed."""
+    missing = [key for key in ("images", "annotations", "categories") if key not in dataset]
+    if missing:
+        raise DataError(f"{path} has no {' or '.join(map(repr, missing))} key: a COCO instances file holds images, "
+                        "annotations and categories")
+    categories = {category["id"] for category in dataset["categories"]}
+    for annotation in dataset["annotations"]:
+        where = f"{path}: annotation {annotation.get('id')!r} (image {annotation.get('image_id')!r})"
+        category = annotation.get("category_id")
+        if category not in categories:
+            raise DataError(f"{where} has category_id {category!r}, which is not among the categories' ids "
+                            f"({', '.join(map(str, sorted(categories)))}); add the category or fix the id")
+        box = annotation.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+            raise DataError(f"{where} has bbox {box!r}: a COCO bbox is a list of four numbers [x, y, width, height]")
+        if with_segmentation and "segmentation" not in annotation:
+            raise DataError(f"{where} has no 'segmentation' (polygons or RLE), the instance mask Mask R-CNN learns "
+                            "and is scored on; use annotations with masks, or a box detector: --detector "
+                            "faster_rcnn or --detector retinanet")
+
+
 class CocoInstances(Dataset):
     """The COCO instances layout the RaftMLP seed reads: ``annotations/instances_{split}2017.json`` and
     ``{split}2017/``; the classes are the annotation file's categories in id order.
 
     Crowd annotations are left out of the targets (the evaluation still uses them, as the COCO protocol does), and for
-    training so are images without any other annotation, as torchvision's and mmdetection's COCO loaders do.
+    training so are images without any other annotation, as torchvision's and mmdetection's COCO loaders do. The
+    annotation file is checked whole when the set is built (see ``check_coco_annotations``), with the masks where the
+    targets hold them (``with_masks``) or the evaluation scores them (``masks_scored``).
     """
 
     def __init__(self, root: str | Path, split: str, transforms: Any = None, with_masks: bool = False,
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, masks_scored: bool = False) -> None:
         from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 
         root = Path(root)
@@ -181,15 +207,22 @@ class CocoInstances(Dataset):
             if not path.exists():
                 raise DataError(f"{path} does not exist: --data-path must hold the COCO layout "
                                 "annotations/instances_{train,val}2017.json, train2017/ and val2017/")
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-            base = CocoDetection(str(images), str(annotations))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+                base = CocoDetection(str(images), str(annotations))
+        except ValueError as exc:  # json's decoding errors
+            raise DataError(f"{annotations} is not valid JSON ({exc}); it must be a COCO instances file") from None
+        except (AssertionError, KeyError, TypeError) as exc:  # pycocotools indexing something else than COCO's layout
+            raise DataError(f"{annotations} is not a COCO instances file (an object of images, annotations and "
+                            f"categories, each a list of objects with an id): {type(exc).__name__}: {exc}") from None
+        check_coco_annotations(base.coco.dataset, annotations, with_masks or masks_scored)
         keys = ("image_id", "boxes", "labels", "iscrowd") + (("masks",) if with_masks else ())
         self.base = wrap_dataset_for_transforms_v2(base, target_keys=keys)
         self.coco = base.coco
         self.category_ids = tuple(sorted(self.coco.getCatIds()))
         self.classes = tuple(self.coco.cats[c]["name"] for c in self.category_ids)
         self.label_of = {category: label for label, category in enumerate(self.category_ids, start=1)}
-        self.transforms, self.with_masks = transforms, with_masks
+        self.transforms, self.with_masks, self.image_dir = transforms, with_masks, images
         positions = range(len(base.ids))
         if split == "train":
             positions = [i for i in positions if any(
@@ -202,7 +235,12 @@ class CocoInstances(Dataset):
         return len(self.positions)
 
     def __getitem__(self, index: int) -> Sample:
-        image, raw = self.base[self.positions[index]]
+        try:
+            image, raw = self.base[self.positions[index]]
+        except OSError as exc:  # PIL's UnidentifiedImageError, a truncated file, a missing one
+            name = self.coco.imgs[self.ids[index]]["file_name"]
+            raise SampleError(f"could not read image {self.image_dir / name}: {exc}; replace the file, or drop its "
+                              "entry from the annotation file") from None
         height, width = image.height, image.width
         target = {"image_id": raw["image_id"]}
         if "boxes" in raw:
@@ -233,7 +271,8 @@ def build_dataset(config: dict[str, Any], split: str, with_masks: bool) -> Datas
     if data["dataset"] == "synthetic":
         count = data["synthetic_train_images"] if training else data["synthetic_val_images"]
         return SyntheticScenes(split, count, config["seed"], transforms, limit)
-    return CocoInstances(data["path"], split, transforms, with_masks, limit)
+    return CocoInstances(data["path"], split, transforms, with_masks, limit,
+                         masks_scored=config["detector"] == "mask_rcnn")
 
 
 def collate(batch: Sequence[Sample]) -> tuple[tuple[torch.Tensor, ...], tuple[dict[str, Any], ...]]:

@@ -16,6 +16,21 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#17becf")
 
 
+def drawing_paths(stems: Sequence[str], output: Path, tag: str, inputs: Sequence[str | Path] = ()) -> list[Path]:
+    """A PNG in ``output`` per stem, ``<stem>_<tag>.png``, numbered ``<stem>_<tag>-2.png`` and on where a name would
+    repeat or be one of the ``inputs``: no drawing overwrites another, nor an image it was drawn from."""
+    taken = {Path(path).resolve() for path in inputs}
+    paths = []
+    for stem in stems:
+        target, count = output / f"{stem}_{tag}.png", 1
+        while target.resolve() in taken:
+            count += 1
+            target = output / f"{stem}_{tag}-{count}.png"
+        taken.add(target.resolve())
+        paths.append(target)
+    return paths
+
+
 def load_image(path: str | Path) -> torch.Tensor:
     """An image file as a 3xHxW uint8 RGB tensor, or a ValueError naming the file."""
     from torchvision.io import ImageReadMode, decode_image

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--amp", choices=("none", "fp16", "bf16"))
     train.add_argument("--output", help="run folder (default runs/segment-<model>-<dataset>)")
     train.add_argument("--resume", help="a last.pt to continue, or 'auto' for <output>/last.pt")
+    train.add_argument("--overwrite", action="store_true", default=None,
+                       help="start afresh in an output folder that holds a run (without it, an error keeps that run)")
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     add_tracker_argument(train)
@@ -115,6 +117,7 @@ def _predict(args: argparse.Namespace) -> int:
     from torchvision.transforms.functional import pil_to_tensor, to_pil_image
     from torchvision.utils import draw_segmentation_masks
 
+    from ..detection.predict import drawing_paths
     from ..engine.distributed import resolve_device
     from ..engine.predict import load_image
     from .data import EvalTransform
@@ -127,14 +130,14 @@ def _predict(args: argparse.Namespace) -> int:
     colours = torch.randint(0, 256, (len(classes), 3), generator=torch.Generator().manual_seed(PALETTE_SEED))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    targets = drawing_paths([Path(path).stem for path in args.images], output, "segmentation", args.images)
     results = []
-    for path in args.images:
+    for path, target in zip(args.images, targets):
         image = load_image(path)
         class_map = segment_image(model, transform(image).to(device), config, (image.height, image.width)).cpu()
         pixels = pil_to_tensor(image)
         masks = class_map[None] == torch.arange(len(classes))[:, None, None]
         drawn = draw_segmentation_masks(pixels, masks, alpha=0.5, colors=[tuple(c.tolist()) for c in colours])
-        target = output / (Path(path).stem + "_segmentation.png")
         to_pil_image(drawn).save(target)
         shares = torch.bincount(class_map.flatten(), minlength=len(classes)).double() / class_map.numel()
         results.append({"image": str(path), "output": str(target),

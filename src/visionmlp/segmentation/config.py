@@ -62,6 +62,7 @@ DEFAULTS: Config = {
     },
     "output": None,
     "resume": None,
+    "overwrite": False,  # start afresh in an output folder that holds a run (else: an error, to keep that run)
     "seed": 0,
     "device": "auto",
     "threads": None,
@@ -98,6 +99,7 @@ FLAG_KEYS = {
     "amp": "train.amp",
     "output": "output",
     "resume": "resume",
+    "overwrite": "overwrite",
     "seed": "seed",
     "device": "device",
     "tracker": "trackers",
@@ -130,6 +132,10 @@ def validate(config: Config) -> None:
         value = flat[key]
         if not (isinstance(value, list) and len(value) == 2 and all(v > 0 for v in value)):
             raise ConfigError(f"{key} must be two positive numbers; got {value!r}")
+    classes = flat["data.num_classes"]
+    if classes is not None and (not isinstance(classes, int) or isinstance(classes, bool) or classes < 2):
+        raise ConfigError(f"data.num_classes (--num-classes) must be a whole number of at least 2, or null for the "
+                          f"data set's own count; got {classes!r}")
     if flat["data.dataset"] != "shapes" and not flat["data.path"]:
         raise ConfigError(f"data set {flat['data.dataset']!r} needs --data-path (data.path)")
     if flat["data.dataset"] == "folder" and not flat["data.num_classes"]:

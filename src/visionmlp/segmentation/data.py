@@ -23,6 +23,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from ..data import SampleError
+
 __all__ = ["ADE20K", "IGNORE_INDEX", "SegmentationFolder", "Shapes", "build_dataset", "EvalTransform",
            "TrainTransform"]
 
@@ -43,16 +45,32 @@ class PairedFiles(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> Any:
-        with Image.open(self.images[index]) as f:
-            image = f.convert("RGB")
-        with Image.open(self.masks[index]) as f:
-            labels = np.array(f)
+        image_path, mask_path = self.images[index], self.masks[index]
+        image, labels = _read_image(image_path, "RGB"), np.array(_read_image(mask_path))
         if labels.ndim != 2:
-            raise ValueError(f"{self.masks[index]}: a mask must be a single-channel image of class indices")
+            raise SampleError(f"{mask_path}: a mask must be a single-channel image of class indices")
+        if labels.shape != (image.height, image.width):
+            # a resize would shift every label off its pixels: the pair is wrong, not merely scaled
+            raise SampleError(f"the mask {mask_path} is {labels.shape[1]}x{labels.shape[0]} but its image "
+                              f"{image_path} is {image.width}x{image.height} (width x height); a mask must have its "
+                              "image's size")
         if self.label_map is not None:
-            labels = self.label_map(labels)
+            try:
+                labels = self.label_map(labels)
+            except ValueError as exc:
+                raise SampleError(f"{mask_path}: {exc}") from None
         mask = Image.fromarray(labels.astype(np.uint8))
         return self.transform(image, mask) if self.transform else (image, mask)
+
+
+def _read_image(path: Path, mode: str | None = None) -> Image.Image:
+    """The image file ``path`` decoded (converted to ``mode``), or a SampleError naming it."""
+    try:
+        with Image.open(path) as f:
+            return f.convert(mode) if mode else f.copy()
+    except OSError as exc:  # PIL's UnidentifiedImageError, a truncated file
+        raise SampleError(f"could not read {path}: {exc}; replace the file, or remove it and the image or mask "
+                          "paired with it") from None
 
 
 def _paired(image_dir: Path, mask_dir: Path, what: str) -> tuple[list[Path], list[Path]]:
@@ -86,7 +104,7 @@ def ADE20K(root: str | Path, split: str, num_classes: int | None = None) -> Pair
 
     def reduce_zero_label(labels: np.ndarray) -> np.ndarray:
         if labels.max(initial=0) > count:
-            raise ValueError(f"an ADE20K mask holds label {int(labels.max())}, above the {count} classes configured; "
+            raise ValueError(f"the mask holds label {int(labels.max())}, above the {count} classes configured; "
                              "set --num-classes to the data set's count")
         return np.where(labels == 0, IGNORE_INDEX, labels.astype(np.int64) - 1)
 
@@ -102,7 +120,8 @@ def SegmentationFolder(root: str | Path, split: str, num_classes: int) -> Paired
     def check(labels: np.ndarray) -> np.ndarray:
         valid = labels[labels != IGNORE_INDEX]
         if valid.size and valid.max() >= num_classes:
-            raise ValueError(f"a mask holds class {int(valid.max())} but --num-classes is {num_classes}")
+            raise ValueError(f"the mask holds class {int(valid.max())} but --num-classes is {num_classes} (classes "
+                             f"0 .. {num_classes - 1}, 255 ignored); set --num-classes to the data set's count")
         return labels
 
     return PairedFiles(images, masks, [f"class_{i}" for i in range(num_classes)], check)

@@ -28,13 +28,12 @@ from ..engine.distributed import (
     all_reduce_sum,
     barrier,
     broadcast_buffers,
-    broadcast_object,
     setup,
 )
 from ..engine.evaluate import autocast
 from ..engine.reporting import RunRecorder, log, trackers_failed_on_error
 from ..engine.trackers import check_installed
-from ..engine.train import NonFiniteLossError, seed_everything
+from ..engine.train import NonFiniteLossError, agree_on_resume_path, read_training_checkpoint, seed_everything
 from .data import IGNORE_INDEX, EvalTransform, TrainTransform, build_dataset, collate_eval
 from .metrics import ConfusionMatrix
 from .model import Segmenter, build_segmenter
@@ -141,6 +140,7 @@ def train(config: Config) -> dict[str, Any]:
     output = Path(config["output"] or f"runs/segment-{config['model']['name']}-{config['data']['dataset']}")
     seed_everything(config["seed"] + ctx.rank)
     check_installed(config["trackers"])
+    resume = agree_on_resume_path(config, output, ctx)  # before the data: a run in the way fails at once
     if config["threads"]:
         torch.set_num_threads(config["threads"])
 
@@ -170,12 +170,8 @@ def train(config: Config) -> dict[str, Any]:
 
     # ---- resume
     iteration, history = 0, []
-    resume = config["resume"]
-    if resume == "auto":
-        resume = str(output / "last.pt") if (output / "last.pt").is_file() else None
-    resume = broadcast_object(resume, ctx)
     if resume is not None:
-        checkpoint = read_checkpoint(resume)
+        checkpoint = read_training_checkpoint(resume, model_without_ddp, "iteration")
         model_without_ddp.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scaler"):
