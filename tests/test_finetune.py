@@ -161,3 +161,8 @@ def test_transfer_demo_prints_the_three_curves(tmp_path, capsys):
     assert "| epoch | fine-tuned from the digits 0-4 | linear probe (classifier only) | from scratch |" in out
     assert "classifier replaced: the checkpoint's has 5 classes, the model 5 other ones" in out
     assert {p.name for p in tmp_path.iterdir()} == {"pretrain", "fine-tuned", "linear-probe", "from-scratch"}
+    # a value no run takes fails before the first run; the demonstration runs again over its own folders
+    assert main(["transfer-demo", "--output", str(tmp_path / "bad"), "--epochs", "0"]) == 2
+    assert "train.epochs must be positive" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["transfer-demo", "--output", str(tmp_path), "--pretrain-epochs", "1", "--epochs", "1",
+                 "--img-size", "42"]) == 0

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, build_config
+from ..config import build_config
 from .distributed import cleanup
 from .reporting import log
 from .train import train
@@ -34,12 +34,15 @@ def run_demo(output: Path, pretrain_epochs: int = 10, epochs: int = 3, img_size:
         "linear probe": {**second, "model.pretrained": pretrained, "train.freeze_backbone": True},
         "from scratch": second,
     }
+    # every configuration checked before the first run; the demonstration's own folders: running it again redoes it
+    configs = {label: build_config(opts={**opts, "output": str(output / label.replace(" ", "-")), "overwrite": True})
+               for label, opts in runs.items()}
     histories = {}
-    for label, opts in runs.items():
-        log(f"--- {label}: digits {', '.join(opts['data.classes'])}, {opts['train.epochs']} epochs")
-        folder = output / label.replace(" ", "-")
-        train(build_config(opts={**opts, "output": str(folder)}))
-        histories[label] = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for label, config in configs.items():
+        log(f"--- {label}: digits {', '.join(config['data']['classes'])}, {config['train']['epochs']} epochs")
+        train(config)
+        metrics = Path(config["output"]) / "metrics.jsonl"
+        histories[label] = [json.loads(line) for line in metrics.read_text().splitlines()]
     del histories["pretrain"]
     return histories
 
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the demonstration and print the two validation curves side by side."""
     try:
         curves = run_demo(Path(args.output), args.pretrain_epochs, args.epochs, args.img_size)
-    except ConfigError as exc:
+    except ValueError as exc:  # ConfigError and DataError among them
         print(f"visionmlp transfer-demo: error: {exc}", file=sys.stderr)
         return 2
     finally:
