@@ -230,10 +230,12 @@ def test_plain_fx_and_jit_traces_match_eager(name):
     x = torch.randn(2, 3, img, img)
     model = small_model(name, drop_path_rate=0.1).eval()
     graph_module = torch.fx.symbolic_trace(model)
+    # a trace takes the reference ops where eager code takes the fast kernels: the same sums in another order, held
+    # to the fast paths' fp32 tolerance
     with torch.no_grad():
         expected = model(x)
-        torch.testing.assert_close(graph_module(x), expected, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(torch.jit.trace(model, x)(x), expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(graph_module(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.jit.trace(model, x)(x), expected, rtol=1e-5, atol=1e-5)
     if not name.startswith("ms_mlp"):
         with pytest.raises(ValueError, match="img_size"):
             graph_module(torch.randn(1, 3, img - 16, img - 16))
