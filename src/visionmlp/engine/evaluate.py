@@ -86,11 +86,12 @@ def recorded_class_names(checkpoint: Any) -> list[str] | None:
 
 def check_same_classes(recorded: list[str] | None, found: list[str], source: str) -> None:
     """A ValueError where the data's classes are not the ones the model was trained on, in the same order. Numbered
-    classes (a zip map's, CIFAR's) name no class, so they are not compared."""
+    classes (a zip map's, the digits') name no class, so they are not compared."""
+    found = [str(name) for name in found]
     numbered = [str(i) for i in range(len(found))]
-    if recorded is None or recorded == [str(name) for name in found] or numbered in (recorded, list(map(str, found))):
+    if recorded is None or recorded == found or numbered in (recorded, found):
         return
-    differ = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(recorded, found)) if a != str(b)][:3]
+    differ = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(recorded, found)) if a != b][:3]
     raise ValueError(f"the data's classes are not those {source} was trained on ({len(recorded)} recorded, "
                      f"{len(found)} here; first differences, recorded vs here: {', '.join(differ) or 'none'}); "
                      "evaluate on a data set with the same class folders")
