@@ -192,23 +192,24 @@ def test_fused_optimizer_and_compiled_training_follow_the_plain_loop(tmp_path, c
             assert got["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-4), label
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path):
+def test_a_terminated_run_resumes_to_the_same_result(tmp_path):
     command = [sys.executable, "-m", "visionmlp", "train", "--epochs", "3", "--seed", "3", *TINY]
     env = subprocess_env()
     reference = subprocess.Popen([*command, "--output", str(tmp_path / "ref")], env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed_dir = tmp_path / "killed"
     victim = subprocess.Popen([*command, "--output", str(killed_dir), "--resume", "auto"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = killed_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
         assert victim.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)  # after epoch 0 was checkpointed, somewhere in epoch 1
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL
+    victim.send_signal(signal.SIGTERM)  # a scheduler's pre-emption, after epoch 0 was checkpointed
+    assert victim.wait(timeout=120) == 128 + signal.SIGTERM
+    assert "terminated (SIGTERM); its last.pt, if one was written, continues with --resume auto" in victim.stderr.read()
     assert len(read_metrics(killed_dir)) < 3
+    assert not list(killed_dir.glob(".*.tmp"))  # a checkpoint being written when the signal came is removed
 
     resumed = subprocess.run([*command, "--output", str(killed_dir), "--resume", "auto"], env=env,
                              capture_output=True, text=True, timeout=600)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 # sub-command -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``; imported only when used
 COMMANDS = {
@@ -34,6 +39,41 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler pre-empting the job, torchrun stopping its workers), raised where the run is, as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` in the main thread, so that the run unwinds as from Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def error_message(error: BaseException) -> str:
+    """``error``'s message; for one raised in a data-loader worker, the worker's own message without its traceback.
+
+    torch re-raises a worker's error in the main process as the same type built from the text of the worker's
+    traceback; the message is what follows the last frame, less the type's name.
+    """
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return text
+    lines = text.rstrip("\n").split("\n")
+    last_frame = max((i for i, line in enumerate(lines) if line.startswith(" ")), default=1)
+    return "\n".join(lines[last_frame + 1:]).split(": ", 1)[-1]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``visionmlp`` console script and of ``python -m visionmlp``."""
     argv = sys.argv[1:] if argv is None else argv
@@ -43,14 +83,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from .engine.distributed import cleanup
     from .engine.machine import num_threads
+    from .engine.train import NonFiniteLossError
 
+    label = " ".join(filter(None, ["visionmlp", args.command, getattr(args, "action", None)]))
+    training = "train" in (args.command, getattr(args, "action", None))
+    resume = "; its last.pt, if one was written, continues with --resume auto" if training else ""
     # a run's thread count (a recipe's `threads`) ends with it, also when main() is called from Python
     try:
-        with num_threads(None):
+        with num_threads(None), sigterm_raises():
             return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except (ValueError, OSError) as error:  # ConfigError and DataError among them: what the user gave
+        print(f"{label}: error: {error_message(error)}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as error:
+        print(f"{label}: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # checkpoints are written atomically: the last one written is whole
-        training = "train" in (args.command, getattr(args, "action", None))
-        resume = "; its last.pt, if one was written, continues with --resume auto" if training else ""
-        print(f"visionmlp {args.command}: interrupted{resume}", file=sys.stderr)
+        print(f"{label}: interrupted{resume}", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{label}: terminated (SIGTERM){resume}", file=sys.stderr)
+        return 128 + int(signal.SIGTERM)
+    finally:
+        cleanup()

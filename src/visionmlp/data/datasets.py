@@ -32,16 +32,7 @@ class DataError(ValueError):
 
 
 class SampleError(DataError):
-    """A sample that cannot be used (an unreadable image, a mask that does not fit it), naming its files.
-
-    A data-loader worker's error reaches the main process as ``type(text of the worker's traceback)``: this keeps the
-    last line's message alone, so that the command's one-line error reads the same with workers as without.
-    """
-
-    def __init__(self, message: str) -> None:
-        if "\nOriginal Traceback" in message:
-            message = message.rstrip("\n").rsplit("\n", 1)[-1].split(": ", 1)[-1]
-        super().__init__(message)
+    """A sample that cannot be used (an unreadable image, a mask that does not fit it), naming its files."""
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from ..checkpoint import read_checkpoint
-from ..config import Config, ConfigError, add_tracker_argument, parse_opts
+from ..config import Config, add_tracker_argument, parse_opts
 from ..data import DataError
-from ..engine.distributed import cleanup, resolve_device, setup
-from ..engine.train import NonFiniteLossError
+from ..engine.distributed import resolve_device, setup
 from ..models import reparameterize
 from .config import build_config, flags_from_args
 from .data import SyntheticScenes, build_dataset, build_loader
@@ -99,16 +98,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"visionmlp detect {args.action}: error: pycocotools is not installed: pip install 'visionmlp[dense]'",
               file=sys.stderr)
         return 2
-    try:
-        return actions[args.action](args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
-        print(f"visionmlp detect {args.action}: error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as exc:
-        print(f"visionmlp detect train: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        cleanup()
+    return actions[args.action](args)
 
 
 def _train(args: argparse.Namespace) -> int:

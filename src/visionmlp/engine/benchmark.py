@@ -547,21 +547,17 @@ def run(args: argparse.Namespace) -> int:
     """Run ``visionmlp benchmark``."""
     if args.data:
         return run_input_benchmark(args)
-    try:
-        names = [None] if args.model is None and args.checkpoint else parse_model_names(args.model or "all")
-        results = run_all(
-            names,
-            progress=None if len(names) == 1 else lambda line: print(line, file=sys.stderr),
-            img_size=args.img_size,
-            mode=args.mode,
-            checkpoint=args.checkpoint,
-            val_data=args.val_data,
-            val_images=args.val_images,
-            **benchmark_kwargs(args),
-        )
-    except (FileNotFoundError, ValueError) as error:
-        print(f"visionmlp benchmark: error: {error}", file=sys.stderr)
-        return 2
+    names = [None] if args.model is None and args.checkpoint else parse_model_names(args.model or "all")
+    results = run_all(
+        names,
+        progress=None if len(names) == 1 else lambda line: print(line, file=sys.stderr),
+        img_size=args.img_size,
+        mode=args.mode,
+        checkpoint=args.checkpoint,
+        val_data=args.val_data,
+        val_images=args.val_images,
+        **benchmark_kwargs(args),
+    )
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     else:
@@ -573,16 +569,11 @@ def run(args: argparse.Namespace) -> int:
 
 def run_input_benchmark(args: argparse.Namespace) -> int:
     """``visionmlp benchmark --data DIR``: the input pipeline (:mod:`visionmlp.engine.input_benchmark`)."""
-    from ..config import ConfigError
     from ..data.imagenet_like import write_imagenet_like
     from .input_benchmark import benchmark_config, measure, report
 
-    try:
-        if args.generate:
-            write_imagenet_like(args.data, args.generate, max(1, args.generate // 5), zipped=args.zip)
-        result = measure(benchmark_config(args), args.images, args.rounds)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
-        print(f"visionmlp benchmark: error: {error}", file=sys.stderr)
-        return 2
+    if args.generate:
+        write_imagenet_like(args.data, args.generate, max(1, args.generate // 5), zipped=args.zip)
+    result = measure(benchmark_config(args), args.images, args.rounds)
     print(json.dumps(result, indent=2) if args.json else report(result))
     return 0

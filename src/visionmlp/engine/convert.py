@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -164,14 +163,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``visionmlp convert``."""
     if not args.check and not args.output:
-        print("visionmlp convert: error: --output is required (or pass --check to compare forms only)",
-              file=sys.stderr)
-        return 2
-    try:
-        result = convert(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"visionmlp convert: error: {exc}", file=sys.stderr)
-        return 2
+        raise ValueError("--output is required (or pass --check to compare forms only)")
+    result = convert(args)
     if args.json:
         print(json.dumps(result))
     elif args.check:

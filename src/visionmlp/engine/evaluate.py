@@ -23,7 +23,7 @@ from ..config import (
 from ..data import DataError, build_batch_transform, build_dataset, build_loader, build_transform, subset_evenly
 from ..inference import optimize_for_inference
 from ..models import MODEL_NAMES, convert_official_state_dict, create_model, deploy_model_from_state_dict, family_module
-from .distributed import DistContext, all_reduce_sum, cleanup, setup
+from .distributed import DistContext, all_reduce_sum, setup
 from .machine import DTYPES, resolve_amp, resolve_dtype
 
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -247,13 +247,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint and print top-1, top-5 and loss."""
-    try:
-        result = evaluate_checkpoint(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
-        print(f"visionmlp eval: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup()
+    result = evaluate_checkpoint(args)
     if result is None:  # not rank 0
         return 0
     if args.json:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -133,11 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``visionmlp export``."""
-    try:
-        result = export(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"visionmlp export: error: {exc}", file=sys.stderr)
-        return 2
+    result = export(args)
     if args.json:
         print(json.dumps(result))
     else:

@@ -203,24 +203,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``visionmlp models``."""
     names = list_models(args.family)
-    try:
-        if args.plot and not args.benchmark:
-            raise ValueError("--plot needs --benchmark")
-        if args.weights and args.benchmark:
-            raise ValueError("--weights and --benchmark print different tables: give one of them")
-        if args.benchmark:
-            results = run_all(names, progress=lambda line: print(line, file=sys.stderr), **benchmark_kwargs(args))
-            rows: list[dict[str, Any]] = results
-            markdown = f"{benchmark_table_markdown(results)}\n\n{results_notes(results)}"
-            if args.plot:
-                plot_throughput(results, args.plot)
-        else:
-            rows = [describe_model(name) | (describe_weights(name) if args.weights else {}) for name in names]
-            markdown = model_table_markdown(names, weights=args.weights)
-        if args.write_readme:
-            replace_readme_block(args.write_readme, markdown)
-    except (ValueError, OSError) as error:
-        print(f"visionmlp models: error: {error}", file=sys.stderr)
-        return 2
+    if args.plot and not args.benchmark:
+        raise ValueError("--plot needs --benchmark")
+    if args.weights and args.benchmark:
+        raise ValueError("--weights and --benchmark print different tables: give one of them")
+    if args.benchmark:
+        results = run_all(names, progress=lambda line: print(line, file=sys.stderr), **benchmark_kwargs(args))
+        rows: list[dict[str, Any]] = results
+        markdown = f"{benchmark_table_markdown(results)}\n\n{results_notes(results)}"
+        if args.plot:
+            plot_throughput(results, args.plot)
+    else:
+        rows = [describe_model(name) | (describe_weights(name) if args.weights else {}) for name in names]
+        markdown = model_table_markdown(names, weights=args.weights)
+    if args.write_readme:
+        replace_readme_block(args.write_readme, markdown)
     print(json.dumps(rows, indent=2) if args.format == "json" else markdown)
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -82,14 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``visionmlp predict``."""
-    try:
-        name, state_dict, kwargs, config, class_names = model_from_flags(args)
-        build = deploy_model_from_state_dict if args.deploy else training_form_model
-        model = optimize_for_inference(build(name, state_dict, **kwargs), fold=args.deploy, inplace=True)
-        results = predict(model, args.images, args.top_k, kwargs.get("img_size"), config, class_names)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"visionmlp predict: error: {exc}", file=sys.stderr)
-        return 2
+    name, state_dict, kwargs, config, class_names = model_from_flags(args)
+    build = deploy_model_from_state_dict if args.deploy else training_form_model
+    model = optimize_for_inference(build(name, state_dict, **kwargs), fold=args.deploy, inplace=True)
+    results = predict(model, args.images, args.top_k, kwargs.get("img_size"), config, class_names)
     if args.json:
         print(json.dumps(results))
         return 0

@@ -44,7 +44,6 @@ from .distributed import (
     barrier,
     broadcast_buffers,
     broadcast_object,
-    cleanup,
     setup,
 )
 from .evaluate import autocast, build_model, evaluate, resolve_input_config
@@ -119,20 +118,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the configuration and train; returns the process exit status."""
-    try:
-        config = build_config(args.cfg, parse_opts(args.opts), flags_from_args(args))
-        if args.throughput:
-            return hand_over_to_benchmark(config)
-        train(config)
-        return 0
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
-        print(f"visionmlp train: error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as exc:
-        print(f"visionmlp train: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        cleanup()
+    config = build_config(args.cfg, parse_opts(args.opts), flags_from_args(args))
+    if args.throughput:
+        return hand_over_to_benchmark(config)
+    train(config)
+    return 0
 
 
 def hand_over_to_benchmark(config: Config) -> int:

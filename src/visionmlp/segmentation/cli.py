@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, add_tracker_argument, parse_opts
-from ..engine.distributed import cleanup
-from ..engine.train import NonFiniteLossError
+from ..config import add_tracker_argument, parse_opts
 from .config import add_config_arguments, build_config, flags_from_args
 
 PALETTE_SEED = 3
@@ -74,22 +71,8 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen action."""
-    try:
-        if args.action == "train":
-            return _train(args)
-        if args.action == "eval":
-            return _eval(args)
-        if args.action == "export":
-            return _export(args)
-        return _predict(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"visionmlp segment {args.action}: error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as exc:
-        print(f"visionmlp segment train: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        cleanup()
+    actions = {"train": _train, "eval": _eval, "predict": _predict, "export": _export}
+    return actions[args.action](args)
 
 
 def _train(args: argparse.Namespace) -> int:
