@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from visionmlp import RepMLPBlock
 from visionmlp.cli import error_message, main
 from visionmlp.config import ConfigError
+from visionmlp.data import DataError
 from visionmlp.detection.coco_eval import coco_evaluate, coco_ground_truth, detections_to_coco
 from visionmlp.detection.config import build_config, resize_policy
 from visionmlp.detection.data import CocoInstances, SampleError, SyntheticScenes, build_transforms, collate
@@ -390,6 +391,16 @@ def test_an_unreadable_coco_image_is_named(tmp_path, capsys):
                  "--batch-size", "2", "--output", str(tmp_path / "run"), *RAFT_TINY]) == 2
     err = capsys.readouterr().err
     assert f"error: could not read image {broken}" in err and "Traceback" not in err
+
+
+def test_images_missing_from_a_coco_folder_are_named_when_the_set_is_built(tmp_path, capsys):
+    root = make_coco_tree(tmp_path / "coco")
+    (root / "val2017" / "000000000001.jpg").unlink()
+    with pytest.raises(DataError, match=r"1 of the images .*instances_val2017.json lists are not in .*val2017 "
+                                        r"\(first: 000000000001.jpg\); put them there"):
+        CocoInstances(root, "val", build_transforms(False))
+    (root / "train2017" / "000000000002.jpg").unlink()  # an image training leaves out (no annotations) is not needed
+    assert len(CocoInstances(root, "train", build_transforms(False))) == 2
 
 
 def test_drawing_paths_never_name_an_input_nor_each_other(tmp_path):

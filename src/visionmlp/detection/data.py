@@ -230,6 +230,11 @@ class CocoInstances(Dataset):
                 for a in self.coco.imgToAnns.get(base.ids[i], []))]
         self.positions = [positions[i] for i in spread_indices(len(positions), limit)]
         self.ids = [base.ids[i] for i in self.positions]
+        # found now rather than when an epoch, hours in, first reads the file
+        missing = [name for name in (self.coco.imgs[i]["file_name"] for i in self.ids) if not (images / name).is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} of the images {annotations} lists are not in {images} (first: "
+                            f"{', '.join(missing[:3])}); put them there, or drop their entries from the annotation file")
 
     def __len__(self) -> int:
         return len(self.positions)
