@@ -71,11 +71,34 @@ def test_reading_a_missing_file_names_it(tmp_path):
         read_checkpoint(tmp_path / "nope.pth")
 
 
-def test_reading_garbage_says_what_to_do(tmp_path):
-    path = tmp_path / "garbage.pth"
-    path.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ValueError, match="allow_unsafe_pickle"):
-        read_checkpoint(path)
+def test_a_folder_is_named_as_one_with_the_checkpoints_in_it(tmp_path, capsys):
+    from visionmlp.cli import main
+
+    atomic_save(tiny_state_dict(), tmp_path / "last.pt")
+    atomic_save(tiny_state_dict(), tmp_path / "best.pt")
+    assert main(["predict", "--checkpoint", str(tmp_path), "image.png"]) == 2
+    assert (f"checkpoint {str(tmp_path)!r} is a folder, not a file; pass a checkpoint file in it: "
+            f"{str(tmp_path / 'best.pt')!r}, {str(tmp_path / 'last.pt')!r}") in capsys.readouterr().err
+
+
+class History(list):
+    """A pickled list subclass: the restricted reader's stand-ins take no list items."""
+
+
+def test_an_empty_or_text_file_is_not_a_checkpoint_and_only_a_refused_pickle_asks_for_unsafe_reading(tmp_path):
+    for name, data in (("empty.pt", b""), ("garbage.pth", b"this is not a checkpoint"),
+                       ("pointer.pt", b"version https://git-lfs.github.com/spec/v1\n")):
+        (tmp_path / name).write_bytes(data)
+        for unsafe in (False, True):
+            with pytest.raises(ValueError, match="is not a checkpoint torch can read") as error:
+                read_checkpoint(tmp_path / name, allow_unsafe_pickle=unsafe)
+            assert "allow_unsafe_pickle" not in str(error.value)
+    with pytest.raises(ValueError, match="empty"):
+        read_checkpoint(tmp_path / "empty.pt")
+    torch.save({"model": tiny_state_dict(), "history": History([1, 2])}, tmp_path / "history.pt")
+    with pytest.raises(ValueError, match="pass allow_unsafe_pickle=True"):
+        read_checkpoint(tmp_path / "history.pt")
+    assert read_checkpoint(tmp_path / "history.pt", allow_unsafe_pickle=True)["history"] == [1, 2]
 
 
 def test_atomic_save_round_trips_and_leaves_no_temporary(tmp_path):
@@ -88,8 +111,10 @@ def test_atomic_save_round_trips_and_leaves_no_temporary(tmp_path):
 
 
 def test_a_truncated_file_says_so(tmp_path):
-    for name in ("w.safetensors", "w.pt"):
-        atomic_save(tiny_state_dict(), tmp_path / name)
+    atomic_save(tiny_state_dict(), tmp_path / "w.safetensors")
+    atomic_save(tiny_state_dict(), tmp_path / "w.pt")
+    torch.save(tiny_state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # torch < 1.6's
+    for name in ("w.safetensors", "w.pt", "legacy.pt"):
         data = (tmp_path / name).read_bytes()
         (tmp_path / name).write_bytes(data[: len(data) // 2])
         for unsafe in (False, True):
