@@ -129,6 +129,27 @@ def test_atomic_save_gives_the_file_the_permissions_open_would(tmp_path):
     assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_an_output_that_cannot_be_written_names_its_folder(tmp_path, capsys, monkeypatch):
+    from visionmlp.cli import main
+
+    checkpoint = tmp_path / "raft.pth"
+    torch.save(visionmlp.create_model("raft_mlp_s", img_size=64).state_dict(), checkpoint)
+    model = ["--model", "raft_mlp_s", "--img-size", "64", "--checkpoint", str(checkpoint)]
+    (tmp_path / "notes.txt").write_text("a file where a folder is wanted")
+    assert main(["convert", *model, "--output", str(tmp_path / "notes.txt" / "out.pt")]) == 2
+    assert (f"the output folder {str(tmp_path / 'notes.txt')!r} is a file, not a folder; pass an --output you can "
+            "write to") in capsys.readouterr().err
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != read_only and access(path, mode, **kw))
+    for command in (["convert", *model, "--output", str(read_only / "out.pt")],
+                    ["export", *model, "--format", "onnx", "--output", str(read_only / "out.onnx")]):
+        assert main(command) == 2
+        assert f"the output folder {str(read_only)!r} is not writable" in capsys.readouterr().err
+    assert not list(read_only.iterdir())
+
+
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "last.pt"
     atomic_save({"step": torch.tensor(1)}, path)

@@ -267,21 +267,41 @@ def load_checkpoint_state(
     return notes
 
 
+def writable_folder(folder: str | os.PathLike) -> Path:
+    """``folder`` as a Path, created if missing; a ValueError naming it where it cannot be created or written to."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        problem = "is a file, not a folder" if folder.is_file() else f"cannot be created ({exc.strerror})"
+        raise ValueError(f"the output folder {str(folder)!r} {problem}; pass an --output you can write to") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"the output folder {str(folder)!r} is not writable; pass an --output you can write to")
+    return folder
+
+
+def temporary_file_beside(path: Path) -> Path:
+    """A new empty file in ``path``'s folder (created if missing) to write ``path`` into before renaming it: hidden,
+    named after it, ending in its suffix (torch.export checks it), with the permissions ``open()`` would give."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
+                                dir=writable_folder(path.parent))
+    os.close(fd)
+    os.chmod(name, 0o666 & ~_UMASK)  # mkstemp's 0600 would keep the file from the rest of a shared cluster
+    return Path(name)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """Write with ``torch.save`` (or safetensors for ``.safetensors``) to a temporary file, then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp's 0600 would keep the file from the rest of a shared cluster
+    temporary = temporary_file_beside(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().contiguous().cpu() for k, v in obj.items()}, tmp_name)
+            save_file({k: v.detach().contiguous().cpu() for k, v in obj.items()}, temporary)
         else:
-            torch.save(obj, tmp_name)
-        os.replace(tmp_name, path)
+            torch.save(obj, temporary)
+        os.replace(temporary, path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise

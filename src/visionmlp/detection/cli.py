@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import read_checkpoint
+from ..checkpoint import read_checkpoint, writable_folder
 from ..config import Config, ConfigError, add_tracker_argument, parse_opts
 from ..data import DataError
 from ..engine.distributed import cleanup, resolve_device, setup
@@ -181,8 +181,7 @@ def _predict(args: argparse.Namespace) -> int:
                   for i in range(4)]
     else:
         raise ValueError("give the image files to predict on")
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = writable_folder(args.output)
     targets = drawing_paths([stem for stem, _, _ in inputs], output, "detections", args.images)
     results = []
     for (_, source, image), target in zip(inputs, targets):

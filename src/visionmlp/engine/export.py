@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ..checkpoint import temporary_file_beside
 from ..inference import optimize_for_inference
 from ..models import deploy_model_from_state_dict
 from .convert import add_model_arguments, input_size, model_from_flags, random_batch, training_form_model
@@ -29,21 +29,10 @@ ONNX_OPSET = 18
 Result = TypeVar("Result")
 
 
-def _temporary_path(path: Path) -> Path:
-    # keeps the real suffix last: torch.export checks it when saving and loading
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)  # mkstemp's 0600 would make the exported file private
-    return Path(name)
-
-
 def write_verified(output: Path, write: Callable[[Path], Result]) -> Result:
     """Run ``write(path)`` (export, then check the file) on a temporary file beside ``output`` and move it into place
     only if it returns; its result. Nothing is left behind when it raises."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary_path(output)
+    temporary = temporary_file_beside(output)
     try:
         result = write(temporary)
         os.replace(temporary, output)

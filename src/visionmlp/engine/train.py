@@ -29,7 +29,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import atomic_save, check_state_dict_fits, read_checkpoint
+from ..checkpoint import atomic_save, check_state_dict_fits, read_checkpoint, writable_folder
 from ..config import (
     Config, ConfigError, add_config_arguments, add_tracker_argument, build_config, dump, flags_from_args, image_size,
     parse_opts,
@@ -389,7 +389,7 @@ def train(config: Config) -> dict[str, Any]:
 
     recorder = None
     if ctx.is_main:
-        output.mkdir(parents=True, exist_ok=True)
+        writable_folder(output)
         (output / "config.yaml").write_text(dump(config))
         recorder = RunRecorder(output, config, history, start_epoch)
         n_params = sum(p.numel() for p in model_without_ddp.parameters())
