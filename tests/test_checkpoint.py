@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 import visionmlp
@@ -181,6 +182,38 @@ def test_converter_rejects_a_checkpoint_of_another_model():
     wrong = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match="does not fit 'raft_mlp_s'.*missing keys.*unexpected keys"):
         visionmlp.convert_official_state_dict("raft_mlp_s", wrong)
+
+
+def test_the_family_of_a_checkpoint_is_read_from_its_keys():
+    from synthetic_weights import REFERENCE_DIR, load_reference
+
+    from visionmlp.models.factory import checkpoint_family, family_module
+
+    for name in visionmlp.list_models():
+        with torch.device("meta"):
+            keys = visionmlp.create_model(name).state_dict().keys()
+        assert checkpoint_family(keys) == family_module(name).__name__.rsplit(".", 1)[-1], name
+    for reference in sorted(REFERENCE_DIR.glob("*.safetensors")):  # the official layouts
+        official = next(name for name in sorted(visionmlp.list_models(), key=len, reverse=True)
+                        if reference.stem.startswith(name))
+        layout, _, _ = load_reference(reference.stem)
+        assert checkpoint_family(layout) == family_module(official).__name__.rsplit(".", 1)[-1], reference.stem
+    with torch.device("meta"):
+        assert checkpoint_family(timm.create_model("mixer_s16_224").state_dict()) is None  # blocks.N.mlp_tokens
+
+
+def test_a_checkpoint_of_another_family_names_it(tmp_path, capsys):
+    from visionmlp.cli import main
+
+    checkpoint = tmp_path / "raft.pth"
+    torch.save(visionmlp.create_model("raft_mlp_s", img_size=64).state_dict(), checkpoint)
+    for deploy in ([], ["--deploy"]):
+        assert main(["predict", "--model", "vip_s7", "--img-size", "112", "--checkpoint", str(checkpoint), *deploy,
+                     "image.png"]) == 2
+        err = capsys.readouterr().err
+        assert "checkpoint does not fit" in err and ("this looks like a checkpoint of RaftMLP: pass --model with one "
+                                                     "of its variants (raft_mlp_s, raft_mlp_m, ") in err
+        assert err.count("looks like") == 1 and "Check that the model name" not in err
 
 
 def test_unknown_model_name_lists_choices():

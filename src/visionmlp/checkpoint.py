@@ -217,13 +217,15 @@ def check_state_dict_fits(model: nn.Module, state_dict: Mapping[str, torch.Tenso
         shown = ", ".join(items[:12])
         return f"{shown}, ... ({len(items)} in all)" if len(items) > 12 else shown
 
-    parts = [f"missing keys: [{listing(missing)}]" if missing else "",
+    from .models.factory import other_family_hint  # at call time: the models package imports this module
+
+    family_hint = other_family_hint(model, state_dict)
+    parts = [family_hint,
+             f"missing keys: [{listing(missing)}]" if missing else "",
              f"unexpected keys: [{listing(unexpected)}]" if unexpected else "",
              f"shape mismatches: [{listing(mismatched)}]" if mismatched else ""]
-    raise ValueError(
-        f"checkpoint does not fit {what}; " + "; ".join(p for p in parts if p)
-        + ". Check that the model name (and img_size / deploy) matches the checkpoint."
-    )
+    advice = "" if family_hint else ". Check that the model name (and img_size / deploy) matches the checkpoint."
+    raise ValueError(f"checkpoint does not fit {what}; " + "; ".join(p for p in parts if p) + advice)
 
 
 def load_pretrained_file(
