@@ -215,7 +215,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=("digits", "imagenet", "folder", "cifar10", "cifar100", "flowers102",
                                               "stanford_cars", "inat2018", "inat2019", "caltech101"),
                         help="data set (default: the checkpoint's recorded one, else the family recipe's: imagenet; "
-                             "folder: any train/ + val/ tree of class folders)")
+                             "folder: a val/ folder of class folders, train/ beside it not needed)")
     parser.add_argument("--data-path", metavar="DIR", help="data set root (not needed for digits)")
     parser.add_argument("--batch-size", type=int, help="images per batch and process")
     parser.add_argument("--workers", type=int, help="data-loading worker processes")
