@@ -60,6 +60,10 @@ COMPILE_ON_CPU_WARNING = (
     "warning: --compile makes a training step on a CPU slower, not faster (docs/performance.md); leave it off on a "
     "CPU, and use it on a GPU"
 )
+FROZEN_RANDOM_BACKBONE_WARNING = (
+    "warning: --freeze-backbone trains the classifier alone, and without --pretrained the backbone stays at its random "
+    "initialisation; pass --pretrained FILE (the checkpoint to fine-tune), or leave --freeze-backbone out"
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -397,6 +401,8 @@ def train(config: Config) -> dict[str, Any]:
             f"{tuple(input_config['input_size'])}) on {ctx.device} x {ctx.world_size} process(es)")
         if pretrained and resume_path is None:
             log(f"initialised from {pretrained}" + "".join(f"; {note}" for note in adapted))
+        elif train_cfg["freeze_backbone"] and resume_path is None:
+            log(FROZEN_RANDOM_BACKBONE_WARNING)
         log(f"data {data_cfg['dataset']}: {len(train_set)} train / {len(val_set)} val images; batch "
             f"{data_cfg['batch_size']} per process x {ctx.world_size} x {accumulation} accumulation; "
             f"lr {train_cfg['base_lr']:g} x {lr_scale:g} = {base_lr:g}; output {output}")
