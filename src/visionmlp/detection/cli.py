@@ -169,6 +169,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from .predict import draw_detections, drawing_paths, load_image, predict_image
 
+    if not 0.0 <= args.score_thresh <= 1.0:
+        raise ValueError(f"--score-thresh is the lowest detection score shown, in [0, 1]; got {args.score_thresh:g}")
     flags = {"device": args.device} if args.device else {}
     model, config, checkpoint = load_detector(args.checkpoint, None, flags, deploy=args.deploy)
     device = resolve_device(config["device"])
