@@ -98,6 +98,19 @@ def test_a_recipe_that_is_not_yaml_names_its_line(tmp_path):
         build_config(recipe)
 
 
+def test_a_key_given_twice_in_a_recipe_is_named_with_its_lines(tmp_path, capsys):
+    from visionmlp.cli import main
+
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("train:\n  epochs: 3\n  base_lr: 1.0e-3\n  epochs: 5\n")
+    assert main(["train", "--cfg", str(recipe), "--output", str(tmp_path / "run")]) == 2
+    assert (f"recipe {str(recipe)!r}: key 'epochs' is given twice, on lines 2 and 4 (only the last would count): "
+            "remove one") in capsys.readouterr().err
+    # a merge key brings in keys that the mapping may then set again: that is no repeat
+    recipe.write_text("base: &base {epochs: 3, base_lr: 1.0e-3}\ntrain:\n  <<: *base\n  epochs: 5\n")
+    assert load_recipe(recipe)["train"] == {"epochs": 5, "base_lr": 1e-3}
+
+
 def test_unknown_recipe_lists_the_shipped_ones():
     with pytest.raises(ConfigError, match="digits"):
         build_config("no_such_recipe")
