@@ -422,6 +422,12 @@ def build_config(
     if config["model"]["drop_path_rate"] is None:
         by_variant = config["model"]["drop_path_by_variant"] or {}
         config["model"]["drop_path_rate"] = float(by_variant.get(config["model"]["name"], 0.0))
+    data = config["data"]
+    # a recorded run's own path (of the data set it was trained on) was not given this time
+    if data["dataset"] == "digits" and data["path"] and data["path"] != ((base or {}).get("data") or {}).get("path"):
+        raise ConfigError(f"--dataset digits is built in and reads no files, so --data-path (data.path) "
+                          f"{data['path']!r} would be ignored: pass --dataset folder to read a train/ and val/ tree of "
+                          "class folders there, or the --dataset it holds (imagenet, cifar10, ...)")
     validate(config)
     return config
 
