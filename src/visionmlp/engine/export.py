@@ -95,7 +95,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     suffix = FORMAT_SUFFIXES[args.format]
     if output.suffix != suffix:
         raise ValueError(f"--format {args.format} writes {suffix} files; got --output {str(output)!r}")
-    name, state_dict, kwargs, _, _ = model_from_flags(args)
+    name, state_dict, kwargs, _, _ = model_from_flags(args, keep_trained_grid=True)
     # an exported graph runs elsewhere (onnxruntime, another torch): the reference maths, public ops only
     kwargs["fast_kernels"] = False
     if args.deploy:
@@ -103,7 +103,13 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     else:
         model = training_form_model(name, state_dict, **kwargs)
     model = optimize_for_inference(model, fold=args.deploy, inplace=True)
-    img_size = kwargs.get("img_size") or input_size(model)
+    img_size = args.img_size or kwargs.get("img_size") or input_size(model)
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if args.format == "onnx" and getattr(model, "dynamic_img_size", False) and size != tuple(model.img_size):
+        raise ValueError(f"--format onnx: this RaftMLP (dynamic_img_size) resizes its token maps to the grid of a "
+                         f"{model.img_size[0]}x{model.img_size[1]} input and back at any other input size, and "
+                         "onnxruntime's bicubic Resize cannot shrink a map; export it at that size (leave out "
+                         "--img-size), or as --format exported-program")
     writer = export_onnx if args.format == "onnx" else export_program
     max_diff = write_verified(output, lambda path: writer(model, path, img_size))
     return {"model": name, "format": args.format, "output": str(output), "img_size": img_size,

@@ -94,10 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``visionmlp predict``."""
     try:
-        name, state_dict, kwargs, config, class_names = model_from_flags(args)
+        name, state_dict, kwargs, config, class_names = model_from_flags(args, keep_trained_grid=True)
         build = deploy_model_from_state_dict if args.deploy else training_form_model
         model = optimize_for_inference(build(name, state_dict, **kwargs), fold=args.deploy, inplace=True)
-        results, unreadable = predict(model, args.images, args.top_k, kwargs.get("img_size"), config, class_names)
+        results, unreadable = predict(model, args.images, args.top_k, args.img_size, config, class_names)
     except (FileNotFoundError, ValueError) as exc:
         print(f"visionmlp predict: error: {exc}", file=sys.stderr)
         return 2
