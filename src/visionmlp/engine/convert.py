@@ -45,9 +45,10 @@ class CheckpointModel(NamedTuple):
 
 
 def model_from_flags(args: argparse.Namespace, keep_trained_grid: bool = False) -> CheckpointModel:
-    """The checkpoint the model flags name, read (see :func:`visionmlp.engine.evaluate.checkpoint_variant`), for
-    ``--img-size``: with ``keep_trained_grid`` a run's checkpoint whose weights that size would resample is refused,
-    as eval refuses it (:func:`visionmlp.engine.evaluate.check_trained_grid`)."""
+    """The checkpoint the model flags name, read (see :func:`visionmlp.engine.evaluate.checkpoint_variant`), its model
+    built for ``--img-size`` (a dynamic RaftMLP keeps its grid); with ``keep_trained_grid`` a run's checkpoint whose
+    weights that size would resample is refused, as eval refuses it (see
+    :func:`visionmlp.engine.evaluate.check_trained_grid`)."""
     checkpoint = read_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle)
     name, kwargs, config = checkpoint_variant(checkpoint, args.checkpoint, args.model, args.num_classes)
     if args.img_size and not kwargs.get("dynamic_img_size"):  # a dynamic RaftMLP keeps its grid at any input size

@@ -121,8 +121,8 @@ def check_trained_grid(name: str, trained: Mapping[str, Any], img_size: int | tu
     if shapes[0] == shapes[1]:
         return
     size = trained.get("img_size")
-    trained_at = "its default size" if size is None else "x".join(map(str, (size, size) if isinstance(size, int)
-                                                                        else size))
+    sides = (size, size) if isinstance(size, int) else size
+    trained_at = f"{sides[0]}x{sides[1]}" if sides else "its default size"
     fix = ("; a RaftMLP takes other input sizes where it was trained with --opts model.dynamic_img_size true"
            if name.startswith("raft_mlp") else
            ", or resample them for another into a new checkpoint (a start for fine-tuning) with visionmlp convert "
