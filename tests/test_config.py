@@ -18,7 +18,8 @@ def test_no_arguments_resolve_to_the_digits_recipe():
 def test_opts_are_coerced_to_the_type_of_the_default():
     config = build_config(opts=parse_opts([
         "train.epochs", "3", "train.base_lr", "1e-3", "aug.scale", "[0.5, 1.0]", "train.ema", "true",
-        "model.kwargs", "{depths: [1, 1, 1, 1]}", "data.path", "123", "train.clip_grad", "null",
+        "model.kwargs", "{depths: [1, 1, 1, 1]}", "data.dataset", "folder", "data.path", "123",
+        "train.clip_grad", "null",
     ]))
     assert config["train"]["epochs"] == 3
     assert config["train"]["base_lr"] == pytest.approx(1e-3) and isinstance(config["train"]["base_lr"], float)
@@ -33,6 +34,19 @@ def test_flags_win_over_opts_and_recipe():
     config = build_config(opts={"train.epochs": "7"}, flags={"train.epochs": 2, "data.batch_size": 8})
     assert config["train"]["epochs"] == 2
     assert config["data"]["batch_size"] == 8
+
+
+def test_a_data_path_with_the_built_in_digits_is_an_error(tmp_path, capsys):
+    from visionmlp.cli import main
+
+    assert main(["train", "--data-path", str(tmp_path), "--output", str(tmp_path / "run")]) == 2
+    assert (f"--dataset digits is built in and reads no files, so --data-path (data.path) {str(tmp_path)!r} would be "
+            "ignored: pass --dataset folder to read a train/ and val/ tree of class folders there") in \
+        capsys.readouterr().err
+    # a recorded run's path, of the data set it was trained on, is not the user's: evaluating it on the digits is not
+    # refused for it
+    recorded = build_config(flags={"data.dataset": "folder", "data.path": str(tmp_path)})
+    assert build_config(flags={"data.dataset": "digits"}, base=recorded)["data"]["dataset"] == "digits"
 
 
 def test_family_recipe_is_picked_from_the_model_with_drop_path_per_variant():
@@ -96,6 +110,19 @@ def test_a_recipe_that_is_not_yaml_names_its_line(tmp_path):
     recipe.write_text("train:\n  epochs: [1, 2\n")
     with pytest.raises(ConfigError, match=r"(?s)broken.yaml' is not valid YAML.*line 2, column 11"):
         build_config(recipe)
+
+
+def test_a_key_given_twice_in_a_recipe_is_named_with_its_lines(tmp_path, capsys):
+    from visionmlp.cli import main
+
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("train:\n  epochs: 3\n  base_lr: 1.0e-3\n  epochs: 5\n")
+    assert main(["train", "--cfg", str(recipe), "--output", str(tmp_path / "run")]) == 2
+    assert (f"recipe {str(recipe)!r}: key 'epochs' is given twice, on lines 2 and 4 (only the last would count): "
+            "remove one") in capsys.readouterr().err
+    # a merge key brings in keys that the mapping may then set again: that is no repeat
+    recipe.write_text("base: &base {epochs: 3, base_lr: 1.0e-3}\ntrain:\n  <<: *base\n  epochs: 5\n")
+    assert load_recipe(recipe)["train"] == {"epochs": 5, "base_lr": 1e-3}
 
 
 def test_unknown_recipe_lists_the_shipped_ones():

@@ -163,6 +163,21 @@ def test_predict_gives_five_imagenet_labels(repmlpnet_checkpoint, tmp_path, caps
     assert code == 2 and "missing.png" in err
 
 
+def test_predict_skips_an_unreadable_image_with_a_warning_and_exit_status_1(repmlpnet_checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    image, broken = tmp_path / "generated.png", tmp_path / "broken.png"
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(image)
+    broken.write_text("not an image")
+    model = ["predict", "--model", "repmlpnet_t224", "--checkpoint", repmlpnet_checkpoint, "--img-size", str(SIZE)]
+    code, out, err = run_cli(capsys, *model, "--json", str(broken), str(image))
+    assert code == 1 and [result["image"] for result in json.loads(out)] == [str(image)]
+    assert err == f"visionmlp predict: warning: skipped: could not read image {str(broken)!r}: " \
+                  f"cannot identify image file {str(broken)!r}\n"
+    code, out, err = run_cli(capsys, *model, str(broken), str(tmp_path / "missing.png"))
+    assert code == 2 and "error: none of the 2 images could be read" in err and "missing.png' does not exist" in err
+
+
 def test_benchmark_int8_reports_agreement():
     result = run_benchmark("raft_mlp_s", img_size=SIZE, batch_size=2, warmup=1, reps=1, quantize="int8")
     assert result["quantized_linear_layers"] > 0 and 0 <= result["fp32_top1_agreement"] <= 100

@@ -315,6 +315,10 @@ def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
     assert "instances_train2017.json" in capsys.readouterr().err
     assert main(["detect", "eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["detect", "predict", "--checkpoint", str(tmp_path / "none.pt"), "--score-thresh", "2"]) == 2
+    assert "--score-thresh is the lowest detection score shown, in [0, 1]; got 2" in capsys.readouterr().err
+    assert main(["detect", "train", "--opts", "model.nms_thresh", "1.5"]) == 2
+    assert "model.nms_thresh is an IoU, in [0, 1]; got 1.5" in capsys.readouterr().err
 
 
 def edit_annotations(root: Path, split: str, edit) -> Path:

@@ -9,6 +9,7 @@ import torch
 
 from test_train import TINY, read_metrics
 from visionmlp.cli import main
+from visionmlp.engine.train import FROZEN_RANDOM_BACKBONE_WARNING
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_an_official_repmlpnet_deploy_checkpoint_is_refused(tmp_path, capsys):
     assert "cannot be undone" in capsys.readouterr().err
 
 
-def test_linear_probing_trains_the_classifier_alone(digits_checkpoint, tmp_path):
+def test_linear_probing_trains_the_classifier_alone(digits_checkpoint, tmp_path, capsys):
     output = tmp_path / "probe"
     assert main(["train", "--epochs", "1", "--output", str(output), "--pretrained", digits_checkpoint,
                  "--freeze-backbone", *TINY]) == 0
@@ -69,6 +70,10 @@ def test_linear_probing_trains_the_classifier_alone(digits_checkpoint, tmp_path)
     after = torch.load(output / "last.pt", weights_only=True)["model"]
     changed = {key for key in before if not torch.equal(before[key], after[key])}
     assert changed == {"head.weight", "head.bias"}
+    assert FROZEN_RANDOM_BACKBONE_WARNING not in capsys.readouterr().out
+    # without a checkpoint to start from, the frozen backbone is a random one: said, not refused
+    assert main(["train", "--epochs", "1", "--output", str(tmp_path / "random"), "--freeze-backbone", *TINY]) == 0
+    assert FROZEN_RANDOM_BACKBONE_WARNING in capsys.readouterr().out
 
 
 def test_parameter_groups_scale_the_backbone_and_decay_per_layer():

@@ -51,10 +51,12 @@ def test_folder_reads_the_imagenet_layout_and_names_itself_in_errors(tmp_path):
     assert train.classes == ["cat", "dog"] and len(train) == len(val) == 4
     image, target = val[3]
     assert image.size == (20, 20) and target == 1
-    message = r"--dataset folder: expected a folder .*train'; the data path must hold train/ and val/"
+    message = r"--dataset folder: expected a folder .*val'; the data path must hold val/ \(and train/ beside it"
     with pytest.raises(DataError, match=message) as error:
         build_dataset("folder", "val", None, data_path=tmp_path)
     assert "--zip" not in str(error.value)
+    with pytest.raises(DataError, match=r"expected a folder .*train'; the data path must hold train/ and val/"):
+        build_dataset("folder", "train", None, data_path=tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -110,3 +110,45 @@ def test_raft_mlp_dynamic_size_at_the_trained_size_is_the_fixed_model():
     with torch.no_grad():
         torch.testing.assert_close(dynamic(x), fixed(x))
     assert math.isfinite(float(dynamic(torch.randn(1, 3, 128, 64)).sum()))
+
+
+def recorded_checkpoint(path, opts: dict) -> str:
+    """A checkpoint as visionmlp train writes one (weights, configuration, classes) of a fresh model, 10 digits."""
+    from visionmlp.config import build_config
+    from visionmlp.engine.evaluate import build_model
+
+    config = build_config(opts=opts)
+    torch.save({"model": build_model(config, 10).state_dict(), "config": config,
+                "classes": [str(digit) for digit in range(10)]}, path)
+    return str(path)
+
+
+def test_a_run_at_another_size_is_refused_alike_by_eval_predict_and_export(tmp_path, capsys):
+    from PIL import Image
+
+    from visionmlp.cli import main
+
+    image = tmp_path / "image.png"
+    Image.fromarray(torch.zeros(20, 20, 3, dtype=torch.uint8).numpy()).save(image)
+    tiny_vip = {"model.kwargs": "{depths: [1, 1, 1, 1], embed_dims: [16, 32, 32, 32], num_segments: [4, 4, 4, 4]}",
+                "data.img_size": "14"}
+    vip = recorded_checkpoint(tmp_path / "vip.pt", tiny_vip)
+    refusal = (f"{vip} holds a vip_s7 trained at 14x14, whose token-mixing weights are sized for that input: run it at "
+               "that size (leave out --img-size), or resample them for another into a new checkpoint (a start for "
+               f"fine-tuning) with visionmlp convert --checkpoint {vip} --img-size SIZE --output FILE")
+    for command in (["eval", "--workers", "0"], ["predict", str(image)],
+                    ["export", "--format", "onnx", "--output", str(tmp_path / "vip.onnx")]):
+        assert main([*command, "--checkpoint", vip, "--img-size", "28"]) == 2
+        assert refusal in capsys.readouterr().err, command
+    # the fix it names: convert resamples on purpose, and the new checkpoint runs at its size
+    assert main(["convert", "--checkpoint", vip, "--img-size", "28", "--output", str(tmp_path / "vip28.pt")]) == 0
+    assert main(["predict", "--checkpoint", str(tmp_path / "vip28.pt"), str(image), "--img-size", "28"]) == 0
+
+    # a RaftMLP that keeps its grid takes any input size in predict, as in eval (ONNX only at its grid's)
+    raft = recorded_checkpoint(tmp_path / "raft.pt", {"model.name": "raft_mlp_s", "model.dynamic_img_size": "true",
+                                                      "data.img_size": "64", "model.kwargs": "{embed_dims: [8, 8, 8, 8]}"})
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", raft, str(image), "--img-size", "96"]) == 0
+    assert main(["export", "--checkpoint", raft, "--img-size", "96", "--format", "onnx", "--output",
+                 str(tmp_path / "raft.onnx")]) == 2
+    assert "onnxruntime's bicubic Resize cannot shrink a map" in capsys.readouterr().err

@@ -89,8 +89,10 @@ def test_a_run_records_its_class_names_for_predict_and_eval(tmp_path, capsys):
     assert len(labels) == 2 and set(labels) <= set(names)
     assert main(["predict", "--checkpoint", str(output / "last.pt"), image, "--top-k", "0"]) == 2
     assert "--top-k must be at least 1" in capsys.readouterr().err
-    for split in ("train", "val"):  # the same number of classes, under other names
-        (root / split / names[0]).rename(root / split / "zebra")
+    shutil.rmtree(root / "train")  # evaluating needs val/ alone: its class folders name the classes
+    assert main(["eval", "--checkpoint", str(output / "last.pt"), "--data-path", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == len(list((root / "val").rglob("*.jpg")))
+    (root / "val" / names[0]).rename(root / "val" / "zebra")  # the same number of classes, under other names
     assert main(["eval", "--checkpoint", str(output / "last.pt"), "--data-path", str(root)]) == 2
     assert "the data's classes are not those" in capsys.readouterr().err
 

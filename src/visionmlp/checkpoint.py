@@ -13,6 +13,7 @@ import os
 import pickle
 import tempfile
 import types
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ StateDict = dict[str, torch.Tensor]
 # Nesting keys used by the official training scripts (and ours), in order of preference.
 _NESTING_KEYS = ("model", "state_dict", "model_state_dict", "module")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pth.tar", ".safetensors")
+# what a run of visionmlp train writes into its output folder, the first the one to evaluate
+RUN_CHECKPOINTS = ("best.pt", "last.pt", "model.safetensors", "model_ema.safetensors")
 # the process umask (read by setting it), which files written through a temporary file are given as open() would
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -90,6 +94,8 @@ _tensor_only_pickle = types.SimpleNamespace(
 def read_checkpoint(path: str | os.PathLike, *, allow_unsafe_pickle: bool = False) -> Any:
     """Read a ``.pt``/``.pth``/``.pth.tar``/``.safetensors`` file without executing pickled code."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is a folder, not a file; {_checkpoints_in(path)}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist; pass the path of a saved checkpoint")
     if path.suffix == ".safetensors":
@@ -101,6 +107,10 @@ def read_checkpoint(path: str | os.PathLike, *, allow_unsafe_pickle: bool = Fals
         except SafetensorError as exc:
             raise ValueError(f"could not read {str(path)!r} as a safetensors file ({exc}); it may be truncated: "
                              "copy or download it again") from None
+    problem = _not_a_torch_file(path)
+    if problem:
+        raise ValueError(f"{str(path)!r} is not a checkpoint torch can read: {problem}; if it was copied or "
+                         "downloaded, do so again")
     if allow_unsafe_pickle:
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -114,10 +124,49 @@ def read_checkpoint(path: str | os.PathLike, *, allow_unsafe_pickle: bool = Fals
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tensor_only_pickle)
     except Exception as exc:
+        if isinstance(exc, EOFError) or "pickle data was truncated" in str(exc):  # a legacy file cut short
+            raise ValueError(f"{str(path)!r} is not a checkpoint torch can read: it is truncated; if it was copied "
+                             "or downloaded, do so again") from None
         raise ValueError(
             f"could not read {str(path)!r} as a torch checkpoint ({exc}). If the file is a trusted legacy "
             "checkpoint, pass allow_unsafe_pickle=True (CLI: --allow-unsafe-pickle)"
         ) from exc
+
+
+# what torch.save writes: a zip archive holding data.pkl, or (before torch 1.6, or with
+# _use_new_zipfile_serialization=False) a protocol-2 pickle that starts with torch's magic number
+_ZIP_HEADER = b"PK\x03\x04"
+_LEGACY_HEADER = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a file that torch.save wrote (empty, cut short, another kind of file); None where it
+    may be one."""
+    if path.stat().st_size == 0:
+        return "it is empty (0 bytes)"
+    with open(path, "rb") as f:
+        header = f.read(len(_LEGACY_HEADER))
+    if header.startswith(_ZIP_HEADER):
+        if not zipfile.is_zipfile(path):
+            return "it is truncated (a zip archive without its end)"
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.rsplit("/", 1)[-1] == "data.pkl" for name in archive.namelist()):
+                return "it is a zip archive without the data.pkl that torch.save writes"
+        return None
+    if header != _LEGACY_HEADER:
+        return "it is not a file torch.save writes (neither a zip archive nor torch's legacy pickle)"
+    return None
+
+
+def _checkpoints_in(folder: Path) -> str:
+    """The end of a sentence naming the checkpoint files in ``folder``, a run's best.pt and last.pt first."""
+    found = [folder / name for name in RUN_CHECKPOINTS if (folder / name).is_file()]
+    found += sorted(p for p in folder.iterdir()
+                    if p.is_file() and p.name.endswith(CHECKPOINT_SUFFIXES) and p.name not in RUN_CHECKPOINTS)
+    if not found:
+        return f"it holds no checkpoint ({', '.join('*' + suffix for suffix in CHECKPOINT_SUFFIXES)})"
+    shown = ", ".join(repr(str(p)) for p in found[:4])
+    return f"pass a checkpoint file in it: {shown}" + (", ..." if len(found) > 4 else "")
 
 
 def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
@@ -168,13 +217,15 @@ def check_state_dict_fits(model: nn.Module, state_dict: Mapping[str, torch.Tenso
         shown = ", ".join(items[:12])
         return f"{shown}, ... ({len(items)} in all)" if len(items) > 12 else shown
 
-    parts = [f"missing keys: [{listing(missing)}]" if missing else "",
+    from .models.factory import other_family_hint  # at call time: the models package imports this module
+
+    family_hint = other_family_hint(model, state_dict)
+    parts = [family_hint,
+             f"missing keys: [{listing(missing)}]" if missing else "",
              f"unexpected keys: [{listing(unexpected)}]" if unexpected else "",
              f"shape mismatches: [{listing(mismatched)}]" if mismatched else ""]
-    raise ValueError(
-        f"checkpoint does not fit {what}; " + "; ".join(p for p in parts if p)
-        + ". Check that the model name (and img_size / deploy) matches the checkpoint."
-    )
+    advice = "" if family_hint else ". Check that the model name (and img_size / deploy) matches the checkpoint."
+    raise ValueError(f"checkpoint does not fit {what}; " + "; ".join(p for p in parts if p) + advice)
 
 
 def load_pretrained_file(
@@ -218,21 +269,41 @@ def load_checkpoint_state(
     return notes
 
 
+def writable_folder(folder: str | os.PathLike) -> Path:
+    """``folder`` as a Path, created if missing; a ValueError naming it where it cannot be created or written to."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        problem = "is a file, not a folder" if folder.is_file() else f"cannot be created ({exc.strerror})"
+        raise ValueError(f"the output folder {str(folder)!r} {problem}; pass an --output you can write to") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"the output folder {str(folder)!r} is not writable; pass an --output you can write to")
+    return folder
+
+
+def temporary_file_beside(path: Path) -> Path:
+    """A new empty file in ``path``'s folder (created if missing) to write ``path`` into before renaming it: hidden,
+    named after it, ending in its suffix (torch.export checks it), with the permissions ``open()`` would give."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
+                                dir=writable_folder(path.parent))
+    os.close(fd)
+    os.chmod(name, 0o666 & ~_UMASK)  # mkstemp's 0600 would keep the file from the rest of a shared cluster
+    return Path(name)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """Write with ``torch.save`` (or safetensors for ``.safetensors``) to a temporary file, then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp's 0600 would keep the file from the rest of a shared cluster
+    temporary = temporary_file_beside(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().contiguous().cpu() for k, v in obj.items()}, tmp_name)
+            save_file({k: v.detach().contiguous().cpu() for k, v in obj.items()}, temporary)
         else:
-            torch.save(obj, tmp_name)
-        os.replace(tmp_name, path)
+            torch.save(obj, temporary)
+        os.replace(temporary, path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise

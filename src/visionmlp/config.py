@@ -324,12 +324,30 @@ def shipped_recipes() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping that gives a key twice is a ConfigError naming it and its lines
+    (YAML forbids it; PyYAML keeps the last value silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """The mapping of ``node``, its keys checked for repeats (before merge keys ``<<`` bring in others)."""
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(f"recipe {self.name!r}: key {key!r} is given twice, on lines {lines[key]} and "
+                                  f"{line} (only the last would count): remove one")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_recipe(name_or_path: str | Path) -> Config:
     """Read a recipe file as a nested dict."""
     path = recipe_path(name_or_path)
     try:
         with open(path) as f:
-            recipe = yaml.safe_load(f) or {}
+            recipe = yaml.load(f, Loader=RecipeLoader) or {}
     except yaml.YAMLError as exc:  # the parser's message names the line and column
         raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(recipe, dict):
@@ -404,6 +422,12 @@ def build_config(
     if config["model"]["drop_path_rate"] is None:
         by_variant = config["model"]["drop_path_by_variant"] or {}
         config["model"]["drop_path_rate"] = float(by_variant.get(config["model"]["name"], 0.0))
+    data = config["data"]
+    # a recorded run's own path (of the data set it was trained on) was not given this time
+    if data["dataset"] == "digits" and data["path"] and data["path"] != ((base or {}).get("data") or {}).get("path"):
+        raise ConfigError(f"--dataset digits is built in and reads no files, so --data-path (data.path) "
+                          f"{data['path']!r} would be ignored: pass --dataset folder to read a train/ and val/ tree of "
+                          "class folders there, or the --dataset it holds (imagenet, cifar10, ...)")
     validate(config)
     return config
 

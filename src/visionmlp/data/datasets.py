@@ -178,21 +178,21 @@ def _class_folders(split_dir: Path) -> list[str]:
 
 def imagenet_folder(root: Path, split: str, transform: Transform, cache_mode: str, rank: int,
                     world_size: int, kind: str = "imagenet") -> EncodedImageDataset:
-    """``root/train`` and ``root/val`` with one sub-folder per class; classes are numbered from ``train/``.
+    """``root/train`` and ``root/val`` with one sub-folder per class; classes are numbered from ``train/``, or from
+    ``val/`` where it stands alone (evaluating needs no training images).
 
     ``kind`` is the ``--dataset`` name the messages give (``imagenet`` or ``folder``, which read the same layout).
     """
     train_dir, split_dir = root / "train", root / split
     zip_hint = " (or pass --zip for train.zip, val.zip and the map files)" if kind == "imagenet" else ""
-    for needed in (train_dir, split_dir):
-        if not needed.is_dir():
-            raise DataError(
-                f"--dataset {kind}: expected a folder {str(needed)!r}; the data path must hold train/ and val/, "
-                f"each with one sub-folder of images per class{zip_hint}"
-            )
-    classes = _class_folders(train_dir)
+    if not split_dir.is_dir():
+        needs = "train/ and val/" if split == "train" else f"{split}/ (and train/ beside it for training)"
+        raise DataError(f"--dataset {kind}: expected a folder {str(split_dir)!r}; the data path must hold {needs}, "
+                        f"each with one sub-folder of images per class{zip_hint}")
+    classes_dir = train_dir if train_dir.is_dir() else split_dir
+    classes = _class_folders(classes_dir)
     if len(classes) < 2:
-        raise DataError(f"--dataset {kind}: {str(train_dir)!r} holds {len(classes) or 'no'} class sub-folder"
+        raise DataError(f"--dataset {kind}: {str(classes_dir)!r} holds {len(classes) or 'no'} class sub-folder"
                         f"{'' if classes else 's'}; a classifier needs one sub-folder of images per class, two or more")
     class_index = {name: i for i, name in enumerate(classes)}
     samples = []

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import read_checkpoint
+from ..checkpoint import read_checkpoint, writable_folder
 from ..config import Config, add_tracker_argument, parse_opts
 from ..data import DataError
 from ..engine.distributed import resolve_device, setup
@@ -159,6 +159,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from .predict import draw_detections, drawing_paths, load_image, predict_image
 
+    if not 0.0 <= args.score_thresh <= 1.0:
+        raise ValueError(f"--score-thresh is the lowest detection score shown, in [0, 1]; got {args.score_thresh:g}")
     flags = {"device": args.device} if args.device else {}
     model, config, checkpoint = load_detector(args.checkpoint, None, flags, deploy=args.deploy)
     device = resolve_device(config["device"])
@@ -171,8 +173,7 @@ def _predict(args: argparse.Namespace) -> int:
                   for i in range(4)]
     else:
         raise ValueError("give the image files to predict on")
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = writable_folder(args.output)
     targets = drawing_paths([stem for stem, _, _ in inputs], output, "detections", args.images)
     results = []
     for (_, source, image), target in zip(inputs, targets):

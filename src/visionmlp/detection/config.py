@@ -186,6 +186,9 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} must be in (0, 1]; got {flat[key]!r}")
     if not 0.0 <= flat["data.hflip"] <= 1.0:
         raise ConfigError(f"data.hflip is a probability in [0, 1]; got {flat['data.hflip']!r}")
+    for key, what in (("model.score_thresh", "a detection score"), ("model.nms_thresh", "an IoU")):
+        if not 0.0 <= flat[key] <= 1.0:
+            raise ConfigError(f"{key} is {what}, in [0, 1]; got {flat[key]!r}")
     steps = flat["train.lr_steps"]
     if not all(isinstance(s, int) and s > 0 for s in steps) or list(steps) != sorted(steps):
         raise ConfigError(f"train.lr_steps must be increasing positive epochs; got {steps!r}")

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ChainedScheduler, LinearLR, MultiStepLR
 from torch.utils.data import DataLoader
 
-from ..checkpoint import atomic_save
+from ..checkpoint import atomic_save, writable_folder
 from ..config import Config, dump
 from ..data import DataError
 from ..engine.distributed import DistContext, all_gather_objects, all_reduce_sum, barrier, broadcast_object, setup
@@ -166,7 +166,7 @@ def train(config: Config) -> dict[str, Any]:
 
     recorder = None
     if ctx.is_main:
-        output.mkdir(parents=True, exist_ok=True)
+        writable_folder(output)
         (output / "config.yaml").write_text(dump(config))
         recorder = RunRecorder(output, config, history, start_epoch)
         n_params = sum(p.numel() for p in model_without_ddp.parameters())

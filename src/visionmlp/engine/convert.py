@@ -19,7 +19,7 @@ from torch import nn
 
 from ..checkpoint import StateDict, atomic_save, check_state_dict_fits, read_checkpoint, unwrap_state_dict
 from ..models import MODEL_NAMES, count_batchnorms, deploy_model_from_state_dict, family_module, reparameterize
-from .evaluate import checkpoint_variant, recorded_class_names
+from .evaluate import check_trained_grid, checkpoint_variant, recorded_class_names
 from .quantize import QUANTIZATION_DTYPES, compare_with_fp32, quantize_dynamic_int8
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -43,11 +43,16 @@ class CheckpointModel(NamedTuple):
     class_names: list[str] | None  # its training classes in label order (likewise)
 
 
-def model_from_flags(args: argparse.Namespace) -> CheckpointModel:
-    """The checkpoint the model flags name, read (see :func:`visionmlp.engine.evaluate.checkpoint_variant`)."""
+def model_from_flags(args: argparse.Namespace, keep_trained_grid: bool = False) -> CheckpointModel:
+    """The checkpoint the model flags name, read (see :func:`visionmlp.engine.evaluate.checkpoint_variant`), its model
+    built for ``--img-size`` (a dynamic RaftMLP keeps its grid); with ``keep_trained_grid`` a run's checkpoint whose
+    weights that size would resample is refused, as eval refuses it (see
+    :func:`visionmlp.engine.evaluate.check_trained_grid`)."""
     checkpoint = read_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle)
     name, kwargs, config = checkpoint_variant(checkpoint, args.checkpoint, args.model, args.num_classes)
-    if args.img_size:
+    if args.img_size and not kwargs.get("dynamic_img_size"):  # a dynamic RaftMLP keeps its grid at any input size
+        if keep_trained_grid and config is not None:
+            check_trained_grid(name, kwargs, args.img_size, args.checkpoint)
         kwargs["img_size"] = args.img_size
     return CheckpointModel(name, unwrap_state_dict(checkpoint), kwargs, config, recorded_class_names(checkpoint))
 

@@ -109,6 +109,28 @@ def checkpoint_variant(
     return name, kwargs, config
 
 
+def check_trained_grid(name: str, trained: Mapping[str, Any], img_size: int | tuple[int, int], source: str) -> None:
+    """A ValueError where variant ``name`` built for ``img_size`` has other weight shapes than built with ``trained``,
+    the constructor arguments of the run that wrote ``source``: eval, predict and export run a run's checkpoint at
+    another input size only where its weights load as they are (``visionmlp convert --img-size`` resamples them)."""
+    if img_size == trained.get("img_size"):
+        return
+    with torch.device("meta"):
+        shapes = [{key: value.shape for key, value in timm.create_model(name, **kwargs).state_dict().items()}
+                  for kwargs in (trained, {**trained, "img_size": img_size})]
+    if shapes[0] == shapes[1]:
+        return
+    size = trained.get("img_size")
+    sides = (size, size) if isinstance(size, int) else size
+    trained_at = f"{sides[0]}x{sides[1]}" if sides else "its default size"
+    fix = ("; a RaftMLP takes other input sizes where it was trained with --opts model.dynamic_img_size true"
+           if name.startswith("raft_mlp") else
+           ", or resample them for another into a new checkpoint (a start for fine-tuning) with visionmlp convert "
+           f"--checkpoint {source} --img-size SIZE --output FILE")
+    raise ValueError(f"{source} holds a {name} trained at {trained_at}, whose token-mixing weights are sized for that "
+                     f"input: run it at that size (leave out --img-size){fix}")
+
+
 def build_model(config: Mapping[str, Any], num_classes: int) -> nn.Module:
     """The configured model, freshly initialised: a visionmlp variant (through its factory) or any other timm model
     (``model.pretrained`` is loaded by the training run, :func:`visionmlp.models.load_for_finetuning`)."""
@@ -215,7 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=("digits", "imagenet", "folder", "cifar10", "cifar100", "flowers102",
                                               "stanford_cars", "inat2018", "inat2019", "caltech101"),
                         help="data set (default: the checkpoint's recorded one, else the family recipe's: imagenet; "
-                             "folder: any train/ + val/ tree of class folders)")
+                             "folder: a val/ folder of class folders, train/ beside it not needed)")
     parser.add_argument("--data-path", metavar="DIR", help="data set root (not needed for digits)")
     parser.add_argument("--batch-size", type=int, help="images per batch and process")
     parser.add_argument("--workers", type=int, help="data-loading worker processes")
@@ -264,10 +286,13 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     recorded = recorded_config(checkpoint)
     flags = flags_from_args(args)
     if recorded is not None:
-        checkpoint_model(checkpoint, args.checkpoint, args.model)  # a --model that disagrees is an error
+        name, trained, _ = checkpoint_model(checkpoint, args.checkpoint, args.model)  # a --model that disagrees fails
         # the recorded run's model and input settings, with only evaluation-relevant keys overridable
         recorded = {**recorded, "resume": None, "output": None}
         config = build_config(args.cfg, parse_opts(args.opts), flags, base=recorded)
+        img_size = model_kwargs(config, trained["num_classes"]).get("img_size")  # None: any input size
+        if name in MODEL_NAMES and img_size is not None:
+            check_trained_grid(name, trained, img_size, args.checkpoint)
     else:
         if args.model is None:
             raise ConfigError("--model is needed: this checkpoint does not record which model it holds")

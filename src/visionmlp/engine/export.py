@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ..checkpoint import temporary_file_beside
 from ..inference import optimize_for_inference
 from ..models import deploy_model_from_state_dict
 from .convert import add_model_arguments, input_size, model_from_flags, random_batch, training_form_model
@@ -28,21 +28,10 @@ ONNX_OPSET = 18
 Result = TypeVar("Result")
 
 
-def _temporary_path(path: Path) -> Path:
-    # keeps the real suffix last: torch.export checks it when saving and loading
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)  # mkstemp's 0600 would make the exported file private
-    return Path(name)
-
-
 def write_verified(output: Path, write: Callable[[Path], Result]) -> Result:
     """Run ``write(path)`` (export, then check the file) on a temporary file beside ``output`` and move it into place
     only if it returns; its result. Nothing is left behind when it raises."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary_path(output)
+    temporary = temporary_file_beside(output)
     try:
         result = write(temporary)
         os.replace(temporary, output)
@@ -105,7 +94,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     suffix = FORMAT_SUFFIXES[args.format]
     if output.suffix != suffix:
         raise ValueError(f"--format {args.format} writes {suffix} files; got --output {str(output)!r}")
-    name, state_dict, kwargs, _, _ = model_from_flags(args)
+    name, state_dict, kwargs, _, _ = model_from_flags(args, keep_trained_grid=True)
     # an exported graph runs elsewhere (onnxruntime, another torch): the reference maths, public ops only
     kwargs["fast_kernels"] = False
     if args.deploy:
@@ -113,7 +102,13 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     else:
         model = training_form_model(name, state_dict, **kwargs)
     model = optimize_for_inference(model, fold=args.deploy, inplace=True)
-    img_size = kwargs.get("img_size") or input_size(model)
+    img_size = args.img_size or kwargs.get("img_size") or input_size(model)
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if args.format == "onnx" and getattr(model, "dynamic_img_size", False) and size != tuple(model.img_size):
+        raise ValueError(f"--format onnx: this RaftMLP (dynamic_img_size) resizes its token maps to the grid of a "
+                         f"{model.img_size[0]}x{model.img_size[1]} input and back at any other input size, and "
+                         "onnxruntime's bicubic Resize cannot shrink a map; export it at that size (leave out "
+                         "--img-size), or as --format exported-program")
     writer = export_onnx if args.format == "onnx" else export_program
     max_diff = write_verified(output, lambda path: writer(model, path, img_size))
     return {"model": name, "format": args.format, "output": str(output), "img_size": img_size,

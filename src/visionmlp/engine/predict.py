@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,11 @@ def predict(
     img_size: int | None = None,
     config: Mapping[str, Any] | None = None,
     class_names: list[str] | None = None,
-) -> list[dict[str, Any]]:
-    """Top-``k`` classes of each image, preprocessed as the run ``config`` or the model's ``pretrained_cfg`` says;
-    labelled with ImageNet's descriptions for a 1000-way head, else with ``class_names`` (a run's classes) if given,
-    else with the class index."""
+) -> tuple[list[dict[str, Any]], list[Exception]]:
+    """Top-``k`` classes of each readable image, preprocessed as the run ``config`` or the model's ``pretrained_cfg``
+    says; labelled with ImageNet's descriptions for a 1000-way head, else with ``class_names`` (a run's classes) if
+    given, else with the class index. Also the error of each image that could not be read; where none could, the
+    error (the first one's alone for one image)."""
     if top_k < 1:
         raise ValueError(f"--top-k must be at least 1; got {top_k}")
     model.eval()
@@ -58,16 +60,26 @@ def predict(
     num_classes = getattr(model, "num_classes", None)
     info = ImageNetInfo() if num_classes == 1000 else None
     names = class_names if class_names is not None and len(class_names) == num_classes else None
-    results = []
+    results, unreadable = [], []
     for path in paths:
-        probabilities = model(transform(load_image(path)).unsqueeze(0)).softmax(dim=1)[0]
+        try:
+            image = load_image(path)
+        except (FileNotFoundError, ValueError) as exc:
+            unreadable.append(exc)
+            continue
+        probabilities = model(transform(image).unsqueeze(0)).softmax(dim=1)[0]
         values, indices = probabilities.topk(min(top_k, probabilities.numel()))
         results.append({"image": str(path), "top": [
             {"index": i, "label": info.index_to_description(i) if info else names[i] if names else str(i),
              "probability": p}
             for i, p in zip(indices.tolist(), values.tolist())
         ]})
-    return results
+    if not results:
+        if len(unreadable) == 1:
+            raise unreadable[0]
+        raise ValueError(f"none of the {len(unreadable)} images could be read: "
+                         + "; ".join(str(exc) for exc in unreadable))
+    return results, unreadable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,15 +93,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``visionmlp predict``."""
-    name, state_dict, kwargs, config, class_names = model_from_flags(args)
+    name, state_dict, kwargs, config, class_names = model_from_flags(args, keep_trained_grid=True)
     build = deploy_model_from_state_dict if args.deploy else training_form_model
     model = optimize_for_inference(build(name, state_dict, **kwargs), fold=args.deploy, inplace=True)
-    results = predict(model, args.images, args.top_k, kwargs.get("img_size"), config, class_names)
+    results, unreadable = predict(model, args.images, args.top_k, args.img_size, config, class_names)
+    for exc in unreadable:
+        print(f"visionmlp predict: warning: skipped: {exc}", file=sys.stderr)
     if args.json:
         print(json.dumps(results))
-        return 0
-    for result in results:
-        print(result["image"])
-        for entry in result["top"]:
-            print(f"  {100 * entry['probability']:6.2f} %  {entry['label']}")
-    return 0
+    else:
+        for result in results:
+            print(result["image"])
+            for entry in result["top"]:
+                print(f"  {100 * entry['probability']:6.2f} %  {entry['label']}")
+    return 1 if unreadable else 0  # a script sees that not every image was predicted

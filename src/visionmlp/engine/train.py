@@ -29,7 +29,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import atomic_save, check_state_dict_fits, read_checkpoint
+from ..checkpoint import atomic_save, check_state_dict_fits, read_checkpoint, writable_folder
 from ..config import (
     Config, ConfigError, add_config_arguments, add_tracker_argument, build_config, dump, flags_from_args, image_size,
     parse_opts,
@@ -58,6 +58,10 @@ ADAM_LIKE = ("adam", "adamw", "nadam", "nadamw", "radam", "adamp", "lamb", "lamb
 COMPILE_ON_CPU_WARNING = (
     "warning: --compile makes a training step on a CPU slower, not faster (docs/performance.md); leave it off on a "
     "CPU, and use it on a GPU"
+)
+FROZEN_RANDOM_BACKBONE_WARNING = (
+    "warning: --freeze-backbone trains the classifier alone, and without --pretrained the backbone stays at its random "
+    "initialisation; pass --pretrained FILE (the checkpoint to fine-tune), or leave --freeze-backbone out"
 )
 
 
@@ -379,7 +383,7 @@ def train(config: Config) -> dict[str, Any]:
 
     recorder = None
     if ctx.is_main:
-        output.mkdir(parents=True, exist_ok=True)
+        writable_folder(output)
         (output / "config.yaml").write_text(dump(config))
         recorder = RunRecorder(output, config, history, start_epoch)
         n_params = sum(p.numel() for p in model_without_ddp.parameters())
@@ -387,6 +391,8 @@ def train(config: Config) -> dict[str, Any]:
             f"{tuple(input_config['input_size'])}) on {ctx.device} x {ctx.world_size} process(es)")
         if pretrained and resume_path is None:
             log(f"initialised from {pretrained}" + "".join(f"; {note}" for note in adapted))
+        elif train_cfg["freeze_backbone"] and resume_path is None:
+            log(FROZEN_RANDOM_BACKBONE_WARNING)
         log(f"data {data_cfg['dataset']}: {len(train_set)} train / {len(val_set)} val images; batch "
             f"{data_cfg['batch_size']} per process x {ctx.world_size} x {accumulation} accumulation; "
             f"lr {train_cfg['base_lr']:g} x {lr_scale:g} = {base_lr:g}; output {output}")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -28,6 +29,33 @@ MODEL_NAMES = (
     "raft_mlp_deep",
     "repmlpnet_t224", "repmlpnet_b224", "repmlpnet_t256", "repmlpnet_b256", "repmlpnet_d256", "repmlpnet_l256",
 )
+
+
+# a key name that each family's checkpoints hold, in our layout and the official one, and no other family's (anchored:
+# timm's MLP-Mixer has blocks.N.mlp_tokens too)
+FAMILY_KEYS = {
+    "ms_mlp": ("MS-MLP", re.compile(r"(stages|layers)\.\d+\.blocks\.\d+\.dwconv_lr\.")),
+    "vip": ("ViP", re.compile(r"(stages\.\d+\.blocks|network\.\d+)\.\d+\.attn\.mlp_h\.")),
+    "strip_mlp": ("Strip-MLP", re.compile(r"(stages\.\d+\.blocks\.|blocks\d\.)\d+\.token_mixing\.")),
+    "raft_mlp": ("RaftMLP", re.compile(r"stages\.\d+\.blocks\.\d+\.mlp_(vertical|tokens)\.|levels\.\d+\.fn\.")),
+    "repmlpnet": ("RepMLPNet", re.compile(r"stages\.\d+\.\d+\.repmlp_block\.")),
+}
+
+
+def checkpoint_family(keys: Iterable[str]) -> str | None:
+    """The family (``vip``, ``raft_mlp``, ...) whose distinctive key names ``keys`` hold; None where none's do."""
+    keys = list(keys)
+    return next((family for family, (_, pattern) in FAMILY_KEYS.items() if any(map(pattern.match, keys))), None)
+
+
+def other_family_hint(model: nn.Module, keys: Iterable[str]) -> str:
+    """Where ``keys`` are those of another family's checkpoint than ``model``'s, a sentence naming that family and its
+    variants; else ``""``."""
+    family = checkpoint_family(keys)
+    if family is None or type(model).__module__ == f"{__package__}.{family}":
+        return ""
+    return (f"this looks like a checkpoint of {FAMILY_KEYS[family][0]}: pass --model with one of its variants "
+            f"({', '.join(list_models(family))})")
 
 
 def list_models(family: str | None = None) -> list[str]:
@@ -102,6 +130,8 @@ def deploy_model_from_state_dict(name: str, state_dict: StateDict, **kwargs: Any
     try:
         _load_strict(model, state_dict, filter_fn)
     except ValueError as training_form_error:
+        if other_family_hint(model, state_dict):  # another family's checkpoint: no form of this model holds it
+            raise
         reparameterize(model)  # not a training-form checkpoint: try the folded form
         try:
             _load_strict(model, state_dict, filter_fn)

@@ -100,6 +100,7 @@ def _predict(args: argparse.Namespace) -> int:
     from torchvision.transforms.functional import pil_to_tensor, to_pil_image
     from torchvision.utils import draw_segmentation_masks
 
+    from ..checkpoint import writable_folder
     from ..detection.predict import drawing_paths
     from ..engine.distributed import resolve_device
     from ..engine.predict import load_image
@@ -111,8 +112,7 @@ def _predict(args: argparse.Namespace) -> int:
     model.to(device)
     transform = EvalTransform(config["data"]["scale"])
     colours = torch.randint(0, 256, (len(classes), 3), generator=torch.Generator().manual_seed(PALETTE_SEED))
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = writable_folder(args.output)
     targets = drawing_paths([Path(path).stem for path in args.images], output, "segmentation", args.images)
     results = []
     for path, target in zip(args.images, targets):

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..checkpoint import atomic_save, read_checkpoint
+from ..checkpoint import atomic_save, read_checkpoint, writable_folder
 from ..config import Config, ConfigError, dump
 from ..data.datasets import subset_evenly
 from ..data.loader import EvalShardSampler
@@ -183,7 +183,7 @@ def train(config: Config) -> dict[str, Any]:
 
     recorder = None
     if ctx.is_main:
-        output.mkdir(parents=True, exist_ok=True)
+        writable_folder(output)
         (output / "config.yaml").write_text(dump(config))
         recorder = RunRecorder(output, config, history, iteration, x_key="iteration")
         n_params = sum(p.numel() for p in model_without_ddp.parameters())
