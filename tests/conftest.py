@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,7 +7,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (synthetic_weights)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# two workers of pytest-xdist share two cores: one thread each
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 class OneDnnLinearCalls(TorchDispatchMode):
