@@ -233,6 +233,19 @@ def test_a_terminated_run_resumes_to_the_same_result(tmp_path):
     assert [r["train_loss"] for r in got] == pytest.approx([r["train_loss"] for r in expected], rel=1e-6)
 
 
+def test_a_forked_worker_ends_on_sigterm_as_it_would_without_the_handler():
+    import multiprocessing
+
+    from visionmlp.cli import sigterm_raises
+
+    with sigterm_raises():  # a data-loader worker forked during a run inherits the handler
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        worker.start()
+        worker.terminate()
+        worker.join(timeout=30)
+    assert worker.exitcode == -signal.SIGTERM  # not a Terminated traceback (exit code 1)
+
+
 def torchrun_train(*args: str, command: tuple[str, ...] = ("train",)) -> subprocess.CompletedProcess:
     """``visionmlp COMMAND ARGS`` (default ``train``) in two CPU processes under torchrun (gloo), on a free port."""
     with socket.socket() as s:
