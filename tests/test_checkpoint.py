@@ -111,6 +111,18 @@ def test_atomic_save_round_trips_and_leaves_no_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.safetensors"]
 
 
+def test_a_safetensors_file_keeps_the_records_of_its_checkpoint(tmp_path):
+    sd, config = tiny_state_dict(), {"model": {"name": "vip_s7", "kwargs": {"depths": [1, 1]}}, "seed": 3}
+    atomic_save({"model": sd, "config": config, "classes": ["cat", "dog"], "visionmlp": None}, tmp_path / "w.safetensors")
+    back = read_checkpoint(tmp_path / "w.safetensors")
+    assert set(back) == {"model", "config", "classes"}  # a record of None is left out
+    assert back["config"] == config and back["classes"] == ["cat", "dog"]
+    assert all(torch.equal(back["model"][k], sd[k]) for k in sd)
+    with pytest.raises(ValueError, match=r"holds tensors and the records .*; got \['optimizer'\]"):
+        atomic_save({"model": sd, "optimizer": {}}, tmp_path / "x.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
 def test_a_truncated_file_says_so(tmp_path):
     atomic_save(tiny_state_dict(), tmp_path / "w.safetensors")
     atomic_save(tiny_state_dict(), tmp_path / "w.pt")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import visionmlp
 from test_data import make_cifar, make_imagenet_folder, make_imagenet_zip
@@ -84,9 +85,10 @@ def test_a_run_records_its_class_names_for_predict_and_eval(tmp_path, capsys):
     assert read_checkpoint(output / "last.pt")["classes"] == names
     capsys.readouterr()
     image = str(next((root / "val").rglob("*.jpg")))
-    assert main(["predict", "--checkpoint", str(output / "last.pt"), image, "--json", "--top-k", "2"]) == 0
-    labels = [entry["label"] for entry in json.loads(capsys.readouterr().out)[0]["top"]]
-    assert len(labels) == 2 and set(labels) <= set(names)
+    for weights in ("last.pt", "model.safetensors"):
+        assert main(["predict", "--checkpoint", str(output / weights), image, "--json", "--top-k", "2"]) == 0
+        labels = [entry["label"] for entry in json.loads(capsys.readouterr().out)[0]["top"]]
+        assert len(labels) == 2 and set(labels) <= set(names), weights
     assert main(["predict", "--checkpoint", str(output / "last.pt"), image, "--top-k", "0"]) == 2
     assert "--top-k must be at least 1" in capsys.readouterr().err
     shutil.rmtree(root / "train")  # evaluating needs val/ alone: its class folders name the classes
@@ -144,11 +146,18 @@ def test_train_and_eval_on_digits(tmp_path, capsys):
     assert result["acc1"] == pytest.approx(records[-1]["val_acc1"])
     assert {"acc1", "acc5", "loss", "images"} <= set(result) and result["images"] == 96
 
-    # the bare weights, with the run's config.yaml as recipe, give the same numbers
-    assert main(["eval", "--model", "vip_s7", "--checkpoint", str(output / "model.safetensors"),
-                 "--cfg", str(output / "config.yaml")]) == 0
-    text = capsys.readouterr().out
-    assert "top-1" in text and "top-5" in text and "loss" in text
+    # the weights file records its run's configuration and classes: it evaluates alone, to the same numbers
+    weights = read_checkpoint(output / "model.safetensors")
+    assert weights["config"]["model"]["name"] == "vip_s7" and weights["classes"] == [str(i) for i in range(10)]
+    assert main(["eval", "--checkpoint", str(output / "model.safetensors"), "--json"]) == 0
+    from_weights = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert from_weights == {**result, "checkpoint": str(output / "model.safetensors")}
+    # bare weights (written by another tool), with the run's config.yaml as recipe, give the same numbers
+    save_file(weights["model"], tmp_path / "bare.safetensors")
+    assert main(["eval", "--model", "vip_s7", "--checkpoint", str(tmp_path / "bare.safetensors"),
+                 "--cfg", str(output / "config.yaml"), "--json"]) == 0
+    bare = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert bare["loss"] == pytest.approx(result["loss"], rel=1e-6) and bare["acc1"] == result["acc1"]
 
 
 def test_train_on_imagenet_zip_with_cache_ema_and_accumulation(tmp_path):
@@ -222,6 +231,19 @@ def test_a_terminated_run_resumes_to_the_same_result(tmp_path):
     assert [r["epoch"] for r in got] == [0, 1, 2]  # each epoch once
     assert got[-1]["val_loss"] == pytest.approx(expected[-1]["val_loss"], rel=1e-6, abs=1e-9)
     assert [r["train_loss"] for r in got] == pytest.approx([r["train_loss"] for r in expected], rel=1e-6)
+
+
+def test_a_forked_worker_ends_on_sigterm_as_it_would_without_the_handler():
+    import multiprocessing
+
+    from visionmlp.cli import sigterm_raises
+
+    with sigterm_raises():  # a data-loader worker forked during a run inherits the handler
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        worker.start()
+        worker.terminate()
+        worker.join(timeout=30)
+    assert worker.exitcode == -signal.SIGTERM  # not a Terminated traceback (exit code 1)
 
 
 def torchrun_train(*args: str, command: tuple[str, ...] = ("train",)) -> subprocess.CompletedProcess:

@@ -9,6 +9,7 @@ torch's weights-only allow-list are replaced by inert stand-ins, so the tensors 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tempfile
@@ -26,6 +27,9 @@ StateDict = dict[str, torch.Tensor]
 # Nesting keys used by the official training scripts (and ours), in order of preference.
 _NESTING_KEYS = ("model", "state_dict", "model_state_dict", "module")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# what a .safetensors file of ours records beside its tensors (a checkpoint's keys): the run's configuration, its class
+# names, and convert's account of the weights' form
+SAFETENSORS_RECORDS = ("config", "classes", "visionmlp")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pth.tar", ".safetensors")
 # what a run of visionmlp train writes into its output folder, the first the one to evaluate
 RUN_CHECKPOINTS = ("best.pt", "last.pt", "model.safetensors", "model_ema.safetensors")
@@ -99,14 +103,7 @@ def read_checkpoint(path: str | os.PathLike, *, allow_unsafe_pickle: bool = Fals
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist; pass the path of a saved checkpoint")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except SafetensorError as exc:
-            raise ValueError(f"could not read {str(path)!r} as a safetensors file ({exc}); it may be truncated: "
-                             "copy or download it again") from None
+        return _read_safetensors(path)
     problem = _not_a_torch_file(path)
     if problem:
         raise ValueError(f"{str(path)!r} is not a checkpoint torch can read: {problem}; if it was copied or "
@@ -292,15 +289,45 @@ def temporary_file_beside(path: Path) -> Path:
     return Path(name)
 
 
+def _read_safetensors(path: Path) -> Any:
+    """The tensors of a ``.safetensors`` file; with the records its header holds (see :func:`atomic_save`), the
+    checkpoint they were written from: ``{"model": tensors, "config": ..., ...}``."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+    except SafetensorError as exc:
+        raise ValueError(f"could not read {str(path)!r} as a safetensors file ({exc}); it may be truncated: "
+                         "copy or download it again") from None
+    records = {key: json.loads(header[key]) for key in SAFETENSORS_RECORDS if key in header}
+    return {"model": tensors, **records} if records else tensors
+
+
+def _save_safetensors(obj: Mapping[str, Any], path: Path) -> None:
+    """``obj``, a state dict or ``{"model": state_dict}`` with records beside it, as a ``.safetensors`` file: the
+    records as JSON in its header."""
+    from safetensors.torch import save_file
+
+    state_dict, records = (obj["model"], {k: v for k, v in obj.items() if k != "model"}) \
+        if isinstance(obj.get("model"), Mapping) else (obj, {})
+    unknown = set(records) - set(SAFETENSORS_RECORDS)
+    if unknown:
+        raise ValueError(f"a .safetensors file holds tensors and the records {SAFETENSORS_RECORDS}; got {sorted(unknown)}")
+    header = {key: json.dumps(value) for key, value in records.items() if value is not None}
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, path, metadata=header or None)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """Write with ``torch.save`` (or safetensors for ``.safetensors``) to a temporary file, then rename."""
+    """Write with ``torch.save`` (or safetensors for ``.safetensors``, see :func:`_save_safetensors`) to a temporary
+    file, then rename."""
     path = Path(path)
     temporary = temporary_file_beside(path)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().contiguous().cpu() for k, v in obj.items()}, temporary)
+            _save_safetensors(obj, temporary)
         else:
             torch.save(obj, temporary)
         os.replace(temporary, path)

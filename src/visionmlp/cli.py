@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -50,7 +51,12 @@ def sigterm_raises() -> Iterator[None]:
         yield
         return
 
+    owner = os.getpid()
+
     def terminate(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a forked data-loader worker inherits the handler: it ends as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         raise Terminated
 
     previous = signal.signal(signal.SIGTERM, terminate)

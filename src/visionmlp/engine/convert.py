@@ -89,16 +89,13 @@ def check_folding(name: str, state_dict: StateDict, **kwargs: Any) -> dict[str, 
             "max_abs_diff": diff, "max_rel_diff": diff / reference.abs().max().item()}
 
 
-def save_weights(
-    state_dict: StateDict, path: Path, metadata: dict[str, Any], config: Mapping[str, Any] | None = None
-) -> None:
-    """Write ``state_dict`` atomically: ``.safetensors`` bare, ``.pt``/``.pth`` under ``model`` with ``metadata``
-    and the run ``config`` it came from (if any), so that the file still records its model."""
+def save_weights(state_dict: StateDict, path: Path, metadata: dict[str, Any], config: Mapping[str, Any] | None = None,
+                 class_names: list[str] | None = None) -> None:
+    """Write ``state_dict`` atomically under ``model`` with ``metadata``, and the run ``config`` and class names it came
+    with (if any), so that the file still records its model (a ``.safetensors`` file in its header)."""
     state_dict = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    if path.suffix == ".safetensors":
-        atomic_save(state_dict, path)
-        return
-    atomic_save({"model": state_dict, "visionmlp": metadata, **({"config": config} if config else {})}, path)
+    records = {"config": config, "classes": class_names}
+    atomic_save({"model": state_dict, "visionmlp": metadata, **{k: v for k, v in records.items() if v}}, path)
 
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,7 +103,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     if args.output and args.checkpoint and Path(args.output).resolve() == Path(args.checkpoint).resolve():
         raise ValueError(f"--output {args.output} is the checkpoint being converted, which it would replace; write to "
                          "another file")
-    name, state_dict, kwargs, config, _ = model_from_flags(args)
+    name, state_dict, kwargs, config, class_names = model_from_flags(args)
     if config is not None and args.img_size:
         config = {**config, "data": {**config["data"], "img_size": args.img_size}}
     if args.check:
@@ -128,7 +125,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         result.update(quantization=args.quantize, quantized_linear_layers=len(layers),
                       **compare_with_fp32(model, quantized, images))
     save_weights(model.state_dict(), output, {"model": name, "form": result["form"], "quantization": args.quantize},
-                 config)
+                 config, class_names)
     return result
 
 

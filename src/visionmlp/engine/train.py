@@ -465,9 +465,11 @@ def train(config: Config) -> dict[str, Any]:
             barrier(ctx)
 
     if ctx.is_main:
-        atomic_save(model_without_ddp.state_dict(), output / "model.safetensors")
+        # the weights alone, with what eval and predict need to rebuild and label the model
+        records = {"config": config, "classes": class_names}
+        atomic_save({"model": model_without_ddp.state_dict(), **records}, output / "model.safetensors")
         if ema is not None:
-            atomic_save(ema.module.state_dict(), output / "model_ema.safetensors")
+            atomic_save({"model": ema.module.state_dict(), **records}, output / "model_ema.safetensors")
         recorder.close()
         if record:
             log(f"done: best top-1 {best_acc1:.2f} %, last top-1 {record['val_acc1']:.2f} %; outputs in {output}")
