@@ -105,8 +105,10 @@ def test_wandb_offline_run(tmp_path):
     record = train(tmp_path / "run", "wandb")
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     records = list(wandb_records(run_file))
-    config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
-              for item in r.config.update}
+    # the configuration comes in config records, or, where W&B sends it before the run starts, in the run record
+    configs = [r.config if r.WhichOneof("record_type") == "config" else r.run.config for r in records
+               if r.WhichOneof("record_type") in ("config", "run")]
+    config = {item.key: json.loads(item.value_json) for c in configs for item in c.update}
     assert config["model"]["name"] == "vip_s7"
     summary = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for r in records
                if r.WhichOneof("record_type") == "summary" for item in r.summary.update}
