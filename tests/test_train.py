@@ -238,11 +238,22 @@ def test_a_forked_worker_ends_on_sigterm_as_it_would_without_the_handler():
 
     from visionmlp.cli import sigterm_raises
 
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+
+    def sleep_once_started() -> None:
+        started.set()  # a signal that came before Python's after-fork set-up would be dropped
+        time.sleep(60)
+
     with sigterm_raises():  # a data-loader worker forked during a run inherits the handler
-        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        worker = fork.Process(target=sleep_once_started)
         worker.start()
-        worker.terminate()
-        worker.join(timeout=30)
+        try:
+            assert started.wait(timeout=60)
+            worker.terminate()
+            worker.join(timeout=30)
+        finally:
+            worker.kill()
     assert worker.exitcode == -signal.SIGTERM  # not a Terminated traceback (exit code 1)
 
 
