@@ -311,8 +311,10 @@ def _save_safetensors(obj: Mapping[str, Any], path: Path) -> None:
     records as JSON in its header."""
     from safetensors.torch import save_file
 
-    state_dict, records = (obj["model"], {k: v for k, v in obj.items() if k != "model"}) \
-        if isinstance(obj.get("model"), Mapping) else (obj, {})
+    if isinstance(obj.get("model"), Mapping):
+        state_dict, records = obj["model"], {k: v for k, v in obj.items() if k != "model"}
+    else:
+        state_dict, records = obj, {}
     unknown = set(records) - set(SAFETENSORS_RECORDS)
     if unknown:
         raise ValueError(f"a .safetensors file holds tensors and the records {SAFETENSORS_RECORDS}; got {sorted(unknown)}")
