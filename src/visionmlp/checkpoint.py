@@ -293,12 +293,11 @@ def _read_safetensors(path: Path) -> Any:
     """The tensors of a ``.safetensors`` file; with the records its header holds (see :func:`atomic_save`), the
     checkpoint they were written from: ``{"model": tensors, "config": ..., ...}``."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one read of the file for header and tensors
             header = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except SafetensorError as exc:
         raise ValueError(f"could not read {str(path)!r} as a safetensors file ({exc}); it may be truncated: "
                          "copy or download it again") from None
